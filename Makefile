@@ -1,0 +1,34 @@
+# The README's commands. `make setup` builds .venv on a fresh machine; `make test`
+# and `make demo` build it first when it is missing or out of date.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test demo clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/deps.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: on this kind of machine pip takes the CPU build lying on disk.
+	$(PIP) install -q -c constraints.txt torch
+	# everything else from pyproject.toml, except insightface ...
+	$(PY) scripts/deps.py --exclude insightface > $(VENV)/requirements.txt
+	$(PIP) install -q -c constraints.txt -r $(VENV)/requirements.txt
+	# ... which comes last, without its dependencies (they would replace
+	# onnxruntime-gpu and opencv-python-headless with their CPU/GUI twins).
+	$(PIP) install -q -c constraints.txt --no-deps insightface
+	$(PIP) install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+clean-venv:
+	rm -rf $(VENV)
