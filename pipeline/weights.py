@@ -1,0 +1,305 @@
+"""Finding the weights: a weights root on local disk, under an ``s3://`` prefix, or on the
+Hugging Face hub, in the published layout::
+
+    sdxl/                       diffusers folder (model_index.json ...) or one .safetensors checkpoint
+    instantid/ControlNetModel/  config.json + diffusion_pytorch_model.safetensors
+    instantid/ip-adapter.bin    (or ip-adapter.safetensors)
+    antelopev2/                 scrfd_10g_bnkps.onnx, glintr100.onnx (+ the pack's other models)
+
+Remote files are downloaded once into a local cache (one process downloads, the others
+on the node wait for it; sizes are verified) and everything is then read from disk.
+Each component may also be given on its own (``sdxl=``, ``instantid=``, ``antelopev2=``)
+as a local path, an ``s3://`` URI or ``hf://owner/repo``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable
+
+from .errors import InvalidParameter, WeightsNotFound
+from .face import DETECTOR_FILE, RECOGNIZER_FILE
+from .s3 import S3Location, s3_client
+
+HUB_REPOS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "instantid": "InstantX/InstantID"}
+HUB_ROOTS = ("hf://", "hub")
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+_SKIP_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".ckpt", ".pb", ".xml", ".h5", ".ot")
+IP_ADAPTER_NAMES = ("ip-adapter.bin", "ip-adapter.safetensors")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("INSTANTID_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "instantid"
+    )
+    return Path(base)
+
+
+@dataclass(frozen=True)
+class WeightsPaths:
+    """Local paths of every weight the pipeline loads."""
+
+    sdxl: Path  # a diffusers folder or a single .safetensors file
+    controlnet: Path  # folder with config.json + weights
+    ip_adapter: Path  # ip-adapter.bin or .safetensors
+    antelopev2: Path  # folder with the detector and the recogniser
+    sdxl_config: str | None = None  # for a single-file checkpoint: a folder or hub repo with its configs
+
+    @property
+    def sdxl_is_single_file(self) -> bool:
+        return self.sdxl.is_file()
+
+
+def resolve_weights(
+    root: str | os.PathLike | None = None,
+    *,
+    sdxl: str | None = None,
+    instantid: str | None = None,
+    antelopev2: str | None = None,
+    sdxl_config: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    s3_endpoint: str | None = None,
+) -> WeightsPaths:
+    """Resolve (and fetch when remote) every component. Raises :class:`WeightsNotFound`
+    naming the missing file and where it was looked for."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    locations = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
+    root_text = os.fspath(root) if root is not None else None
+    for name in locations:
+        if locations[name] is None:
+            if root_text is None:
+                raise InvalidParameter("weights", f"no weights root given and no location for {name}")
+            if root_text in HUB_ROOTS:
+                if name not in HUB_REPOS:
+                    raise WeightsNotFound(
+                        "antelopev2/",
+                        "the Hugging Face hub",
+                        "antelopev2 has no official hub home: give its folder (local or s3://) explicitly",
+                    )
+                locations[name] = f"hf://{HUB_REPOS[name]}"
+            else:
+                locations[name] = _join(root_text, name)
+    fetcher = _Fetcher(cache, s3_endpoint)
+    sdxl_dir = fetcher.fetch(locations["sdxl"], _sdxl_filter)
+    instantid_dir = fetcher.fetch(locations["instantid"], _instantid_filter)
+    antelope_dir = fetcher.fetch(locations["antelopev2"], _antelope_filter)
+    return WeightsPaths(
+        sdxl=_check_sdxl(sdxl_dir, locations["sdxl"]),
+        controlnet=_check_controlnet(instantid_dir / "ControlNetModel", locations["instantid"]),
+        ip_adapter=_check_ip_adapter(instantid_dir, locations["instantid"]),
+        antelopev2=_check_antelope(antelope_dir, locations["antelopev2"]),
+        sdxl_config=sdxl_config,
+    )
+
+
+def _join(root: str, name: str) -> str:
+    if root.startswith("s3://"):
+        return root.rstrip("/") + "/" + name
+    return str(Path(root).expanduser() / name)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_sdxl(folder: Path, where: str) -> Path:
+    if folder.is_file():
+        if folder.suffix != ".safetensors":
+            raise WeightsNotFound("sdxl .safetensors checkpoint", where, f"{folder.name} is not a .safetensors file")
+        return folder
+    if not folder.is_dir():
+        raise WeightsNotFound("sdxl/", where, "expected SDXL in diffusers layout or one .safetensors checkpoint")
+    if not (folder / "model_index.json").is_file():
+        singles = sorted(folder.glob("*.safetensors"))
+        if len(singles) == 1:
+            return singles[0]
+        if len(singles) > 1:
+            raise WeightsNotFound(
+                "sdxl/model_index.json", where, f"several checkpoints and no model_index.json: {[p.name for p in singles]}"
+            )
+        raise WeightsNotFound("sdxl/model_index.json", where, "expected SDXL in diffusers layout or one .safetensors")
+    for component in SDXL_COMPONENTS:
+        sub = folder / component
+        if component == "scheduler":
+            required = ["scheduler_config.json"]
+        elif component.startswith("tokenizer"):
+            if (sub / "tokenizer.json").is_file():
+                continue
+            required = ["vocab.json", "merges.txt"]
+        else:
+            required = ["config.json"]
+        for name in required:
+            if not (sub / name).is_file():
+                raise WeightsNotFound(f"sdxl/{component}/{name}", where)
+        if component in ("unet", "vae", "text_encoder", "text_encoder_2") and not _weight_files(sub):
+            stem = "model" if component.startswith("text_encoder") else "diffusion_pytorch_model"
+            raise WeightsNotFound(f"sdxl/{component}/{stem}.safetensors", where)
+    return folder
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()]
+
+
+def _check_controlnet(folder: Path, where: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise WeightsNotFound("instantid/ControlNetModel/config.json", where)
+    if not _weight_files(folder):
+        raise WeightsNotFound("instantid/ControlNetModel/diffusion_pytorch_model.safetensors", where)
+    return folder
+
+
+def _check_ip_adapter(folder: Path, where: str) -> Path:
+    for name in IP_ADAPTER_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsNotFound("instantid/ip-adapter.bin", where)
+
+
+def _check_antelope(folder: Path, where: str) -> Path:
+    for name in (DETECTOR_FILE, RECOGNIZER_FILE):
+        if not (folder / name).is_file():
+            raise WeightsNotFound(f"antelopev2/{name}", where)
+    return folder
+
+
+# --------------------------------------------------------------------------- which remote files
+
+
+def _sdxl_filter(relative: str, everything: set[str]) -> bool:
+    path = PurePosixPath(relative)
+    if "model_index.json" not in everything:  # a single-file checkpoint
+        return len(path.parts) == 1 and path.suffix == ".safetensors"
+    if len(path.parts) == 1:
+        return path.name == "model_index.json"
+    if path.parts[0] not in SDXL_COMPONENTS or path.suffix in _SKIP_SUFFIXES:
+        return False
+    return _preferred_weight(path, everything)
+
+
+def _preferred_weight(path: PurePosixPath, everything: set[str]) -> bool:
+    """Only one format of each weight: safetensors over .bin, no precision variants
+    (``*.fp16.*``) when the full-precision file exists."""
+    parent = str(path.parent)
+    if path.suffix == ".bin":
+        return not any(p.startswith(parent + "/") and p.endswith(".safetensors") for p in everything)
+    if path.suffix == ".safetensors" and len(path.suffixes) > 1:
+        plain = f"{parent}/{path.name.split('.')[0]}.safetensors"
+        return plain not in everything
+    return True
+
+
+def _instantid_filter(relative: str, everything: set[str]) -> bool:
+    path = PurePosixPath(relative)
+    if len(path.parts) == 1:
+        return path.name in IP_ADAPTER_NAMES and (path.name == "ip-adapter.bin" or "ip-adapter.bin" not in everything)
+    return path.parts[0] == "ControlNetModel" and path.suffix not in _SKIP_SUFFIXES and _preferred_weight(path, everything)
+
+
+def _antelope_filter(relative: str, everything: set[str]) -> bool:
+    return relative in (DETECTOR_FILE, RECOGNIZER_FILE)
+
+
+_HUB_PATTERNS = {
+    _sdxl_filter: [
+        "model_index.json",
+        "*/config.json",
+        "scheduler/*.json",
+        "tokenizer*/*",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder*/model.safetensors",
+    ],
+    _instantid_filter: ["ControlNetModel/*", "ip-adapter.bin"],
+}
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+class _Fetcher:
+    def __init__(self, cache: Path, s3_endpoint: str | None) -> None:
+        self.cache = cache
+        self.s3_endpoint = s3_endpoint
+        self._client = None
+
+    def fetch(self, location: str, keep: Callable[[str, set[str]], bool]) -> Path:
+        if location.startswith("s3://"):
+            return self._fetch_s3(S3Location.parse(location, field="weights"), keep)
+        if location.startswith("hf://"):
+            return self._fetch_hub(location[len("hf://") :], keep)
+        return Path(location).expanduser()
+
+    # S3 --------------------------------------------------------------------
+    def _fetch_s3(self, where: S3Location, keep) -> Path:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self._client is None:
+            self._client = s3_client(self.s3_endpoint)
+        local = self.cache / "s3" / where.bucket / where.prefix
+        try:
+            sizes = self._list(where)
+        except (BotoCoreError, ClientError) as error:
+            raise WeightsNotFound(str(where), "S3", f"listing failed: {error}") from None
+        if not sizes and where.prefix:  # the location may be one object (a checkpoint file)
+            try:
+                head = self._client.head_object(Bucket=where.bucket, Key=where.prefix)
+            except (BotoCoreError, ClientError):
+                return local  # nothing there: the checks name what is missing
+            self._download(where.bucket, where.prefix, local, int(head["ContentLength"]))
+            return local
+        everything = set(sizes)
+        for relative, size in sorted(sizes.items()):
+            if keep(relative, everything):
+                self._download(where.bucket, where.key(relative), local / relative, size)
+        return local
+
+    def _list(self, where: S3Location) -> dict[str, int]:
+        prefix = where.prefix + "/" if where.prefix else ""
+        sizes: dict[str, int] = {}
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=where.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(prefix) :]
+                if relative and not relative.endswith("/"):
+                    sizes[relative] = int(item["Size"])
+        return sizes
+
+    def _download(self, bucket: str, key: str, target: Path, size: int) -> None:
+        from filelock import FileLock
+
+        if target.is_file() and target.stat().st_size == size:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target) + ".lock"):
+            if target.is_file() and target.stat().st_size == size:
+                return  # another process finished it while we waited
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            try:
+                self._client.download_file(bucket, key, str(partial))
+                got = partial.stat().st_size
+                if got != size:
+                    raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"downloaded {got} bytes, expected {size}")
+                os.replace(partial, target)
+            finally:
+                partial.unlink(missing_ok=True)
+
+    # Hugging Face hub ------------------------------------------------------
+    def _fetch_hub(self, spec: str, keep) -> Path:
+        from huggingface_hub import snapshot_download
+
+        repo_id, _, revision = spec.partition("@")
+        try:
+            return Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision or None,
+                    allow_patterns=_HUB_PATTERNS.get(keep),
+                    cache_dir=str(self.cache / "hub"),
+                )
+            )
+        except Exception as error:  # offline, unknown repo, gated repo...
+            raise WeightsNotFound(
+                f"hf://{spec}", "the Hugging Face hub", f"could not fetch it ({type(error).__name__}: {error})"
+            ) from None
