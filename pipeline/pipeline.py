@@ -1,0 +1,504 @@
+"""The InstantID pipeline on diffusers' SDXL ControlNet machinery.
+
+:class:`InstantIDPipeline` composes a :class:`~diffusers.StableDiffusionXLControlNetPipeline`
+(for loading, prompt encoding, LoRA and VAE helpers) with the Resampler, the
+decoupled-attention processors and the face stage, and runs its own denoising loop:
+
+* IdentityNet (the ControlNet) gets only the 16 face tokens as ``encoder_hidden_states``
+  and the keypoint image as its condition; the UNet gets text tokens followed by face tokens.
+* The classifier-free-guidance branch uses the negative prompt and the Resampler applied
+  to an all-zero embedding.
+* IdentityNet is not called outside ``control_guidance_start/end``.
+* Every image has its own seed, prompt and scales, so an image is the same whether it is
+  rendered alone or inside a batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .adapter import AdapterWeightsError, install_adapter_processors, load_adapter_layers, load_image_proj, read_adapter_file
+from .errors import InstantIDError, InvalidParameter
+from .face import FaceAnalyzer, FaceInfo
+from .images import ImageInput
+from .keypoints import Frame, draw_keypoints, reference_size
+from .params import GenerationParams, parse_params
+from .schedulers import make_scheduler
+from .styles import apply_style
+from .weights import HUB_REPOS, WeightsPaths, resolve_weights
+
+StepCallback = Callable[[int, int], None]
+
+
+class Cancelled(InstantIDError):
+    """Raised by a step callback to stop a generation between two steps."""
+
+    code = "canceled"
+
+
+@dataclass
+class RenderItem:
+    """One image to render. Prompts are final (style applied); ``kps`` and ``face_box`` are
+    in output pixels."""
+
+    prompt: str
+    negative_prompt: str | None
+    embedding: np.ndarray
+    kps: np.ndarray
+    seed: int
+    guidance_scale: float = 5.0
+    ip_adapter_scale: float = 0.8
+    controlnet_conditioning_scale: float = 0.8
+    face_box: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What every image of one batch shares (requests are batched only when equal)."""
+
+    width: int
+    height: int
+    num_inference_steps: int = 30
+    scheduler: str = "euler"
+    do_cfg: bool = True
+    control_guidance_start: float = 0.0
+    control_guidance_end: float = 1.0
+    lora: str | None = None
+    lora_scale: float = 1.0
+    enhance_face_region: bool = False
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    width: int
+    height: int
+    face: FaceInfo
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device", "cuda was asked for but no CUDA device is usable")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device is None or device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise InvalidParameter("dtype", f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+    return names[dtype]
+
+
+def window_keeps(num_steps: int, start: float, end: float) -> list[bool]:
+    """Whether IdentityNet runs at each step (diffusers' rule for control_guidance_start/end)."""
+    return [not (i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
+
+
+class InstantIDPipeline:
+    """Face photos + prompt -> identity-preserving SDXL images. See the module docstring."""
+
+    def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None) -> None:
+        self.sdxl = sdxl
+        self.image_proj = image_proj
+        self.face = face
+        self.num_face_tokens = int(image_proj.latents.shape[1])
+        self._lock = threading.Lock()
+        self._loras: dict[str, str] = {}
+        cross = sdxl.unet.config.cross_attention_dim
+        out_dims = image_proj.proj_out.out_features
+        if out_dims != cross:
+            raise AdapterWeightsError(f"the Resampler makes {out_dims}-wide tokens but the UNet attends over {cross}")
+        self.sdxl.set_progress_bar_config(disable=True)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_weights(
+        cls,
+        weights: str | Path | WeightsPaths,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        providers: str | Sequence[str] = "auto",
+        load_face: bool = True,
+        **resolve_kwargs,
+    ) -> "InstantIDPipeline":
+        """Load every component from a weights root (see :mod:`pipeline.weights`)."""
+        from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+        paths = weights if isinstance(weights, WeightsPaths) else resolve_weights(weights, **resolve_kwargs)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
+        if paths.sdxl_is_single_file:
+            sdxl = StableDiffusionXLControlNetPipeline.from_single_file(
+                str(paths.sdxl), controlnet=controlnet, dtype=dtype,
+                config=paths.sdxl_config or HUB_REPOS["sdxl"], add_watermarker=False,
+            )
+        else:
+            sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
+                str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
+            )
+        adapter = read_adapter_file(paths.ip_adapter)
+        image_proj = load_image_proj(adapter["image_proj"]).to(device=device, dtype=dtype)
+        layers = install_adapter_processors(sdxl.unet, num_tokens=int(adapter["image_proj"]["latents"].shape[1]))
+        load_adapter_layers(layers, adapter["ip_adapter"])
+        sdxl.to(device)
+        face = FaceAnalyzer(paths.antelopev2, providers=providers) if load_face else None
+        return cls(sdxl, image_proj, face)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sdxl.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sdxl.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.sdxl.vae_scale_factor
+
+    # ------------------------------------------------------------------ face
+    def analyze_faces(
+        self, images: ImageInput | Sequence[ImageInput], *, pose: ImageInput | None = None, combine: str = "mean"
+    ) -> FaceInfo:
+        if self.face is None:
+            raise InvalidParameter("face", "this pipeline was loaded without the face stage")
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return self.face.analyze_many(list(images), pose=pose, combine=combine)
+
+    # ------------------------------------------------------------------ high level
+    def __call__(
+        self,
+        face: FaceInfo | ImageInput | Sequence[ImageInput],
+        prompt: str = "",
+        *,
+        pose: ImageInput | None = None,
+        on_step: StepCallback | None = None,
+        **params,
+    ) -> GenerationResult:
+        """Generate ``num_images`` images of the person in ``face`` (photos or a
+        :class:`FaceInfo`). ``params`` are the fields of :class:`GenerationParams`."""
+        spec = parse_params(GenerationParams, prompt=prompt, **params)
+        started = time.perf_counter()
+        info = face if isinstance(face, FaceInfo) else self.analyze_faces(face, pose=pose)
+        face_ms = (time.perf_counter() - started) * 1000
+        options, items = self.plan(spec, info)
+        images, timings = self.render(items, options, on_step=on_step)
+        timings = {"face": face_ms, **timings}
+        return GenerationResult(images, [i.seed for i in items], options.width, options.height, info, timings)
+
+    def plan(self, spec: GenerationParams, face: FaceInfo) -> tuple[RenderOptions, list[RenderItem]]:
+        """Turn validated parameters and an analysed face into render items."""
+        width, height = self.output_size(spec, face)
+        frame = Frame(face.image_size, (width, height))
+        kps = frame.points(np.asarray(face.kps))
+        box = tuple(float(v) for v in frame.box(np.asarray(face.bbox)))
+        prompt, negative = apply_style(spec.style, spec.prompt, spec.negative_prompt)
+        options = RenderOptions(
+            width=width,
+            height=height,
+            num_inference_steps=spec.num_inference_steps,
+            scheduler=spec.scheduler,
+            do_cfg=spec.do_cfg,
+            control_guidance_start=spec.control_guidance_start,
+            control_guidance_end=spec.control_guidance_end,
+            lora=spec.lora,
+            lora_scale=spec.lora_scale,
+            enhance_face_region=spec.enhance_face_region,
+        )
+        items = [
+            RenderItem(
+                prompt=prompt,
+                negative_prompt=negative,
+                embedding=np.asarray(face.embedding, dtype=np.float32),
+                kps=kps,
+                seed=seed,
+                guidance_scale=spec.guidance_scale,
+                ip_adapter_scale=spec.ip_adapter_scale,
+                controlnet_conditioning_scale=spec.controlnet_conditioning_scale,
+                face_box=box,
+            )
+            for seed in spec.seeds()
+        ]
+        return options, items
+
+    def output_size(self, spec: GenerationParams, face: FaceInfo) -> tuple[int, int]:
+        """Explicit width/height, else the reference rule applied to the face's picture."""
+        default_w, default_h = reference_size(*face.image_size)
+        width = spec.width or (default_w if spec.height is None else _round8(spec.height * default_w / default_h))
+        height = spec.height or (default_h if spec.width is None else _round8(spec.width * default_h / default_w))
+        factor = self.vae_scale_factor
+        for name, value in (("width", width), ("height", height)):
+            if value % factor:
+                raise InvalidParameter(name, f"must be a multiple of {factor}, got {value}")
+        return width, height
+
+    # ------------------------------------------------------------------ LoRA
+    def _activate_lora(self, lora: str | None, scale: float) -> None:
+        if lora is None:
+            if self._loras:
+                self.sdxl.disable_lora()
+            return
+        if lora not in self._loras:
+            path = Path(lora)
+            if not path.exists():
+                raise InvalidParameter("lora", f"no LoRA file at {lora}")
+            name = f"lora{len(self._loras)}"
+            try:
+                self.sdxl.load_lora_weights(str(path), adapter_name=name)
+            except Exception as error:  # diffusers/peft raise many kinds for a bad file
+                raise InvalidParameter("lora", f"cannot load {path.name}: {error}") from None
+            self._loras[lora] = name
+        self.sdxl.enable_lora()
+        self.sdxl.set_adapters([self._loras[lora]], adapter_weights=[scale])
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def render(
+        self, items: Sequence[RenderItem], options: RenderOptions, *, on_step: StepCallback | None = None
+    ) -> tuple[list[Image.Image], dict[str, float]]:
+        """Render a batch of images that share ``options``. Not re-entrant: calls are
+        serialised, since diffusers components are not safe to use from two threads."""
+        # 1. check inputs (before any model work)
+        self._check(items, options)
+        with self._lock:
+            return self._render(list(items), options, on_step)
+
+    def _check(self, items: Sequence[RenderItem], options: RenderOptions) -> None:
+        if not items:
+            raise InvalidParameter("items", "nothing to render")
+        factor = self.vae_scale_factor
+        for name in ("width", "height"):
+            value = getattr(options, name)
+            if value < factor or value % factor:
+                raise InvalidParameter(name, f"must be a positive multiple of {factor}, got {value}")
+        if options.num_inference_steps < 1:
+            raise InvalidParameter("num_inference_steps", "must be at least 1")
+        if not 0 <= options.control_guidance_start < options.control_guidance_end <= 1:
+            raise InvalidParameter("control_guidance_start", "the IdentityNet window must satisfy 0 <= start < end <= 1")
+        width = int(self.image_proj.proj_in.in_features)
+        for k, item in enumerate(items):
+            if np.asarray(item.embedding).size != width:
+                raise InvalidParameter(f"items[{k}].embedding", f"must have {width} values")
+            if np.asarray(item.kps).shape != (5, 2):
+                raise InvalidParameter(f"items[{k}].kps", "must be 5 (x, y) keypoints")
+
+    def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
+        device, dtype, cfg = self.device, self.dtype, options.do_cfg
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+        self._activate_lora(options.lora, options.lora_scale)
+
+        # 2. encode: text per item (identical alone or batched), face tokens
+        text, pooled = self._encode_text(items, cfg, options.lora_scale if options.lora else None)
+        embeddings = torch.from_numpy(np.stack([np.asarray(i.embedding, np.float32).reshape(-1) for i in items]))
+        embeddings = embeddings.to(device=device, dtype=dtype)[:, None, :]
+        face_tokens = self.image_proj(embeddings)
+        if cfg:
+            face_tokens = torch.cat([self.image_proj(torch.zeros_like(embeddings)), face_tokens])
+        unet_tokens = torch.cat([text, face_tokens], dim=1)
+        timings["encode"] = _ms(clock)
+
+        # 3. prepare: keypoint images, masks, per-item scales, noise, timesteps
+        clock = time.perf_counter()
+        size = (options.width, options.height)
+        condition = torch.stack([_to_tensor(draw_keypoints(i.kps, size)) for i in items]).to(device, dtype)
+        mask = None
+        if options.enhance_face_region:
+            mask = torch.stack([_box_mask(i.face_box, size) for i in items]).to(device, dtype)
+
+        def per_item(values: list[float]) -> torch.Tensor:
+            tensor = torch.tensor(values, device=device, dtype=dtype)
+            return torch.cat([tensor, tensor]) if cfg else tensor
+
+        ip_scale = per_item([i.ip_adapter_scale for i in items])
+        cn_scale = per_item([i.controlnet_conditioning_scale for i in items]).view(-1, 1, 1, 1)
+        guidance = torch.tensor([i.guidance_scale for i in items], device=device, dtype=dtype).view(-1, 1, 1, 1)
+        if cfg:
+            condition = torch.cat([condition, condition])
+            mask = torch.cat([mask, mask]) if mask is not None else None
+        time_ids = self._time_ids(options, len(items) * (2 if cfg else 1), pooled.shape[-1], dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        scheduler = make_scheduler(options.scheduler, self.sdxl.scheduler.config)
+        scheduler.set_timesteps(options.num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        generators = [torch.Generator("cpu").manual_seed(i.seed) for i in items]
+        latents = self._initial_noise(generators, options, scheduler)
+        timestep_cond = self._guidance_embedding(items)
+        keeps = window_keeps(len(timesteps), options.control_guidance_start, options.control_guidance_end)
+        attention_kwargs = {"ip_adapter_scale": ip_scale}
+        if mask is not None:
+            attention_kwargs["ip_adapter_mask"] = mask
+        timings["prepare"] = _ms(clock)
+
+        # 4. denoise
+        clock = time.perf_counter()
+        extra_step = {"generator": generators} if "generator" in _step_params(scheduler) else {}
+        for step, t in enumerate(timesteps):
+            model_input = torch.cat([latents, latents]) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            down, mid = None, None
+            if keeps[step]:
+                down, mid = self.sdxl.controlnet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=face_tokens,
+                    controlnet_cond=condition,
+                    conditioning_scale=1.0,
+                    added_cond_kwargs=added,
+                    return_dict=False,
+                )
+                down = [_scale_residual(d, cn_scale, mask) for d in down]
+                mid = _scale_residual(mid, cn_scale, mask)
+            noise = self.sdxl.unet(
+                model_input,
+                t,
+                encoder_hidden_states=unet_tokens,
+                timestep_cond=timestep_cond,
+                cross_attention_kwargs=attention_kwargs,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(noise, t, latents, **extra_step, return_dict=False)[0]
+            if on_step is not None:
+                on_step(step + 1, len(timesteps))
+        timings["denoise"] = _ms(clock)
+
+        # 5. decode
+        clock = time.perf_counter()
+        images = self._decode(latents)
+        timings["decode"] = _ms(clock)
+        return images, timings
+
+    def _encode_text(self, items: list[RenderItem], cfg: bool, lora_scale: float | None):
+        cache: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        cond, uncond, pooled, uncond_pooled = [], [], [], []
+        for item in items:
+            key = (item.prompt, item.negative_prompt)
+            if key not in cache:
+                cache[key] = self.sdxl.encode_prompt(
+                    prompt=item.prompt,
+                    device=self.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=cfg,
+                    negative_prompt=item.negative_prompt,
+                    lora_scale=lora_scale,
+                )
+            embeds, negative, pool, negative_pool = cache[key]
+            cond.append(embeds)
+            pooled.append(pool)
+            if cfg:
+                uncond.append(negative)
+                uncond_pooled.append(negative_pool)
+        text = torch.cat(uncond + cond) if cfg else torch.cat(cond)
+        pool = torch.cat(uncond_pooled + pooled) if cfg else torch.cat(pooled)
+        return text.to(self.dtype), pool.to(self.dtype)
+
+    def _time_ids(self, options: RenderOptions, rows: int, pooled_dim: int, dtype) -> torch.Tensor:
+        size = (options.height, options.width)
+        ids = self.sdxl._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=pooled_dim)
+        return ids.to(self.device).repeat(rows, 1)
+
+    def _initial_noise(self, generators, options: RenderOptions, scheduler) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (
+            len(generators),
+            self.sdxl.unet.config.in_channels,
+            options.height // self.vae_scale_factor,
+            options.width // self.vae_scale_factor,
+        )
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        return noise * scheduler.init_noise_sigma
+
+    def _guidance_embedding(self, items: list[RenderItem]) -> torch.Tensor | None:
+        """Guidance-distilled UNets (LCM) take the guidance scale as an embedding."""
+        dim = self.sdxl.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        scales = torch.tensor([i.guidance_scale - 1.0 for i in items])
+        embedding = self.sdxl.get_guidance_scale_embedding(scales, embedding_dim=dim)
+        return embedding.to(device=self.device, dtype=self.dtype)
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.sdxl.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        decode_dtype = torch.float32 if upcast else vae.dtype
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            pixels = vae.decode(latents.to(decode_dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return self.sdxl.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def _round8(value: float) -> int:
+    return max(8, int(round(value / 8)) * 8)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def _box_mask(box, size: tuple[int, int]) -> torch.Tensor:
+    width, height = size
+    mask = torch.zeros(1, height, width)
+    if box is not None:
+        x1, y1, x2, y2 = (int(round(v)) for v in box)
+        mask[:, max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)] = 1.0
+    return mask
+
+
+def _scale_residual(residual: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    residual = residual * scale
+    if mask is not None:
+        small = torch.nn.functional.interpolate(mask, size=residual.shape[-2:], mode="bilinear", align_corners=False)
+        residual = residual * small
+    return residual
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)
