@@ -1,0 +1,198 @@
+"""The ``instantid`` command.
+
+Every failure the user can cause ends with one line on stderr and a non-zero exit:
+2 invalid arguments or input, 3 no face detected, 4 missing or unusable weights,
+1 anything else. Set ``INSTANTID_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected, WeightsNotFound
+
+EXIT_ERROR, EXIT_INVALID, EXIT_NO_FACE, EXIT_WEIGHTS = 1, 2, 3, 4
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .schedulers import SCHEDULERS
+    from .styles import style_names
+
+    parser = _Parser(prog="instantid", description="InstantID: identity-preserving SDXL generation from face photos.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    fixtures = commands.add_parser("fixtures", help="write tiny random fixture weights in the published layout")
+    fixtures.add_argument("dir", type=Path)
+
+    gen = commands.add_parser("generate", help="generate images of the person in --face")
+    gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
+    gen.add_argument("--face", action="append", required=True, type=Path, help="a face photo (repeatable)")
+    gen.add_argument("--pose", type=Path, help="take the keypoints (head pose) from this photo")
+    gen.add_argument("--face-combine", choices=("mean", "norm_mean"), default="mean")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--style", help=f"one of: {', '.join(style_names())}")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--num-inference-steps", type=int, default=30)
+    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--ip-adapter-scale", type=float, default=0.8)
+    gen.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
+    gen.add_argument("--control-guidance-start", type=float, default=0.0)
+    gen.add_argument("--control-guidance-end", type=float, default=1.0)
+    gen.add_argument("--enhance-face-region", action="store_true")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--scheduler", default="euler", help=f"one of: {', '.join(SCHEDULERS)}")
+    gen.add_argument("--lora", type=Path, help="a LoRA .safetensors (e.g. LCM-LoRA)")
+    gen.add_argument("--lora-scale", type=float, default=1.0)
+    gen.add_argument("--out", required=True, type=Path, help="output image path (.png, .jpg, .webp)")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--providers", default="auto", help="onnxruntime providers for the face stage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "fixtures":
+            return _fixtures(args)
+        return _generate(args)
+    except _UsageError as error:
+        return _fail(EXIT_INVALID, str(error))
+    except NoFaceDetected as error:
+        return _fail(EXIT_NO_FACE, str(error))
+    except (InvalidParameter, InvalidImage, ImageTooLarge) as error:
+        return _fail(EXIT_INVALID, str(error))
+    except WeightsNotFound as error:
+        return _fail(EXIT_WEIGHTS, str(error))
+    except InstantIDError as error:
+        code = EXIT_WEIGHTS if error.code in ("invalid_weights",) else EXIT_ERROR
+        return _fail(code, str(error))
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted")
+    except Exception as error:  # a bug: still one line, unless debugging
+        if os.environ.get("INSTANTID_DEBUG"):
+            raise
+        return _fail(EXIT_ERROR, f"unexpected {type(error).__name__}: {error}")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"instantid: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def _fixtures(args) -> int:
+    from .fixtures import fixture_summary, write_fixtures
+
+    print(json.dumps(fixture_summary(write_fixtures(args.dir))))
+    return 0
+
+
+def _generate(args) -> int:
+    from .images import load_image
+    from .params import GenerationParams, parse_params
+    from .weights import resolve_weights
+
+    started = time.perf_counter()
+    # 1. everything the user typed is checked before any model is loaded
+    params = parse_params(
+        GenerationParams,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        style=args.style,
+        width=args.width,
+        height=args.height,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        ip_adapter_scale=args.ip_adapter_scale,
+        controlnet_conditioning_scale=args.controlnet_conditioning_scale,
+        control_guidance_start=args.control_guidance_start,
+        control_guidance_end=args.control_guidance_end,
+        enhance_face_region=args.enhance_face_region,
+        seed=args.seed,
+        num_images=args.num_images,
+        scheduler=args.scheduler,
+        lora=str(args.lora) if args.lora else None,
+        lora_scale=args.lora_scale,
+    )
+    if args.lora is not None and not args.lora.exists():
+        raise InvalidParameter("--lora", f"no such file: {args.lora}")
+    out_format = OUTPUT_FORMATS.get(args.out.suffix.lower())
+    if out_format is None:
+        raise InvalidParameter("--out", f"unknown image extension {args.out.suffix!r}; use one of {sorted(OUTPUT_FORMATS)}")
+    if args.out.parent and not args.out.parent.exists():
+        raise InvalidParameter("--out", f"folder {args.out.parent} does not exist")
+    faces = [load_image(p, field=f"--face {p}") for p in args.face]
+    pose = load_image(args.pose, field=f"--pose {args.pose}") if args.pose else None
+    paths = resolve_weights(args.weights)
+
+    # 2. load, analyse, render
+    from .pipeline import InstantIDPipeline
+
+    pipe = InstantIDPipeline.from_weights(paths, device=args.device, dtype=args.dtype, providers=args.providers)
+    load_ms = (time.perf_counter() - started) * 1000
+    clock = time.perf_counter()
+    face = pipe.face.analyze_many(
+        faces, pose=pose, combine=args.face_combine, names=[f"--face {p}" for p in args.face], pose_name=f"--pose {args.pose}"
+    )
+    face_ms = (time.perf_counter() - clock) * 1000
+    result = pipe(face, **params.model_dump())
+    result.timings_ms["face"] = face_ms
+
+    # 3. write
+    outputs = []
+    for k, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
+        image.save(path, format=out_format)
+        outputs.append({"path": str(path), "seed": seed})
+    print(
+        json.dumps(
+            {
+                "images": outputs,
+                "width": result.width,
+                "height": result.height,
+                "face": face.to_dict(),
+                "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

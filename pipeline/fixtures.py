@@ -1,0 +1,370 @@
+"""Fixture weights: tiny random models in exactly the published layout and formats.
+
+``write_fixtures(root)`` writes::
+
+    sdxl/                       diffusers folder: tiny SDXL-shaped UNet (text_time), two tiny
+                                CLIP text encoders, tokenizers from a generated vocabulary,
+                                a small VAE (8x), an Euler scheduler config, model_index.json
+    instantid/ControlNetModel/  config.json + diffusion_pytorch_model.safetensors
+    instantid/ip-adapter.bin    {"image_proj": ..., "ip_adapter": ...} with the published keys
+    antelopev2/                 scrfd_10g_bnkps.onnx (an SCRFD-signature detector) and
+                                glintr100.onnx (an ArcFace-signature recogniser)
+
+The fixture detector "sees" a face where the picture has a bright blob on a darker
+surround, with a box sized by the blob and five keypoints inside the box; a black
+picture has no face. The recogniser is a fixed random projection of the aligned crop,
+so different pictures give different embeddings. Everything is seeded: the same call
+writes the same bytes. Nothing outside this module knows these weights are fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FIXTURE_SEED = 20231212
+TEXT_WIDTH = 32  # each tiny text encoder's hidden size
+CROSS_ATTENTION_DIM = 2 * TEXT_WIDTH
+TIME_EMBED_DIM = 8
+RESAMPLER_WIDTH = 128  # 2 heads of 64
+NUM_FACE_TOKENS = 16
+
+# Detector: per stride, a centre window of 4*stride against the ring around it.
+DETECTOR_STRIDES = (8, 16, 32)
+DETECTOR_GAIN = 12.0
+DETECTOR_CONTRAST = 0.5
+# Keypoints relative to the box centre, in box sides: eyes, nose, mouth corners.
+KEYPOINT_LAYOUT = ((-0.2, -0.15), (0.2, -0.15), (0.0, 0.05), (-0.15, 0.25), (0.15, 0.25))
+
+_CORPUS = """
+a photo of a person portrait woman man face closeup studio lighting high quality detailed
+watercolor painting film noir black and white neon lights jungle mars snow line art vibrant
+color cinematic dramatic soft natural light background smiling looking at the camera
+blurry lowres ugly deformed bad anatomy text watermark signature cartoon 3d render
+""".split()
+
+
+def write_fixtures(root: str | Path) -> Path:
+    """Write the whole fixture weights tree under ``root`` and return it."""
+    root = Path(root)
+    torch.manual_seed(FIXTURE_SEED)
+    unet = write_sdxl(root / "sdxl")
+    write_identitynet(unet, root / "instantid" / "ControlNetModel")
+    write_ip_adapter(unet, root / "instantid" / "ip-adapter.bin")
+    (root / "antelopev2").mkdir(parents=True, exist_ok=True)
+    write_detector(root / "antelopev2" / "scrfd_10g_bnkps.onnx")
+    write_recognizer(root / "antelopev2" / "glintr100.onnx")
+    return root
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+def _tokenizer(pad_token: str):
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [c + "</w>" for c in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    merges = _learn_merges(_CORPUS, rounds=300)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
+
+
+def _learn_merges(words: list[str], rounds: int) -> list[tuple[str, str]]:
+    """A few byte-pair merges learned from a small built-in corpus."""
+    corpus = Counter(tuple(w[:-1]) + (w[-1] + "</w>",) for w in words)
+    merges: list[tuple[str, str]] = []
+    for _ in range(rounds):
+        pairs: Counter = Counter()
+        for word, count in corpus.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        merged: Counter = Counter()
+        for word, count in corpus.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        corpus = merged
+    return merges
+
+
+def _text_encoders(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(projection: bool) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=2 * TEXT_WIDTH,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu" if projection else "quick_gelu",
+            projection_dim=TEXT_WIDTH,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids(tokenizer.pad_token),
+        )
+
+    return CLIPTextModel(config(False)).eval(), CLIPTextModelWithProjection(config(True)).eval()
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=CROSS_ATTENTION_DIM,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH,
+        norm_num_groups=32,
+    ).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def _randomise_zeros(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Random models should not have the zero-initialised layers of fresh training
+    runs (ControlNet's zero convs), or they would have no effect at all."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() > 0 and not param.any():
+                param.normal_(0.0, std)
+
+
+def write_sdxl(folder: Path):
+    """A tiny SDXL base in diffusers layout; returns its UNet (needed by the others)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = _tokenizer("<|endoftext|>"), _tokenizer("!")
+    text_encoder, text_encoder_2 = _text_encoders(tokenizer)
+    unet, vae = _unet(), _vae()
+    _randomise_zeros(unet)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name, tok in (("tokenizer", tokenizer), ("tokenizer_2", tokenizer_2)):
+        _save_slow_tokenizer_files(tok, folder / name)
+    return unet
+
+
+def _save_slow_tokenizer_files(tokenizer, folder: Path) -> None:
+    """Publish tokenizers as SDXL does: vocab.json + merges.txt (no tokenizer.json)."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False, sort_keys=True))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+def write_identitynet(unet, folder: Path) -> None:
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32))
+    _randomise_zeros(controlnet)
+    controlnet.save_pretrained(str(folder), safe_serialization=True)
+
+
+def write_ip_adapter(unet, path: Path) -> None:
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from .adapter import cross_attention_layers, image_proj_to_published
+
+    depth = 4
+    resampler = IPAdapterPlusImageProjection(
+        embed_dims=512,
+        output_dims=CROSS_ATTENTION_DIM,
+        hidden_dims=RESAMPLER_WIDTH,
+        depth=depth,
+        dim_head=64,
+        heads=RESAMPLER_WIDTH // 64,
+        num_queries=NUM_FACE_TOKENS,
+        ffn_ratio=4,
+    )
+    image_proj = image_proj_to_published(resampler.state_dict(), depth)
+    ip_adapter = {}
+    for position, _name, attn in cross_attention_layers(unet):
+        hidden, cross = attn.to_k.out_features, attn.to_k.in_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{position}.{kind}.weight"] = torch.randn(hidden, cross) * cross**-0.5
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "image_proj": {k: v.detach().clone().contiguous() for k, v in image_proj.items()},
+        "ip_adapter": ip_adapter,
+    }
+    torch.save(state, str(path))
+
+
+# --------------------------------------------------------------------------- ONNX face models
+
+
+def write_detector(path: Path) -> None:
+    """An ONNX model with SCRFD's signature (9 outputs: scores, boxes, keypoints for
+    strides 8/16/32, two anchors per cell) that finds bright blobs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes, inits = [], []
+
+    def const(name: str, values, dtype=np.float32) -> str:
+        inits.append(onnx.numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=f"{op.lower()}_{output}", **attrs))
+        return output
+
+    # The input arrives as (pixel - 127.5) / 128; brightness in [0, 1].
+    gray = node("ReduceMean", ["input.1", const("channel_axis", [1], np.int64)], "gray", keepdims=1)
+    bright = node("Mul", [node("Add", [gray, const("one", [1.0])], "gray1"), const("half", [0.5])], "bright")
+    layout = np.asarray(KEYPOINT_LAYOUT, dtype=np.float32).reshape(-1)
+    outputs = {"score": [], "bbox": [], "kps": []}
+    for s in DETECTOR_STRIDES:
+        inner = node("AveragePool", [bright], f"inner{s}", kernel_shape=[4 * s, 4 * s], strides=[s, s],
+                     pads=[2 * s, 2 * s, s, s], count_include_pad=1)
+        outer = node("AveragePool", [bright], f"outer{s}", kernel_shape=[8 * s, 8 * s], strides=[s, s],
+                     pads=[4 * s, 4 * s, 3 * s, 3 * s], count_include_pad=1)
+        # mean of the ring = (4 * outer - inner) / 3; contrast = inner - ring
+        ring = node("Div", [node("Sub", [node("Mul", [outer, const(f"four{s}", [4.0])], f"o4_{s}"), inner],
+                                     f"ring3_{s}"), const(f"three{s}", [3.0])], f"ring{s}")
+        contrast = node("Sub", [inner, ring], f"contrast{s}")
+        logit = node("Mul", [node("Sub", [contrast, const(f"t{s}", [DETECTOR_CONTRAST])], f"ct{s}"),
+                             const(f"gain{s}", [DETECTOR_GAIN])], f"logit{s}")
+        score = node("Sigmoid", [logit], f"score_map{s}")
+        # box side = 4 * stride * sqrt(inner): the side of a square with the blob's area
+        root = node("Sqrt", [node("Max", [inner, const(f"eps{s}", [1e-6])], f"inner_pos{s}")], f"root{s}")
+        bbox = node("Mul", [root, const(f"box{s}", np.full((1, 4, 1, 1), 2.0))], f"bbox_map{s}")
+        kps = node("Mul", [root, const(f"kps{s}", (4.0 * layout).reshape(1, 10, 1, 1))], f"kps_map{s}")
+        for kind, tensor, width in (("score", score, 1), ("bbox", bbox, 4), ("kps", kps, 10)):
+            hwc = node("Transpose", [tensor], f"{kind}_hwc{s}", perm=[0, 2, 3, 1])
+            one = node("Unsqueeze", [hwc, const(f"{kind}_axis{s}", [3], np.int64)], f"{kind}_a{s}")
+            two = node("Concat", [one, one], f"{kind}_anchors{s}", axis=3)  # two anchors per cell
+            outputs[kind].append(node("Reshape", [two, const(f"{kind}_shape{s}", [-1, width], np.int64)],
+                                      f"{kind}_{s}"))
+    graph_outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"n{name}", width])
+        for kind, width in (("score", 1), ("bbox", 4), ("kps", 10))
+        for name in outputs[kind]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixture_scrfd",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        graph_outputs,
+        inits,
+    )
+    _save_onnx(graph, path)
+
+
+def write_recognizer(path: Path) -> None:
+    """An ONNX model with ArcFace's signature (1x3x112x112 in, one 512-d output): a
+    fixed random projection of the 8x8-pooled aligned crop."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(FIXTURE_SEED)
+    projection = (rng.standard_normal((3 * 14 * 14, 512)) * 0.06).astype(np.float32)
+    nodes = [
+        helper.make_node("AveragePool", ["input.1"], ["pooled"], name="pool", kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "projection"], ["683"], name="project"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fixture_arcface",
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", 512])],
+        [numpy_helper.from_array(projection, "projection")],
+    )
+    _save_onnx(graph, path)
+
+
+def _save_onnx(graph, path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="instantid-fixtures")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def fixture_summary(root: Path) -> dict:
+    """Sizes of what :func:`write_fixtures` wrote (for the CLI)."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+    return {"root": str(root), "files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(json.dumps(fixture_summary(write_fixtures(sys.argv[1]))))
