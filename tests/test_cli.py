@@ -1,0 +1,103 @@
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline.cli import EXIT_INVALID, EXIT_NO_FACE, EXIT_WEIGHTS, main
+from tests.conftest import face_photo
+
+INSTANTID = str(Path(sys.executable).parent / "instantid")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    face_photo().save(folder / "face.png")
+    face_photo(size=(320, 200), blobs=((100, 100, 40),)).save(folder / "pose.jpg")
+    Image.new("RGB", (128, 128)).save(folder / "black.png")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([INSTANTID, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_done_means_same_bytes_for_the_same_seed(weights_dir, photos, tmp_path):
+    """The issue's acceptance run, through the installed console script."""
+    outputs = []
+    for name in ("o.png", "o2.png"):
+        out = tmp_path / name
+        proc = run("generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--prompt",
+                   "a watercolor portrait", "--width", "128", "--height", "128", "--num-inference-steps", "4",
+                   "--seed", "7", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["images"] == [{"path": str(out), "seed": 7}] and report["width"] == 128
+        assert set(report["face"]) >= {"bbox", "kps", "det_score"} and "denoise" in report["timings_ms"]
+        assert Image.open(out).size == (128, 128) and Image.open(out).format == "PNG"
+        outputs.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert outputs[0] == outputs[1]
+
+
+def test_fixtures_command_writes_the_tree(tmp_path):
+    proc = run("fixtures", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["files"] >= 19
+    assert (tmp_path / "w" / "instantid" / "ip-adapter.bin").is_file()
+
+
+def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
+    return main(["generate", "--weights", str(weights_dir), "--face", str(photos / face), "--prompt", "x",
+                 "--out", str(tmp_path / "out.png"), "--width", "64", "--height", "64",
+                 "--num-inference-steps", "1", *extra])
+
+
+@pytest.mark.parametrize(
+    "extra,face,code,needle",
+    [
+        ((), "black.png", EXIT_NO_FACE, "black.png: no face was detected"),
+        ((), "notes.png", EXIT_INVALID, "notes.png: is not an image in a known format"),
+        ((), "nowhere.png", EXIT_INVALID, "nowhere.png: file not found"),
+        (("--width", "100"), "face.png", EXIT_INVALID, "width: must be a multiple of 8"),
+        (("--style", "Baroque"), "face.png", EXIT_INVALID, "style: unknown style 'Baroque'"),
+        (("--scheduler", "heun"), "face.png", EXIT_INVALID, "scheduler:"),
+        (("--seed", "abc"), "face.png", EXIT_INVALID, "argument --seed: invalid int value"),
+        (("--num-images", "0"), "face.png", EXIT_INVALID, "num_images:"),
+        (("--pose", "/nowhere/pose.png"), "face.png", EXIT_INVALID, "pose.png: file not found"),
+        (("--lora", "/nowhere/lora.safetensors"), "face.png", EXIT_INVALID, "--lora: no such file"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line(weights_dir, photos, tmp_path, capsys, extra, face, code, needle):
+    assert generate(weights_dir, photos, tmp_path, *extra, face=face) == code
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("instantid: error: ") and needle in lines[0], captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_weights_and_bad_output_path(weights_dir, photos, tmp_path, capsys):
+    code = main(["generate", "--weights", str(tmp_path / "none"), "--face", str(photos / "face.png"),
+                 "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert code == EXIT_WEIGHTS and "missing weights: sdxl/" in capsys.readouterr().err
+    code = main(["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--prompt", "x",
+                 "--out", str(tmp_path / "o.gif")])
+    assert code == EXIT_INVALID and "--out: unknown image extension" in capsys.readouterr().err
+
+
+def test_several_faces_a_pose_and_several_images(weights_dir, photos, tmp_path, capsys):
+    code = main(["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--face",
+                 str(photos / "face.png"), "--pose", str(photos / "pose.jpg"), "--prompt", "", "--style", "Neon",
+                 "--num-images", "2", "--seed", "1", "--width", "64", "--height", "64",
+                 "--num-inference-steps", "1", "--out", str(tmp_path / "out.webp")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [i["seed"] for i in report["images"]] == [1, 2]
+    assert [Path(i["path"]).name for i in report["images"]] == ["out-0.webp", "out-1.webp"]
+    assert all(Image.open(i["path"]).format == "WEBP" for i in report["images"])
+    assert report["face"]["image_size"] == [1280, 768]  # the pose photo's frame (320x200 by the reference rule)

@@ -1,0 +1,109 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.errors import ImageTooLarge, InvalidImage
+from pipeline.images import ImageLimits, decode_image_bytes, load_image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims width x height."""
+    data = bytearray(encode(Image.new("RGB", (1, 1))))
+    ihdr = data[16:29]
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    upright = decode_image_bytes(encode(image, "JPEG", exif=exif))
+    assert upright.size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (8, 6), 128),
+        Image.new("1", (8, 6), 1),
+        Image.new("P", (8, 6), 3),
+        Image.new("RGBA", (8, 6), (255, 0, 0, 0)),
+        Image.new("LA", (8, 6), (10, 255)),
+        Image.new("I;16", (8, 6), 65535),
+        Image.new("CMYK", (8, 6), (0, 255, 255, 0)),
+    ],
+    ids=lambda im: im.mode,
+)
+def test_every_mode_becomes_8_bit_rgb(image):
+    fmt = "JPEG" if image.mode == "CMYK" else "PNG"
+    out = decode_image_bytes(encode(image, fmt))
+    assert out.mode == "RGB" and out.size == (8, 6)
+
+
+def test_transparency_is_composited_on_white_and_16_bit_is_scaled():
+    assert np.asarray(decode_image_bytes(encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))))[0, 0].tolist() == [255] * 3
+    assert np.asarray(decode_image_bytes(encode(Image.new("I;16", (4, 4), 65535))))[0, 0].tolist() == [255] * 3
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("RGB", (6, 6), c) for c in ((255, 0, 0), (0, 255, 0))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image_bytes(buffer.getvalue())
+    assert np.asarray(out)[0, 0, 0] > 200 and np.asarray(out)[0, 0, 1] < 50
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [(b"", "empty"), (b"definitely not an image", "known format"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "")],
+)
+def test_non_images_are_refused(data, needle):
+    with pytest.raises(InvalidImage) as info:
+        decode_image_bytes(data, field="face_images[0]")
+    assert needle in str(info.value) and "face_images[0]" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_files_are_refused(fmt):
+    rng = np.random.default_rng(0)
+    data = encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), fmt)
+    with pytest.raises(InvalidImage):
+        decode_image_bytes(data[: len(data) // 2])
+
+
+def test_too_many_bytes_is_refused_before_decoding():
+    with pytest.raises(ImageTooLarge, match="bytes"):
+        decode_image_bytes(b"x" * 2048, limits=ImageLimits(max_bytes=1024))
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (60_000, 1)])
+def test_declared_dimensions_are_checked_before_decoding(size):
+    with pytest.raises(ImageTooLarge):
+        decode_image_bytes(png_with_declared_size(*size))
+
+
+def test_paths_arrays_and_pil_images_are_accepted(tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (5, 4), (1, 2, 3)).save(path)
+    assert load_image(path).size == (5, 4)
+    assert load_image(np.zeros((4, 5, 3), np.uint8)).size == (5, 4)
+    assert load_image(Image.new("L", (5, 4))).mode == "RGB"
+    with pytest.raises(InvalidImage, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(InvalidImage, match="directory"):
+        load_image(tmp_path)
+    with pytest.raises(InvalidImage, match="uint8"):
+        load_image(np.zeros((4, 5, 3), np.float32))
