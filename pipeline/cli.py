@@ -46,7 +46,8 @@ def _quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    """The parser and its sub-command group (which other entry points may extend)."""
     from .schedulers import SCHEDULERS
     from .styles import style_names
 
@@ -82,16 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--providers", default="auto", help="onnxruntime providers for the face stage")
-    return parser
+    return parser, commands
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, extend=None, handlers: dict | None = None) -> int:
+    """Run the command line. ``extend(commands)`` may add sub-commands, whose functions
+    are given in ``handlers`` (name -> function(args) -> exit code)."""
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "fixtures":
-            return _fixtures(args)
-        return _generate(args)
+        parser, commands = build_parser()
+        if extend is not None:
+            extend(commands)
+        args = parser.parse_args(argv)
+        run = {"fixtures": _fixtures, "generate": _generate, **(handlers or {})}[args.command]
+        return run(args)
     except _UsageError as error:
         return _fail(EXIT_INVALID, str(error))
     except NoFaceDetected as error:

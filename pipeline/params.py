@@ -88,11 +88,17 @@ def parse_params(model: type[BaseModel] = GenerationParams, /, **values: Any):
 
 
 def invalid_parameter_from(error: ValidationError) -> InvalidParameter:
-    first = error.errors()[0]
-    field = ".".join(str(part) for part in first.get("loc", ())) or "parameters"
-    message = first.get("msg", "is invalid")
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
+    return invalid_parameter_from_errors(error.errors())
+
+
+def invalid_parameter_from_errors(errors: list[dict], skip: tuple[str, ...] = ()) -> InvalidParameter:
+    """The first of pydantic's errors as an :class:`InvalidParameter` (``face_images[1]: ...``)."""
+    first = errors[0] if errors else {}
+    parts = [part for part in first.get("loc", ()) if part not in skip]
+    field = ""
+    for part in parts:
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    message = str(first.get("msg", "is invalid")).removeprefix("Value error, ")
     if first.get("type") == "extra_forbidden":
         message = "is not a known parameter"
-    return InvalidParameter(field, message)
+    return InvalidParameter(field or "parameters", message)

@@ -146,7 +146,10 @@ class InstantIDPipeline:
         """Load every component from a weights root (see :mod:`pipeline.weights`)."""
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-        paths = weights if isinstance(weights, WeightsPaths) else resolve_weights(weights, **resolve_kwargs)
+        if not isinstance(weights, WeightsPaths):
+            needed = ("sdxl", "instantid", "antelopev2") if load_face else ("sdxl", "instantid")
+            weights = resolve_weights(weights, components=needed, **resolve_kwargs)
+        paths = weights
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)

@@ -23,6 +23,7 @@ from .errors import InvalidParameter, WeightsNotFound
 from .face import DETECTOR_FILE, RECOGNIZER_FILE
 from .s3 import S3Location, s3_client
 
+COMPONENTS = ("sdxl", "instantid", "antelopev2")
 HUB_REPOS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "instantid": "InstantX/InstantID"}
 HUB_ROOTS = ("hf://", "hub")
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -41,15 +42,15 @@ def default_cache_dir() -> Path:
 class WeightsPaths:
     """Local paths of every weight the pipeline loads."""
 
-    sdxl: Path  # a diffusers folder or a single .safetensors file
-    controlnet: Path  # folder with config.json + weights
-    ip_adapter: Path  # ip-adapter.bin or .safetensors
-    antelopev2: Path  # folder with the detector and the recogniser
+    sdxl: Path | None  # a diffusers folder or a single .safetensors file
+    controlnet: Path | None  # folder with config.json + weights
+    ip_adapter: Path | None  # ip-adapter.bin or .safetensors
+    antelopev2: Path | None  # folder with the detector and the recogniser
     sdxl_config: str | None = None  # for a single-file checkpoint: a folder or hub repo with its configs
 
     @property
     def sdxl_is_single_file(self) -> bool:
-        return self.sdxl.is_file()
+        return self.sdxl is not None and self.sdxl.is_file()
 
 
 def resolve_weights(
@@ -61,11 +62,17 @@ def resolve_weights(
     sdxl_config: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     s3_endpoint: str | None = None,
+    components: tuple[str, ...] = COMPONENTS,
 ) -> WeightsPaths:
-    """Resolve (and fetch when remote) every component. Raises :class:`WeightsNotFound`
-    naming the missing file and where it was looked for."""
+    """Resolve (and fetch when remote) the ``components`` asked for (default: all; the
+    others are ``None``). Raises :class:`WeightsNotFound` naming the missing file and
+    where it was looked for."""
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise InvalidParameter("components", f"unknown weight components {sorted(unknown)}")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    locations = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
+    given = {"sdxl": sdxl, "instantid": instantid, "antelopev2": antelopev2}
+    locations = {name: given[name] for name in components}
     root_text = os.fspath(root) if root is not None else None
     for name in locations:
         if locations[name] is None:
@@ -82,16 +89,17 @@ def resolve_weights(
             else:
                 locations[name] = _join(root_text, name)
     fetcher = _Fetcher(cache, s3_endpoint)
-    sdxl_dir = fetcher.fetch(locations["sdxl"], _sdxl_filter)
-    instantid_dir = fetcher.fetch(locations["instantid"], _instantid_filter)
-    antelope_dir = fetcher.fetch(locations["antelopev2"], _antelope_filter)
-    return WeightsPaths(
-        sdxl=_check_sdxl(sdxl_dir, locations["sdxl"]),
-        controlnet=_check_controlnet(instantid_dir / "ControlNetModel", locations["instantid"]),
-        ip_adapter=_check_ip_adapter(instantid_dir, locations["instantid"]),
-        antelopev2=_check_antelope(antelope_dir, locations["antelopev2"]),
-        sdxl_config=sdxl_config,
-    )
+    found: dict[str, Path | None] = dict.fromkeys(("sdxl", "controlnet", "ip_adapter", "antelopev2"))
+    if "sdxl" in locations:
+        found["sdxl"] = _check_sdxl(fetcher.fetch(locations["sdxl"], _sdxl_filter), locations["sdxl"])
+    if "instantid" in locations:
+        folder = fetcher.fetch(locations["instantid"], _instantid_filter)
+        found["controlnet"] = _check_controlnet(folder / "ControlNetModel", locations["instantid"])
+        found["ip_adapter"] = _check_ip_adapter(folder, locations["instantid"])
+    if "antelopev2" in locations:
+        folder = fetcher.fetch(locations["antelopev2"], _antelope_filter)
+        found["antelopev2"] = _check_antelope(folder, locations["antelopev2"])
+    return WeightsPaths(**found, sdxl_config=sdxl_config)
 
 
 def _join(root: str, name: str) -> str:
