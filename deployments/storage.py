@@ -1,0 +1,220 @@
+"""Where outputs and records live: one small interface, two stores.
+
+* :class:`S3Storage` — any S3-compatible server through boto3 (configurable endpoint,
+  botocore retries, multipart uploads for big objects, presigned GET URLs that expire).
+* :class:`LocalStorage` — a directory, the embedded default; its URLs are paths served
+  back by the ingress (``/v1/files/<key>``) and signed with an HMAC and an expiry, so
+  they behave like presigned URLs.
+
+Keys are always made by the server (never from user text). This module does not import
+Ray: the offline renderer and the CLI use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, urlencode
+
+from pipeline.errors import InstantIDError, InvalidParameter
+from pipeline.s3 import S3Location, s3_client
+
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+
+class ObjectNotFound(InstantIDError):
+    code = "not_found"
+
+
+class StorageUnavailable(InstantIDError):
+    """The store could not be reached or refused the operation."""
+
+    code = "storage_unavailable"
+
+
+def check_key(key: str) -> str:
+    """Keys are server-made: plain segments, no '..', no leading slash."""
+    if not KEY_PATTERN.match(key) or ".." in key or len(key) > 512:
+        raise InvalidParameter("key", f"not a valid storage key: {key!r}")
+    return key
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def url(self, key: str, expires_s: int) -> str: ...
+
+    def put_json(self, key: str, value: dict) -> None: ...
+
+    def get_json(self, key: str) -> dict: ...
+
+
+class _JsonMixin:
+    def put_json(self, key: str, value: dict) -> None:
+        self.put(key, json.dumps(value, separators=(",", ":")).encode(), "application/json")
+
+    def get_json(self, key: str) -> dict:
+        return json.loads(self.get(key))
+
+
+class LocalStorage(_JsonMixin):
+    def __init__(self, root: str | os.PathLike, signing_key: bytes, url_prefix: str = "/v1/files") -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.signing_key = signing_key
+        self.url_prefix = url_prefix
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root})"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / check_key(key)).resolve()
+        if self.root not in path.parents:
+            raise InvalidParameter("key", f"not a valid storage key: {key!r}")
+        return path
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(temp, path)  # readers never see half a file
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"no object {key}") from None
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # tidy empty folders up to the root
+            if parent == self.root:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def url(self, key: str, expires_s: int) -> str:
+        expires = int(time.time()) + int(expires_s)
+        query = urlencode({"expires": expires, "signature": self.signature(key, expires)})
+        return f"{self.url_prefix}/{quote(check_key(key))}?{query}"
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self.signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, signature: str) -> bool:
+        return expires >= time.time() and hmac.compare_digest(self.signature(key, expires), signature)
+
+
+class S3Storage(_JsonMixin):
+    def __init__(
+        self,
+        location: S3Location,
+        *,
+        endpoint_url: str | None = None,
+        presign_endpoint_url: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        self.location = location
+        self.client = s3_client(endpoint_url, region)
+        # Presigned URLs name the host clients will use, which may differ from the one
+        # this service reaches (e.g. an internal endpoint vs a public one).
+        self.presign_client = s3_client(presign_endpoint_url, region) if presign_endpoint_url else self.client
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.location})"
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(f"no object {what}") from None
+            raise StorageUnavailable(f"S3 {what}: {code or error}") from None
+        except BotoCoreError as error:
+            raise StorageUnavailable(f"S3 {what}: {error}") from None
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        import io
+
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        self._call(
+            key,
+            self.client.upload_fileobj,
+            io.BytesIO(data),
+            self.location.bucket,
+            self.location.key(check_key(key)),
+            ExtraArgs={"ContentType": content_type},
+            Config=config,
+        )
+
+    def get(self, key: str) -> bytes:
+        response = self._call(key, self.client.get_object, Bucket=self.location.bucket,
+                              Key=self.location.key(check_key(key)))
+        return response["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self._call(key, self.client.delete_object, Bucket=self.location.bucket, Key=self.location.key(check_key(key)))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(key, self.client.head_object, Bucket=self.location.bucket, Key=self.location.key(check_key(key)))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def url(self, key: str, expires_s: int) -> str:
+        return self.presign_client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.location.bucket, "Key": self.location.key(check_key(key))},
+            ExpiresIn=int(expires_s),
+        )
+
+
+def open_storage(
+    uri: str,
+    *,
+    signing_key: bytes = b"",
+    endpoint_url: str | None = None,
+    presign_endpoint_url: str | None = None,
+) -> Storage:
+    """``s3://bucket/prefix`` -> :class:`S3Storage`; a folder path (or ``file://``) ->
+    :class:`LocalStorage`."""
+    if uri.startswith("s3://"):
+        return S3Storage(S3Location.parse(uri, field="storage"), endpoint_url=endpoint_url,
+                         presign_endpoint_url=presign_endpoint_url)
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        raise InvalidParameter("storage", f"unsupported storage {uri!r}: use a folder or s3://bucket/prefix")
+    return LocalStorage(uri, signing_key=signing_key)
