@@ -1,0 +1,85 @@
+"""The HTTP API's request and response models (they make the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.params import GenerationParams
+
+IMAGE_REF = (
+    "An image: a data: URL (data:image/png;base64,...), plain base64, or an s3://bucket/key URI "
+    "in a bucket this server is configured to read."
+)
+
+
+class GenerationRequest(GenerationParams):
+    """``POST /v1/generations``: a face (photos or a registered ``face_id``) and what to render."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    face_images: list[str] | None = Field(None, min_length=1, description=f"1 to 4 photos of one person. {IMAGE_REF}")
+    face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
+    pose_image: str | None = Field(None, description=f"Take the head pose from this photo. {IMAGE_REF}")
+    face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+
+    def generation_params(self, **overrides) -> GenerationParams:
+        values = self.model_dump(include=set(GenerationParams.model_fields))
+        values.update(overrides)
+        return GenerationParams(**values)
+
+
+class FaceRequest(BaseModel):
+    """``POST /v1/faces``: register a face once, render it many times."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    face_images: list[str] = Field(min_length=1, description=f"1 to 4 photos of one person. {IMAGE_REF}")
+    pose_image: str | None = Field(None, description=f"Default head pose for renders of this face. {IMAGE_REF}")
+    face_combine: Literal["mean", "norm_mean"] = "mean"
+
+
+class Face(BaseModel):
+    bbox: list[float] = Field(description="x1, y1, x2, y2 in the analysed photo's pixels.")
+    kps: list[list[float]] = Field(description="Eyes, nose, mouth corners (x, y).")
+    det_score: float
+    image_size: list[int] = Field(description="Width, height of the frame the box and keypoints are in.")
+
+
+class Image(BaseModel):
+    url: str = Field(description="Where to fetch the image; expires (presigned).")
+    seed: int
+    width: int
+    height: int
+
+
+class GenerationResponse(BaseModel):
+    id: str
+    images: list[Image]
+    face: Face
+    timings_ms: dict[str, float]
+    batch_size: int = Field(description="Images rendered together in the diffusion batch that made these.")
+
+
+class FaceResponse(BaseModel):
+    face_id: str
+    face: Face
+    created_at: float
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_parameter, overloaded.")
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    stages: list[dict]

@@ -1,0 +1,44 @@
+"""The one application builder, used by ``serve_config.yaml`` (``import_path:
+deployments.app:app_builder``), by ``instantid serve`` and by the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from .config import AppArgs
+from .face import FaceEmbedder
+from .generator import Generator
+from .ingress import Ingress
+from .postprocess import Postprocessor
+
+DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor")
+
+
+def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict] | None = None) -> Application:
+    """Bind the four deployments. ``deployment_options`` (by deployment name) are
+    ``.options()`` overrides, in the shape of a Serve config's ``deployments`` entries."""
+    args = AppArgs.model_validate(args)
+    options = deployment_options or {}
+    unknown = set(options) - set(DEPLOYMENTS)
+    if unknown:
+        raise ValueError(f"unknown deployments {sorted(unknown)}; the app has {list(DEPLOYMENTS)}")
+    limits = args.limits
+    face = FaceEmbedder.options(**options.get("FaceEmbedder", {})).bind(
+        args.weights, args.face_providers, args.weights_cache, args.s3_endpoint_url,
+        {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_image_pixels,
+         "max_side": limits.max_image_side},
+    )
+    generator = Generator.options(**options.get("Generator", {})).bind(
+        args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url, limits.max_num_images
+    )
+    postprocessor = Postprocessor.options(**options.get("Postprocessor", {})).bind(
+        args.storage, args.url_signing_key, args.s3_endpoint_url, args.presign_endpoint_url
+    )
+    return Ingress.options(**options.get("Ingress", {})).bind(face, generator, postprocessor, args.model_dump())
+
+
+def app_builder(args: AppArgs) -> Application:
+    """Entry point for Serve configs; Serve validates ``args`` into :class:`AppArgs`."""
+    return build_app(args)

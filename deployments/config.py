@@ -1,0 +1,59 @@
+"""The application's typed configuration: the arguments of the one app builder, used by
+``serve_config.yaml``, by ``instantid serve`` and by the tests."""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    disabled: bool = Field(False, description="Serve without API keys. Only for a local, single-user setup.")
+    api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of accepted keys.")
+    api_keys_env: str = Field("INSTANTID_API_KEY_SHA256", description="Env var with more digests, comma-separated.")
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(48 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(12 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_side: int = Field(12_000, gt=0)
+    max_face_images: int = Field(4, ge=1)
+    max_num_images: int = Field(4, ge=1)
+    max_side: int = Field(1536, ge=64)
+    max_steps: int = Field(60, ge=1)
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`deployments.app.app_builder`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: str = Field(description="Weights root: a folder, s3://bucket/prefix, or 'hub'.")
+    weights_cache: str | None = Field(None, description="Local cache for remote weights.")
+    storage: str = Field("out/storage", description="Outputs and records: a folder or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL).")
+    presign_endpoint_url: str | None = Field(None, description="Endpoint clients use for presigned URLs.")
+    url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    url_signing_key: str = Field(default_factory=lambda: secrets.token_hex(32),
+                                 description="HMAC key for local-storage URLs (shared by every ingress replica).")
+    input_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// image references may name.")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: Limits = Field(default_factory=Limits)
+    request_timeout_s: float = Field(300.0, gt=0)
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when overloaded.")
+    device: str = "auto"
+    dtype: str = "auto"
+    face_providers: str = "auto"
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
+
+    @model_validator(mode="after")
+    def _auth_is_explicit(self) -> "AppArgs":
+        if not self.auth.disabled and not self.auth.api_key_sha256 and not self.auth.api_keys_env:
+            raise ValueError("auth: give api_key_sha256 or api_keys_env, or set auth.disabled explicitly")
+        return self

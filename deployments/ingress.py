@@ -1,0 +1,420 @@
+"""The HTTP ingress: authentication, input decoding and limits, orchestration of the
+stages through DeploymentHandles, and the one place where errors become HTTP statuses."""
+
+
+import asyncio
+import base64
+import binascii
+import re
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray import serve
+
+from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter
+from pipeline.face import FaceInfo
+from pipeline.params import invalid_parameter_from_errors
+from pipeline.s3 import S3Location, s3_client
+
+from . import metrics
+from .api import ErrorResponse, FaceRequest, FaceResponse, GenerationRequest, GenerationResponse, Health
+from .auth import LOCAL_OWNER, KeyRing, bearer_token
+from .config import AppArgs
+from .jobs import FaceJob, GenerationJob, OutputSpec
+from .storage import LocalStorage, ObjectNotFound, open_storage
+
+FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
+GENERATION_ID = re.compile(r"^g_[A-Za-z0-9_-]{22}$")
+DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+
+STATUS = {
+    "invalid_json": 400,
+    "invalid_image": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "payload_too_large": 413,
+    "image_too_large": 413,
+    "no_face": 422,
+    "invalid_parameter": 422,
+    "overloaded": 503,
+    "unavailable": 503,
+    "storage_unavailable": 503,
+    "timeout": 504,
+}
+
+
+class HTTPProblem(Exception):
+    """An error response decided here: status, stable code, message, optional field."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers or {}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    metrics.errors().inc(tags={"code": code})
+    body = {"error": {"code": code, "message": message, **({"field": field} if field else {})}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 503, 504)}
+app = FastAPI(
+    title="InstantID",
+    version="1",
+    description="Identity-preserving SDXL generation from face photos. Errors are JSON: "
+    '`{"error": {"code", "message", "field"}}` with a stable `code`.',
+)
+
+
+@app.exception_handler(HTTPProblem)
+async def _problem(request: Request, error: HTTPProblem) -> JSONResponse:
+    return error_response(error.status, error.code, error.message, error.field, error.headers)
+
+
+@app.exception_handler(InstantIDError)
+async def _pipeline_error(request: Request, error: InstantIDError) -> JSONResponse:
+    status = STATUS.get(error.code, 500)
+    message = str(error) if status < 500 or status == 503 else "internal error"
+    return error_response(status, error.code if status != 500 else "internal_error", message,
+                          getattr(error, "field", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = error.errors()
+    if any(p.get("type") == "json_invalid" for p in problems):
+        return error_response(400, "invalid_json", "the request body is not valid JSON")
+    if not problems or [part for part in problems[0].get("loc", ()) if part != "body"] == []:
+        return error_response(422, "invalid_parameter", "body: must be a JSON object", "body")
+    problem = invalid_parameter_from_errors(problems, skip=("body",))
+    return error_response(422, "invalid_parameter", str(problem), problem.field)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _routing(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+    message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed here"}.get(
+        error.status_code, str(error.detail))
+    return error_response(error.status_code, code, message, headers=getattr(error, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    return error_response(500, "internal_error", "internal error")
+
+
+class BodyLimit:
+    """Refuses bodies over ``max_bytes`` with 413 before the app parses them. The limit is
+    set from the configuration when the ingress replica starts."""
+
+    max_bytes = 48 * 1024 * 1024
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, "payload_too_large", f"the request body is over {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    from ray.exceptions import RayTaskError
+
+    while isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, face, generator, postprocessor, args: dict) -> None:
+        self.face, self.generator, self.postprocessor = face, generator, postprocessor
+        self.args = AppArgs(**args)
+        self.keys = KeyRing(self.args.auth.api_key_sha256, self.args.auth.api_keys_env)
+        if not self.args.auth.disabled and len(self.keys) == 0:
+            raise ValueError(f"auth is on but no API key digest is configured (nor in ${self.args.auth.api_keys_env})")
+        self.storage = open_storage(self.args.storage, signing_key=self.args.url_signing_key.encode(),
+                                    endpoint_url=self.args.s3_endpoint_url,
+                                    presign_endpoint_url=self.args.presign_endpoint_url)
+        self._inputs = None
+        BodyLimit.max_bytes = self.args.limits.max_body_bytes
+
+    # ------------------------------------------------------------------ helpers
+    def _owner(self, request: Request) -> str:
+        if self.args.auth.disabled:
+            return LOCAL_OWNER
+        token = bearer_token(request.headers.get("authorization"))
+        owner = self.keys.owner(token) if token else None
+        if owner is None:
+            raise HTTPProblem(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
+                              headers={"WWW-Authenticate": "Bearer"})
+        return owner
+
+    async def _await(self, response, deadline: float, what: str, upstream: tuple = ()):
+        """Await a DeploymentResponse within the request's deadline, translating Ray's
+        errors. On timeout or client disconnect, it and ``upstream`` are cancelled."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            return await asyncio.wait_for(response, timeout=max(0.001, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, asyncio.CancelledError) as stop:
+            for pending in (response, *upstream):
+                pending.cancel()
+            if isinstance(stop, asyncio.CancelledError):
+                raise
+            raise HTTPProblem(504, "timeout", f"{what} did not finish within {self.args.request_timeout_s:g} s") from None
+        except Exception as raw:
+            error = _unwrap(raw)
+            if isinstance(error, InstantIDError):
+                raise error from None
+            if isinstance(error, BackPressureError):
+                raise HTTPProblem(503, "overloaded", "the service is at capacity; retry later",
+                                  headers={"Retry-After": str(self.args.retry_after_s)}) from None
+            if isinstance(error, (RayActorError, DeploymentUnavailableError)):
+                raise HTTPProblem(503, "unavailable", f"{what} is unavailable; retry later",
+                                  headers={"Retry-After": str(self.args.retry_after_s)}) from None
+            raise
+
+    async def _image_bytes(self, ref: str, field: str) -> bytes:
+        limits = self.args.limits
+        if ref.startswith("s3://"):
+            return await asyncio.to_thread(self._s3_image, ref, field)
+        if re.match(r"^[a-z][a-z0-9+.-]*://", ref, re.I):
+            raise InvalidParameter(field, "only data: URLs, base64 and s3:// URIs of allowed buckets are accepted")
+        payload = ref
+        match = DATA_URL.match(ref)
+        if match:
+            if not match.group("b64"):
+                raise InvalidImage("data: URLs must be base64-encoded", field)
+            payload = ref[match.end() :]
+        elif ref.startswith("data:"):
+            raise InvalidImage("is a malformed data: URL", field)
+        if len(payload) * 3 // 4 > limits.max_image_bytes:
+            raise ImageTooLarge(f"is over {limits.max_image_bytes} bytes", field)
+        try:
+            return base64.b64decode(re.sub(r"\s+", "", payload), validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidImage("is neither base64 nor a base64 data: URL", field) from None
+
+    def _s3_image(self, ref: str, field: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = S3Location.parse(ref, field=field)
+        if where.bucket not in self.args.input_buckets or not where.prefix:
+            raise InvalidParameter(field, f"s3 bucket {where.bucket!r} is not one this server reads images from")
+        if self._inputs is None:
+            self._inputs = s3_client(self.args.s3_endpoint_url)
+        try:
+            head = self._inputs.head_object(Bucket=where.bucket, Key=where.prefix)
+            if head["ContentLength"] > self.args.limits.max_image_bytes:
+                raise ImageTooLarge(f"is {head['ContentLength']} bytes, over {self.args.limits.max_image_bytes}", field)
+            return self._inputs.get_object(Bucket=where.bucket, Key=where.prefix)["Body"].read()
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise InvalidParameter(field, f"no object at {ref}") from None
+            raise HTTPProblem(503, "storage_unavailable", f"{field}: could not read {ref}") from None
+        except BotoCoreError:
+            raise HTTPProblem(503, "storage_unavailable", f"{field}: could not read {ref}") from None
+
+    async def _face_job(self, refs: list[str], pose: str | None, combine: str) -> FaceJob:
+        if len(refs) > self.args.limits.max_face_images:
+            raise InvalidParameter("face_images", f"at most {self.args.limits.max_face_images} photos")
+        names = [f"face_images[{i}]" for i in range(len(refs))]
+        images = [await self._image_bytes(ref, name) for ref, name in zip(refs, names)]
+        pose_bytes = await self._image_bytes(pose, "pose_image") if pose else None
+        return FaceJob(images=images, pose=pose_bytes, combine=combine, names=names)
+
+    async def _storage(self, fn, *args):
+        return await asyncio.to_thread(fn, *args)
+
+    async def _face_record(self, face_id: str, owner: str) -> dict:
+        if not FACE_ID.match(face_id):
+            raise HTTPProblem(404, "not_found", f"no face {face_id!r}", "face_id")
+        try:
+            record = await self._storage(self.storage.get_json, f"faces/{face_id}.json")
+        except ObjectNotFound:
+            raise HTTPProblem(404, "not_found", f"no face {face_id!r}", "face_id") from None
+        if record["owner"] != owner:
+            raise HTTPProblem(403, "forbidden", f"face {face_id!r} belongs to another API key", "face_id")
+        return record
+
+    def _check_limits(self, body: GenerationRequest) -> None:
+        limits = self.args.limits
+        for name in ("width", "height"):
+            value = getattr(body, name)
+            if value is not None and value > limits.max_side:
+                raise InvalidParameter(name, f"must be at most {limits.max_side} on this server")
+        if body.num_inference_steps > limits.max_steps:
+            raise InvalidParameter("num_inference_steps", f"must be at most {limits.max_steps} on this server")
+        if body.num_images > limits.max_num_images:
+            raise InvalidParameter("num_images", f"must be at most {limits.max_num_images} on this server")
+        if (body.face_images is None) == (body.face_id is None):
+            raise InvalidParameter("face_images", "give either face_images or face_id (exactly one)")
+        if body.lora is not None and body.lora not in self.args.loras:
+            raise InvalidParameter("lora", f"unknown LoRA {body.lora!r}; this server offers {sorted(self.args.loras)}")
+
+    def _absolute(self, request: Request, url: str) -> str:
+        return url if "://" in url else str(request.base_url).rstrip("/") + url
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
+    async def healthz(self):
+        deadline = time.monotonic() + 10
+        try:
+            stages = await asyncio.gather(*(self._await(h.ready.remote(), deadline, "health check")
+                                            for h in (self.face, self.generator, self.postprocessor)))
+        except Exception as error:
+            detail = getattr(error, "message", None) or type(error).__name__
+            return error_response(503, "unavailable", f"not every stage is ready: {detail}")
+        return {"status": "ok", "stages": list(stages)}
+
+    @app.post("/v1/generations", response_model=GenerationResponse, responses=ERRORS)
+    async def create_generation(self, body: GenerationRequest, request: Request):
+        started = time.monotonic()
+        deadline = started + self.args.request_timeout_s
+        owner = self._owner(request)
+        self._check_limits(body)
+        generation_id = "g_" + secrets.token_urlsafe(16)
+
+        # 1. the face: analysed now, or registered earlier
+        if body.face_id is not None:
+            record = await self._face_record(body.face_id, owner)
+            face = FaceInfo.from_dict(record["face"])
+            if body.pose_image:
+                posed = await self._await(
+                    self.face.embed.remote(await self._face_job([body.pose_image], None, "mean")), deadline, "face")
+                face = FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
+        else:
+            job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
+            face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+        face_ms = (time.monotonic() - started) * 1000
+
+        # 2. render, then encode and store: the images go generator -> postprocessor directly
+        lora = self.args.loras.get(body.lora) if body.lora else None
+        params = body.generation_params(lora=lora)
+        rendered = self.generator.generate.remote(GenerationJob(generation_id, params, face))
+        spec = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality, self.args.url_expiry_s)
+        stored = await self._await(self.postprocessor.store.remote(rendered, spec), deadline, "generation",
+                                   upstream=(rendered,))
+
+        # 3. the record (for GET/DELETE by this key) and the answer
+        record = {"id": generation_id, "owner": owner, "created_at": time.time(), "keys": stored.keys,
+                  "seeds": stored.seeds, "width": stored.width, "height": stored.height,
+                  "face": face.to_dict(), "batch_size": stored.batch_size}
+        await self._storage(self.storage.put_json, f"generations/{generation_id}/record.json", record)
+        timings = {"face": round(face_ms, 2), **stored.timings_ms,
+                   "total": round((time.monotonic() - started) * 1000, 2)}
+        return self._generation_body(request, record, stored.urls, timings)
+
+    def _generation_body(self, request: Request, record: dict, urls: list[str], timings: dict) -> dict:
+        face = {k: record["face"][k] for k in ("bbox", "kps", "det_score", "image_size")}
+        images = [{"url": self._absolute(request, url), "seed": seed, "width": record["width"],
+                   "height": record["height"]} for url, seed in zip(urls, record["seeds"])]
+        return {"id": record["id"], "images": images, "face": face, "timings_ms": timings,
+                "batch_size": record["batch_size"]}
+
+    async def _generation_record(self, generation_id: str, owner: str) -> dict:
+        if not GENERATION_ID.match(generation_id):
+            raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}")
+        try:
+            record = await self._storage(self.storage.get_json, f"generations/{generation_id}/record.json")
+        except ObjectNotFound:
+            raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}") from None
+        if record["owner"] != owner:
+            raise HTTPProblem(403, "forbidden", f"generation {generation_id!r} belongs to another API key")
+        return record
+
+    @app.get("/v1/generations/{generation_id}", response_model=GenerationResponse, responses=ERRORS)
+    async def get_generation(self, generation_id: str, request: Request):
+        record = await self._generation_record(generation_id, self._owner(request))
+        urls = [self.storage.url(key, self.args.url_expiry_s) for key in record["keys"]]
+        return self._generation_body(request, record, urls, {})
+
+    @app.delete("/v1/generations/{generation_id}", status_code=204, responses=ERRORS)
+    async def delete_generation(self, generation_id: str, request: Request):
+        record = await self._generation_record(generation_id, self._owner(request))
+        for key in record["keys"]:
+            await self._storage(self.storage.delete, key)
+        await self._storage(self.storage.delete, f"generations/{generation_id}/record.json")
+        return Response(status_code=204)
+
+    @app.post("/v1/faces", response_model=FaceResponse, status_code=201, responses=ERRORS)
+    async def create_face(self, body: FaceRequest, request: Request):
+        deadline = time.monotonic() + self.args.request_timeout_s
+        owner = self._owner(request)
+        job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
+        face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+        face_id = "f_" + secrets.token_urlsafe(16)
+        record = {"face_id": face_id, "owner": owner, "created_at": time.time(),
+                  "face": face.to_dict(with_embedding=True)}
+        await self._storage(self.storage.put_json, f"faces/{face_id}.json", record)
+        return JSONResponse(self._face_body(record), status_code=201)
+
+    @staticmethod
+    def _face_body(record: dict) -> dict:
+        face = {k: record["face"][k] for k in ("bbox", "kps", "det_score", "image_size")}
+        return {"face_id": record["face_id"], "face": face, "created_at": record["created_at"]}
+
+    @app.get("/v1/faces/{face_id}", response_model=FaceResponse, responses=ERRORS)
+    async def get_face(self, face_id: str, request: Request):
+        return self._face_body(await self._face_record(face_id, self._owner(request)))
+
+    @app.delete("/v1/faces/{face_id}", status_code=204, responses=ERRORS)
+    async def delete_face(self, face_id: str, request: Request):
+        await self._face_record(face_id, self._owner(request))
+        await self._storage(self.storage.delete, f"faces/{face_id}.json")
+        return Response(status_code=204)
+
+    @app.get("/v1/files/{key:path}", include_in_schema=False)
+    async def get_file(self, key: str, expires: int = 0, signature: str = ""):
+        if not isinstance(self.storage, LocalStorage):
+            raise HTTPProblem(404, "not_found", "files are served by the object store")
+        if not self.storage.verify(key, expires, signature):
+            raise HTTPProblem(403, "forbidden", "the link is invalid or has expired")
+        try:
+            data = await self._storage(self.storage.get, key)
+        except (ObjectNotFound, InvalidParameter):
+            raise HTTPProblem(404, "not_found", "no such file") from None
+        media = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "json": "application/json"}
+        return Response(data, media_type=media.get(key.rsplit(".", 1)[-1], "application/octet-stream"))

@@ -1,0 +1,73 @@
+"""Keeping Ray on the addresses it was given.
+
+Ray Serve 2.60 replicas open an inter-deployment gRPC server on ``[::]:0`` (all
+interfaces) with no setting to change it (ray-project/ray#64544). ``setup_worker`` runs in
+every worker process (``runtime_env.worker_process_setup_hook``) and binds that server to
+the node's own IP instead, which is where callers connect anyway. With the node IP set to
+127.0.0.1 (and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), every Ray listener is on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+
+SETUP_HOOK = "deployments.ray_setup.setup_worker"
+LOOPBACK = "127.0.0.1"
+
+
+def setup_worker() -> None:
+    import ray
+
+    try:
+        from ray.serve._private import replica
+    except ImportError:  # pragma: no cover - not a Serve worker
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_instantid_bound", False):
+        return
+
+    def bind_to_node_ip(server, address: str):
+        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
+            address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bind_to_node_ip._instantid_bound = True
+    replica.add_port_to_grpc_server = bind_to_node_ip
+
+
+def runtime_env(extra_env: dict[str, str] | None = None) -> dict:
+    env = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.update(extra_env or {})
+    return {"worker_process_setup_hook": SETUP_HOOK, "env_vars": env}
+
+
+def pin_to_loopback() -> None:
+    """Make this process's Ray treat the machine as a single-node, loopback-only host.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when it is first imported; when it was
+    imported before this call, the constant it derived is corrected too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import sys
+
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:
+        constants.ENABLE_RAY_CLUSTER = False
+
+
+def init_loopback_ray(*, num_cpus: int | None = None, num_gpus: int | None = None, temp_dir: str | None = None,
+                      extra_env: dict[str, str] | None = None) -> None:
+    """Start a local Ray whose every listener is on 127.0.0.1."""
+    pin_to_loopback()
+    import ray
+
+    ray.init(
+        _node_ip_address=LOOPBACK,
+        include_dashboard=False,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        _temp_dir=temp_dir,
+        runtime_env=runtime_env(extra_env),
+        logging_level="WARNING",
+        log_to_driver=os.environ.get("INSTANTID_RAY_LOGS") == "1",
+    )
