@@ -1,34 +1,93 @@
-"""`make demo`: fixture weights, then one real generation from a photo shipped with
-scikit-image (the astronaut), printing where the image is."""
+"""`make demo`: fixture weights, `instantid serve` on loopback, one real HTTP generation
+from a photo shipped with scikit-image (the astronaut), then a clean stop.
+
+Prints where the image is (a file and the URL it was served from)."""
 
 from __future__ import annotations
 
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from pipeline.cli import main as cli
+import httpx
 
-OUT = Path("out")
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> int:
-    weights = OUT / "demo-weights"
-    if not (weights / "instantid" / "ip-adapter.bin").is_file():
-        if cli(["fixtures", str(weights)]) != 0:
-            return 1
-    from skimage import data
-    from PIL import Image
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--size", type=int, default=512)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
 
-    photo = OUT / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(photo)
-    return cli([
-        "generate", "--weights", str(weights), "--face", str(photo),
-        "--prompt", "a portrait of an astronaut", "--style", "Watercolor",
-        "--width", "512", "--height", "512", "--num-inference-steps", "20", "--seed", "42",
-        "--out", str(OUT / "demo.png"),
-    ])
+    weights = out / "demo-weights"
+    if not (weights / "instantid" / "ip-adapter.bin").is_file():
+        subprocess.run([BIN / "instantid", "fixtures", str(weights)], check=True, stdout=subprocess.DEVNULL)
+
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buffer, format="PNG")
+    photo = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    port = args.port or free_port()
+    log = open(out / "serve.log", "wb")
+    server = subprocess.Popen(
+        [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage")],
+        stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+    )
+    try:
+        line = server.stdout.readline()  # the server prints one JSON line once it is ready
+        if not line:
+            print(f"demo: the server did not start; see {out / 'serve.log'}", file=sys.stderr)
+            return 1
+        base = json.loads(line)["url"]
+        body = {"face_images": [photo], "prompt": "a portrait of an astronaut", "style": "Watercolor",
+                "width": args.size, "height": args.size, "num_inference_steps": args.steps, "seed": 42}
+        response = httpx.post(f"{base}/v1/generations", json=body, timeout=600)
+        if response.status_code != 200:
+            print(f"demo: generation failed: {response.status_code} {response.text}", file=sys.stderr)
+            return 1
+        result = response.json()
+        url = result["images"][0]["url"]
+        image_bytes = httpx.get(url, timeout=60).content
+        path = out / "demo.png"
+        path.write_bytes(image_bytes)
+        Image.open(path).verify()  # decodable
+        print(json.dumps({"image": str(path), "url": url, "api_docs": f"{base}/docs", "id": result["id"],
+                          "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"]}))
+        return 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does
+            try:
+                code = server.wait(timeout=90)
+                print(f"demo: server stopped (exit code {code})", file=sys.stderr)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                print("demo: server did not stop in time; killed", file=sys.stderr)
+        log.close()
 
 
 if __name__ == "__main__":
-    OUT.mkdir(exist_ok=True)
     sys.exit(main())
