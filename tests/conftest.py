@@ -14,6 +14,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before anything imports ray: loopback only
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 DATA = Path(__file__).parent / "data"
 
@@ -57,3 +59,35 @@ def s3_server(tmp_path_factory):
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+def data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg"}.get(fmt, "application/octet-stream")
+    return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="session")
+def ray_serve(tmp_path_factory, s3_server):
+    """A real Ray (pinned to loopback, token auth off for tests) with Serve's HTTP proxy
+    on a free loopback port. Yields the base URL. Its nodes get the test S3 server's
+    endpoint and credentials in their environment, as cluster nodes get theirs."""
+    os.environ.update(s3_server.env())
+    import ray
+    from ray import serve
+
+    from deployments.ray_setup import init_loopback_ray
+    from tests.s3server import free_ports
+
+    init_loopback_ray(num_cpus=16, temp_dir=str(tmp_path_factory.mktemp("ray")))
+    port = free_ports(1)[0]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,58 @@
+"""The production serve_config.yaml, validated by Ray's own schema and by ours."""
+
+import importlib
+
+import pytest
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import DEPLOYMENTS
+from deployments.config import AppArgs
+from deployments.local import application_config, deployment_options, load_serve_config
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_serve_config()
+
+
+def test_ray_accepts_the_config(config):
+    schema = ServeDeploySchema.model_validate(config)
+    assert [a.name for a in schema.applications] == ["instantid"]
+
+
+def test_import_path_and_args_are_ours(config):
+    application = application_config(config)
+    module, _, name = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder.__annotations__["args"] in ("AppArgs", AppArgs)
+    args = AppArgs.model_validate(application["args"])
+    assert args.weights.startswith("s3://") and args.storage.startswith("s3://")
+    assert not args.auth.disabled and args.auth.api_keys_env
+    assert application["runtime_env"]["worker_process_setup_hook"] == "deployments.ray_setup.setup_worker"
+
+
+def test_every_stage_is_configured_for_production(config):
+    deployments = {d["name"]: d for d in application_config(config)["deployments"]}
+    assert set(deployments) == set(DEPLOYMENTS)
+    face, generator = deployments["FaceEmbedder"], deployments["Generator"]
+    assert 0 < face["ray_actor_options"]["num_gpus"] < 1 and face["ray_actor_options"]["accelerator_type"]
+    assert generator["ray_actor_options"]["num_gpus"] == 1 and generator["ray_actor_options"]["accelerator_type"]
+    assert generator["max_ongoing_requests"] >= generator["user_config"]["max_batch_images"]
+    assert face["max_ongoing_requests"] >= face["user_config"]["max_batch_size"]
+    for entry in deployments.values():
+        scaling = entry["autoscaling_config"]
+        assert scaling["min_replicas"] <= scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
+        assert scaling["upscale_delay_s"] > 0 and scaling["downscale_delay_s"] > 0
+        assert entry["max_queued_requests"] > 0  # overload becomes 503, not an unbounded queue
+    assert config["http_options"]["request_timeout_s"] > AppArgs.model_validate(
+        application_config(config)["args"]).request_timeout_s
+
+
+def test_the_local_variant_drops_gpus_and_caps_replicas(config):
+    options = deployment_options(application_config(config), gpus=False, max_replicas=1)
+    for entry in options.values():
+        assert "num_gpus" not in entry.get("ray_actor_options", {})
+        assert "accelerator_type" not in entry.get("ray_actor_options", {})
+        assert entry["autoscaling_config"]["max_replicas"] == 1
+    kept = deployment_options(application_config(config), gpus=True, max_replicas=None)
+    assert kept["Generator"]["ray_actor_options"]["num_gpus"] == 1

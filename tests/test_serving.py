@@ -1,0 +1,359 @@
+"""The Serve application through real HTTP: a real Ray, the real app on fixture weights,
+SeaweedFS as its object store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.app import build_app
+from deployments.auth import new_key
+from deployments.local import application_config, deployment_options, load_serve_config
+from tests.conftest import data_url, face_photo
+from tests.test_images import png_with_declared_size
+
+KEY_A, DIGEST_A = new_key()
+KEY_B, DIGEST_B = new_key()
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+
+
+def production_options(**generator_overrides) -> dict:
+    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1)
+    for key, value in generator_overrides.items():
+        if key == "user_config":
+            options["Generator"]["user_config"].update(value)
+        else:
+            options["Generator"][key] = value
+    return options
+
+
+def app_args(weights_dir, s3_server, **extra) -> dict:
+    args = {
+        "weights": str(weights_dir),
+        "storage": "s3://outputs/tests",
+        "s3_endpoint_url": s3_server.endpoint,
+        "input_buckets": ["uploads"],
+        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
+        "url_expiry_s": 600,
+        "limits": {"max_body_bytes": 4 * 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_num_images": 4},
+    }
+    args.update(extra)
+    return args
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server):
+    client = s3_server.client()
+    for bucket in ("outputs", "uploads", "private"):
+        client.create_bucket(Bucket=bucket)
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_serve, weights_dir, s3_env):
+    from ray import serve
+
+    options = production_options(user_config={"batch_wait_timeout_s": 0.5})
+    serve.run(build_app(app_args(weights_dir, s3_env), options), name="main", route_prefix="/")
+    return ray_serve
+
+
+@pytest.fixture(scope="module")
+def tight_url(ray_serve, weights_dir, s3_env, app_url):
+    """The same app with a one-deep queue and a short timeout, for overload and timeouts."""
+    from ray import serve
+
+    options = production_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5,
+                                 user_config={"max_batch_images": 1, "batch_wait_timeout_s": 0.0})
+    args = app_args(weights_dir, s3_env, request_timeout_s=4.0,
+                    limits={"max_num_images": 1, "max_steps": 150, "max_side": 512})
+    serve.run(build_app(args, options), name="tight", route_prefix="/tight")
+    return f"{ray_serve}/tight"
+
+
+def auth(key: str = KEY_A) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    with httpx.Client(base_url=app_url, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def photo() -> str:
+    return data_url(face_photo())
+
+
+def generate(client, body: dict, key: str = KEY_A) -> httpx.Response:
+    return client.post("/v1/generations", json=body, headers=auth(key))
+
+
+def fetch_image(url: str) -> Image.Image:
+    response = httpx.get(url, timeout=60)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(response.content))
+    image.load()
+    return image
+
+
+def assert_error(response: httpx.Response, status: int, code: str, field: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code and body["error"]["message"]
+    if field is not None:
+        assert body["error"].get("field") == field, body
+    return body
+
+
+# ----------------------------------------------------------------------------- happy paths
+
+
+def test_health_lists_every_stage_and_docs_are_served(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200, response.text
+    assert [s["stage"] for s in response.json()["stages"]] == ["face", "generator", "postprocessor"]
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/generations", "/v1/faces", "/v1/faces/{face_id}"} <= set(schema["paths"])
+
+
+def test_generation_is_stored_in_s3_and_fetched_through_its_presigned_url(client, photo, s3_env):
+    response = generate(client, {"face_images": [photo], "prompt": "a portrait", "seed": 7, "num_images": 2, **SMALL})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"].startswith("g_") and [i["seed"] for i in body["images"]] == [7, 8]
+    assert set(body["face"]) == {"bbox", "kps", "det_score", "image_size"}
+    assert {"face", "denoise", "total"} <= set(body["timings_ms"])
+    for item in body["images"]:
+        assert item["url"].startswith(s3_env.endpoint) and "X-Amz-Signature" in item["url"]
+        image = fetch_image(item["url"])
+        assert image.format == "PNG" and image.size == (64, 64) == (item["width"], item["height"])
+    # an unsigned URL to the same object is refused by the store
+    unsigned = body["images"][0]["url"].split("?")[0]
+    assert httpx.get(unsigned).status_code == 403
+
+
+@pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(client, photo, fmt, pil):
+    response = generate(client, {"face_images": [photo], "output_format": fmt, "quality": 70, "seed": 1, **SMALL})
+    assert response.status_code == 200, response.text
+    assert fetch_image(response.json()["images"][0]["url"]).format == pil
+
+
+def test_s3_face_reference_from_an_allowed_bucket(client, s3_env):
+    buffer = io.BytesIO()
+    face_photo().save(buffer, format="PNG")
+    s3_env.client().put_object(Bucket="uploads", Key="selfies/me.png", Body=buffer.getvalue())
+    s3_env.client().put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
+    ok = generate(client, {"face_images": ["s3://uploads/selfies/me.png"], "seed": 3, **SMALL})
+    assert ok.status_code == 200, ok.text
+    assert_error(generate(client, {"face_images": ["s3://private/me.png"], **SMALL}), 422, "invalid_parameter",
+                 "face_images[0]")
+    assert_error(generate(client, {"face_images": ["s3://uploads/missing.png"], **SMALL}), 422,
+                 "invalid_parameter", "face_images[0]")
+    assert_error(generate(client, {"face_images": ["http://127.0.0.1:1/me.png"], **SMALL}), 422,
+                 "invalid_parameter", "face_images[0]")
+
+
+def test_register_a_face_render_it_then_erase_it(client, photo):
+    created = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth())
+    assert created.status_code == 201, created.text
+    face_id = created.json()["face_id"]
+    shown = client.get(f"/v1/faces/{face_id}", headers=auth())
+    assert shown.status_code == 200 and "embedding" not in shown.text
+    assert shown.json()["face"] == created.json()["face"]
+    by_id = generate(client, {"face_id": face_id, "prompt": "noir", "seed": 11, **SMALL})
+    by_photo = generate(client, {"face_images": [photo], "prompt": "noir", "seed": 11, **SMALL})
+    assert by_id.status_code == by_photo.status_code == 200
+    a = np.asarray(fetch_image(by_id.json()["images"][0]["url"]), dtype=int)
+    b = np.asarray(fetch_image(by_photo.json()["images"][0]["url"]), dtype=int)
+    assert np.abs(a - b).max() <= 1  # the stored face renders as the photo does
+    assert client.delete(f"/v1/faces/{face_id}", headers=auth()).status_code == 204
+    assert_error(client.get(f"/v1/faces/{face_id}", headers=auth()), 404, "not_found")
+    assert_error(generate(client, {"face_id": face_id, **SMALL}), 404, "not_found", "face_id")
+
+
+def test_generation_records_can_be_read_again_and_deleted(client, photo, s3_env):
+    body = generate(client, {"face_images": [photo], "seed": 5, **SMALL}).json()
+    again = client.get(f"/v1/generations/{body['id']}", headers=auth())
+    assert again.status_code == 200 and again.json()["images"][0]["seed"] == 5
+    fetch_image(again.json()["images"][0]["url"])
+    assert client.delete(f"/v1/generations/{body['id']}", headers=auth()).status_code == 204
+    assert_error(client.get(f"/v1/generations/{body['id']}", headers=auth()), 404, "not_found")
+    listed = s3_env.client().list_objects_v2(Bucket="outputs", Prefix=f"tests/generations/{body['id']}")
+    assert listed.get("KeyCount", 0) == 0
+
+
+# ----------------------------------------------------------------------------- auth
+
+
+def test_missing_or_wrong_keys_get_401(client, photo):
+    response = client.post("/v1/generations", json={"face_images": [photo], **SMALL})
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_error(generate(client, {"face_images": [photo], **SMALL}, key="iid_not-a-key"), 401, "unauthorized")
+    assert_error(client.get("/v1/faces/f_" + "a" * 22, headers={"Authorization": "Basic abc"}), 401, "unauthorized")
+
+
+def test_a_key_reads_and_deletes_only_its_own_faces_and_images(client, photo):
+    face_id = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth(KEY_A)).json()["face_id"]
+    assert_error(client.get(f"/v1/faces/{face_id}", headers=auth(KEY_B)), 403, "forbidden")
+    assert_error(client.delete(f"/v1/faces/{face_id}", headers=auth(KEY_B)), 403, "forbidden")
+    assert_error(generate(client, {"face_id": face_id, **SMALL}, key=KEY_B), 403, "forbidden")
+    generation = generate(client, {"face_id": face_id, **SMALL}, key=KEY_A).json()["id"]
+    assert_error(client.get(f"/v1/generations/{generation}", headers=auth(KEY_B)), 403, "forbidden")
+    assert_error(client.delete(f"/v1/generations/{generation}", headers=auth(KEY_B)), 403, "forbidden")
+    assert client.get(f"/v1/faces/{face_id}", headers=auth(KEY_A)).status_code == 200
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_undecodable_or_non_image_data_is_400(client):
+    assert_error(generate(client, {"face_images": ["%%% not base64 %%%"], **SMALL}), 400, "invalid_image",
+                 "face_images[0]")
+    assert_error(generate(client, {"face_images": [b64(b"just some text")], **SMALL}), 400, "invalid_image",
+                 "face_images[0]")
+    truncated = data_url(face_photo())[:400]
+    assert_error(generate(client, {"face_images": [truncated], **SMALL}), 400, "invalid_image", "face_images[0]")
+    response = client.post("/v1/generations", content=b"{not json", headers={**auth(), "content-type": "application/json"})
+    assert_error(response, 400, "invalid_json")
+
+
+def test_oversized_bodies_images_and_pixel_counts_are_413(client):
+    huge_body = {"face_images": ["A" * (5 * 1024 * 1024)]}
+    assert_error(generate(client, huge_body), 413, "payload_too_large")
+    big_image = b64(b"\x89PNG" + b"\0" * (1024 * 1024 + 10))
+    assert_error(generate(client, {"face_images": [big_image], **SMALL}), 413, "image_too_large", "face_images[0]")
+    bomb = b64(png_with_declared_size(100_000, 100_000))
+    assert_error(generate(client, {"face_images": [bomb], **SMALL}), 413, "image_too_large", "face_images[0]")
+
+
+def test_no_face_is_422(client):
+    black = data_url(Image.new("RGB", (200, 200)))
+    assert_error(generate(client, {"face_images": [black], **SMALL}), 422, "no_face", "face_images[0]")
+    assert_error(client.post("/v1/faces", json={"face_images": [black]}, headers=auth()), 422, "no_face")
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [({"width": 100}, "width"), ({"num_inference_steps": 0}, "num_inference_steps"), ({"scheduler": "heun"}, "scheduler"),
+     ({"style": "Baroque"}, "style"), ({"colour": "red"}, "colour"), ({"seed": -3}, "seed"),
+     ({"num_images": 9}, "num_images"), ({"width": 2048}, "width"), ({"lora": "lcm"}, "lora"),
+     ({"output_format": "gif"}, "output_format"), ({"face_images": []}, "face_images"),
+     ({"face_id": "f_" + "b" * 22}, "face_images")],
+)
+def test_invalid_parameters_are_422_naming_the_field(client, photo, change, field):
+    body = {"face_images": [photo], **SMALL, **change}
+    assert_error(generate(client, body), 422, "invalid_parameter", field)
+
+
+def test_unknown_face_ids_are_404(client):
+    assert_error(generate(client, {"face_id": "f_" + "x" * 22, **SMALL}), 404, "not_found", "face_id")
+    assert_error(client.get("/v1/faces/../../etc/passwd", headers=auth()), 404, "not_found")
+    assert_error(client.get("/v1/faces/not-an-id", headers=auth()), 404, "not_found")
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_concurrent_compatible_requests_are_batched_and_equal_unbatched_results(client, app_url, photo):
+    face_id = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth()).json()["face_id"]
+    bodies = [{"face_id": face_id, "prompt": p, "seed": s, "ip_adapter_scale": sc, **SMALL}
+              for p, s, sc in (("a", 1, 0.8), ("b", 2, 0.5), ("c", 3, 1.0), ("d", 4, 0.0))]
+    odd = {"face_id": face_id, "seed": 9, "width": 96, "height": 64, "num_inference_steps": 2}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=app_url, timeout=120, headers=auth()) as c:
+            return await asyncio.gather(*(c.post("/v1/generations", json=b) for b in [*bodies, odd]))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    sizes = [r.json()["batch_size"] for r in responses]
+    assert max(sizes[:4]) > 1, sizes  # compatible requests shared a batch
+    assert sizes[4] == 1  # the one with another size never joins them
+    for body, response in zip(bodies, responses):
+        alone = generate(client, body)
+        assert alone.json()["batch_size"] == 1
+        a = np.asarray(fetch_image(response.json()["images"][0]["url"]), dtype=int)
+        b = np.asarray(fetch_image(alone.json()["images"][0]["url"]), dtype=int)
+        assert np.abs(a - b).max() <= 1, body
+
+
+# ----------------------------------------------------------------------------- overload, timeout
+
+
+def test_overload_is_503_with_retry_after(tight_url, photo):
+    async def burst():
+        async with httpx.AsyncClient(base_url=tight_url, timeout=120, headers=auth()) as c:
+            body = {"face_images": [photo], "width": 128, "height": 128, "num_inference_steps": 12}
+            return await asyncio.gather(*(c.post("/v1/generations", json={**body, "seed": i}) for i in range(8)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert 503 in codes and 200 in codes, codes
+    assert set(codes) <= {200, 503}, codes
+    for response in responses:
+        if response.status_code == 503:
+            assert_error(response, 503, "overloaded")
+            assert int(response.headers["retry-after"]) > 0
+
+
+def test_timeout_is_504_and_frees_the_replica(tight_url, photo):
+    with httpx.Client(base_url=tight_url, timeout=120, headers=auth()) as c:
+        slow = {"face_images": [photo], "width": 512, "height": 512, "num_inference_steps": 150, "seed": 1}
+        assert_error(c.post("/v1/generations", json=slow), 504, "timeout")
+        # the abandoned render stops at its next step, so the one-slot service answers again
+        for _ in range(60):
+            response = c.post("/v1/generations", json={"face_images": [photo], **SMALL})
+            if response.status_code != 503:
+                break
+        assert response.status_code == 200, response.text
+
+
+# ----------------------------------------------------------------------------- ray, metrics
+
+
+def test_every_listener_of_ray_and_the_app_is_on_loopback(app_url, tight_url):
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)} | {psutil.Process().pid}
+    listeners = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert len(listeners) > 10  # gcs, raylet, workers, replicas, the HTTP proxy, SeaweedFS...
+    wide = [(c.laddr, psutil.Process(c.pid).name()) for c in listeners
+            if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not wide, wide
+
+
+def test_application_metrics_are_exported_with_serves(client, photo):
+    import time
+
+    import ray
+
+    assert generate(client, {"face_images": [photo], "seed": 2, **SMALL}).status_code == 200
+    assert_error(generate(client, {"face_images": [photo], "width": 100}), 422, "invalid_parameter")
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = ["instantid_images_generated_total", "instantid_batch_size", "instantid_face_latency_ms",
+              "instantid_diffusion_seconds_per_step", "instantid_errors_total", "serve_num_http_requests"]
+    deadline, text = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, missing
+    assert 'code="invalid_parameter"' in text
