@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InstantIDError, WeightsNotFound
+from .errors import InvalidWeights, WeightsNotFound
 
 RESAMPLER_DIM_HEAD = 64
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -59,7 +59,7 @@ _TOP_KEYS = (
 )
 
 
-class AdapterWeightsError(InstantIDError):
+class AdapterWeightsError(InvalidWeights):
     """An ip-adapter file whose keys or shapes do not fit the model."""
 
     code = "invalid_weights"

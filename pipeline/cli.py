@@ -56,6 +56,10 @@ def build_parser():
 
     fixtures = commands.add_parser("fixtures", help="write tiny random fixture weights in the published layout")
     fixtures.add_argument("dir", type=Path)
+    fixtures.add_argument(
+        "--single-file", action="store_true",
+        help="also write DIR/sdxl-single/sdxl_fixture.safetensors: the SDXL as one original-layout checkpoint",
+    )
 
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
@@ -121,10 +125,16 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-def _fixtures(args) -> int:
-    from .fixtures import fixture_summary, write_fixtures
+SINGLE_FILE_FIXTURE = Path("sdxl-single") / "sdxl_fixture.safetensors"
 
-    print(json.dumps(fixture_summary(write_fixtures(args.dir))))
+
+def _fixtures(args) -> int:
+    from .fixtures import fixture_summary, write_fixtures, write_sdxl_single_file
+
+    root = write_fixtures(args.dir)
+    if args.single_file:
+        write_sdxl_single_file(root / "sdxl", root / SINGLE_FILE_FIXTURE)
+    print(json.dumps(fixture_summary(root)))
     return 0
 
 

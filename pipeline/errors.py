@@ -86,6 +86,13 @@ class WeightsNotFound(InstantIDError):
         self.looked_in = looked_in
 
 
+class InvalidWeights(InstantIDError):
+    """A weight file that exists but cannot be loaded into the model (missing tensors,
+    wrong shapes, an unrecognised checkpoint)."""
+
+    code = "invalid_weights"
+
+
 class ProviderUnavailable(InstantIDError):
     """An execution provider or device that was asked for explicitly is not usable."""
 

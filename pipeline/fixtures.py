@@ -10,6 +10,9 @@
     antelopev2/                 scrfd_10g_bnkps.onnx (an SCRFD-signature detector) and
                                 glintr100.onnx (an ArcFace-signature recogniser)
 
+``write_sdxl_single_file(root / "sdxl", path)`` writes that SDXL again as one .safetensors
+checkpoint in the original Stability (SGM) key layout, as single-file fine-tunes are published.
+
 The fixture detector "sees" a face where the picture has a bright blob on a darker
 surround, with a box sized by the blob and five keypoints inside the box; a black
 picture has no face. The recogniser is a fixed random projection of the aligned crop,
@@ -27,8 +30,13 @@ import numpy as np
 import torch
 
 FIXTURE_SEED = 20231212
-TEXT_WIDTH = 32  # each tiny text encoder's hidden size
-CROSS_ATTENTION_DIM = 2 * TEXT_WIDTH
+TEXT_WIDTH = 32  # hidden size of the tiny CLIP-L-shaped text encoder
+# The OpenCLIP-bigG-shaped second encoder is wider than the first (as 1280 vs 768 in SDXL):
+# single-file loaders tell the two apart by width. It has 10 layers because they recognise
+# an SDXL checkpoint by a key of the OpenCLIP encoder's resblocks.9.
+TEXT_WIDTH_2 = 64
+TEXT_LAYERS_2 = 10
+CROSS_ATTENTION_DIM = TEXT_WIDTH + TEXT_WIDTH_2
 TIME_EMBED_DIM = 8
 RESAMPLER_WIDTH = 128  # 2 heads of 64
 NUM_FACE_TOKENS = 16
@@ -112,15 +120,16 @@ def _text_encoders(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def config(projection: bool) -> CLIPTextConfig:
+        width = TEXT_WIDTH_2 if projection else TEXT_WIDTH
         return CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=2 * TEXT_WIDTH,
-            num_hidden_layers=2,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=TEXT_LAYERS_2 if projection else 2,
             num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="gelu" if projection else "quick_gelu",
-            projection_dim=TEXT_WIDTH,
+            projection_dim=width,
             bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
             eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
             pad_token_id=tokenizer.convert_tokens_to_ids(tokenizer.pad_token),
@@ -146,7 +155,7 @@ def _unet():
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH_2,
         norm_num_groups=32,
     ).eval()
 
@@ -224,6 +233,199 @@ def _save_slow_tokenizer_files(tokenizer, folder: Path) -> None:
     merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer.json").unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- SDXL as one file
+
+# Where each model lives in an original Stability (SGM) SDXL checkpoint.
+SGM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "conditioner.embedders.0.transformer.",  # CLIP-L, with Hugging Face names
+    "text_encoder_2": "conditioner.embedders.1.model.",  # OpenCLIP-bigG, with open_clip names
+}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def write_sdxl_single_file(sdxl_folder: Path, out_file: Path) -> Path:
+    """Write the SDXL of a diffusers folder (unet, vae, text_encoder, text_encoder_2) as one
+    ``.safetensors`` checkpoint in the original Stability (SGM) key layout, as fine-tunes are
+    published. Every tensor is written (an unknown one is an error), unchanged but for the
+    layout changes of the original format (fused q|k|v, transposed text projection, 1x1
+    convolutions in the VAE's attention). Returns ``out_file``."""
+    from safetensors.torch import save_file
+
+    folder, out_file = Path(sdxl_folder), Path(out_file)
+    converters = {
+        "unet": sgm_unet_state,
+        "vae": sgm_vae_state,
+        "text_encoder": lambda state, _config: sgm_clip_l_state(state),
+        "text_encoder_2": sgm_open_clip_state,
+    }
+    checkpoint: dict[str, torch.Tensor] = {}
+    for component, convert in converters.items():
+        config = json.loads((folder / component / "config.json").read_text())
+        for key, tensor in convert(_read_weights(folder / component), config).items():
+            checkpoint[SGM_PREFIXES[component] + key] = tensor.contiguous()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint, str(out_file), metadata={"format": "pt"})
+    return out_file
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = [p for p in sorted(folder.glob("*.safetensors")) if len(p.suffixes) == 1]  # no *.fp16.* variants
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:  # one file, or the shards of one
+        state.update(load_file(str(path)))
+    return state
+
+
+def _rename(state: dict[str, torch.Tensor], names: list[tuple[str, str]], what: str) -> dict[str, torch.Tensor]:
+    """Rename each key by its longest matching prefix in ``names``; every key must match one."""
+    by_length = sorted(names, key=lambda pair: len(pair[0]), reverse=True)
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        for old, new in by_length:
+            if key.startswith(old):
+                out[new + key[len(old):]] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{what}: no original name for {len(unknown)} tensors, e.g. {sorted(unknown)[:5]}")
+    return out
+
+
+def _has_attention(block_type: str) -> bool:
+    return "CrossAttn" in block_type
+
+
+def sgm_unet_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ``UNet2DConditionModel`` state dict with SGM names (``input_blocks``,
+    ``middle_block``, ``output_blocks``...), without the ``model.diffusion_model.`` prefix."""
+    per_block = config["layers_per_block"]
+    if not isinstance(per_block, int):
+        raise ValueError("only a UNet with one layers_per_block for all blocks has an original layout")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"mid block {config['mid_block_type']!r} has no original layout")
+    names = [
+        ("conv_in.", "input_blocks.0.0."),
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ]
+
+    def resnet(old: str, new: str) -> None:
+        names.extend((f"{old}.{a}.", f"{new}.{b}.") for a, b in _UNET_RESNET.items())
+
+    # Each down level is per_block (resnet[, transformer]) entries, then one downsampler
+    # entry except on the last level; input_blocks.0 is conv_in.
+    down = config["down_block_types"]
+    for level, kind in enumerate(down):
+        first = 1 + level * (per_block + 1)
+        for j in range(per_block):
+            resnet(f"down_blocks.{level}.resnets.{j}", f"input_blocks.{first + j}.0")
+            if _has_attention(kind):
+                names.append((f"down_blocks.{level}.attentions.{j}.", f"input_blocks.{first + j}.1."))
+        if level < len(down) - 1:
+            names.append((f"down_blocks.{level}.downsamplers.0.conv.", f"input_blocks.{first + per_block}.0.op."))
+    # resnet, transformer, resnet
+    resnet("mid_block.resnets.0", "middle_block.0")
+    names.append(("mid_block.attentions.0.", "middle_block.1."))
+    resnet("mid_block.resnets.1", "middle_block.2")
+    # Each up level is per_block + 1 entries (resnet[, transformer]); its last entry also
+    # holds the upsampler, after the transformer when there is one.
+    up = config["up_block_types"]
+    for level, kind in enumerate(up):
+        first = level * (per_block + 1)
+        for j in range(per_block + 1):
+            resnet(f"up_blocks.{level}.resnets.{j}", f"output_blocks.{first + j}.0")
+            if _has_attention(kind):
+                names.append((f"up_blocks.{level}.attentions.{j}.", f"output_blocks.{first + j}.1."))
+        if level < len(up) - 1:
+            slot = 2 if _has_attention(kind) else 1
+            names.append((f"up_blocks.{level}.upsamplers.0.conv.", f"output_blocks.{first + per_block}.{slot}.conv."))
+    return _rename(state, names, "unet")
+
+
+def sgm_vae_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict with SGM names (``encoder.down.{i}.block.{j}``,
+    ``decoder.up.{i}``, ``mid.attn_1``...), without the ``first_stage_model.`` prefix."""
+    per_block = config["layers_per_block"]
+    names = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv.")]
+    for part in ("encoder", "decoder"):
+        names += [(f"{part}.conv_in.", f"{part}.conv_in."), (f"{part}.conv_out.", f"{part}.conv_out."),
+                  (f"{part}.conv_norm_out.", f"{part}.norm_out.")]
+
+    def resnet(old: str, new: str) -> None:
+        names.extend((f"{old}.{a}.", f"{new}.{b}.") for a, b in _VAE_RESNET.items())
+
+    levels = len(config["down_block_types"])
+    for level in range(levels):
+        for j in range(per_block):
+            resnet(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}")
+        if level < levels - 1:
+            names.append((f"encoder.down_blocks.{level}.downsamplers.0.conv.", f"encoder.down.{level}.downsample.conv."))
+    levels = len(config["up_block_types"])
+    for level in range(levels):
+        original = levels - 1 - level  # the original decoder numbers its levels from the full resolution up
+        for j in range(per_block + 1):
+            resnet(f"decoder.up_blocks.{level}.resnets.{j}", f"decoder.up.{original}.block.{j}")
+        if level < levels - 1:
+            names.append((f"decoder.up_blocks.{level}.upsamplers.0.conv.", f"decoder.up.{original}.upsample.conv."))
+    for part in ("encoder", "decoder"):
+        for j in range(2):
+            resnet(f"{part}.mid_block.resnets.{j}", f"{part}.mid.block_{j + 1}")
+        names.extend((f"{part}.mid_block.attentions.0.{a}.", f"{part}.mid.attn_1.{b}.") for a, b in _VAE_ATTENTION.items())
+    out = _rename(state, names, "vae")
+    for key, tensor in out.items():  # the original attention projections are 1x1 convolutions
+        if ".mid.attn_1." in key and key.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")):
+            out[key] = tensor.reshape(*tensor.shape, 1, 1)
+    return out
+
+
+def sgm_clip_l_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP-L text encoder keeps its Hugging Face names, under ``text_model.``."""
+    return {
+        key if key.startswith("text_model.") else "text_model." + key: tensor
+        for key, tensor in state.items()
+        if not key.endswith("position_ids")
+    }
+
+
+def sgm_open_clip_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A Hugging Face ``CLIPTextModelWithProjection`` state dict with open_clip names
+    (``transformer.resblocks.{i}`` with fused ``attn.in_proj``, ``ln_final``,
+    ``text_projection`` as ``hidden x projection``)."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    for i in range(config["num_hidden_layers"]):
+        old, new = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{new}attn.in_proj_{kind}"] = torch.cat([state.pop(f"{old}self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for a, b in _OPEN_CLIP_LAYER.items():
+                out[f"{new}{b}.{kind}"] = state.pop(f"{old}{a}.{kind}")
+    if state:
+        raise ValueError(f"text_encoder_2: no original name for {len(state)} tensors, e.g. {sorted(state)[:5]}")
+    return out
 
 
 def write_identitynet(unet, folder: Path) -> None:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .adapter import AdapterWeightsError, install_adapter_processors, load_adapter_layers, load_image_proj, read_adapter_file
-from .errors import InstantIDError, InvalidParameter
+from .errors import InstantIDError, InvalidParameter, InvalidWeights
 from .face import FaceAnalyzer, FaceInfo
 from .images import ImageInput
 from .keypoints import Frame, draw_keypoints, reference_size
@@ -110,6 +110,41 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     return names[dtype]
 
 
+SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _load_single_file(path: Path, config: str, controlnet, dtype: torch.dtype):
+    """SDXL from one original-layout checkpoint (component configs from ``config``: a local
+    diffusers folder or a hub repo). Whatever goes wrong surfaces as one
+    :class:`InvalidWeights` naming the file; tensors the file lacks are named too (diffusers
+    leaves them unloaded, which would only fail later and without a name)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    try:
+        sdxl = StableDiffusionXLControlNetPipeline.from_single_file(
+            str(path), controlnet=controlnet, dtype=dtype, config=config, add_watermarker=False
+        )
+    except Exception as error:  # diffusers raises many kinds for a bad or unrecognised file
+        detail = " ".join(f"{type(error).__name__}: {error}".split())
+        if "meta tensor" in detail:  # a tensor diffusers expected was not in the file
+            detail = f"the file lacks tensors the model needs ({detail[:200]})"
+        raise InvalidWeights(
+            f"{path.name}: cannot load it as an SDXL checkpoint (configs from {config}): {detail[:600]}"
+        ) from error
+    missing = [
+        f"{component}.{name}"
+        for component in SDXL_MODELS
+        for name, tensor in [*getattr(sdxl, component).named_parameters(), *getattr(sdxl, component).named_buffers()]
+        if tensor.is_meta
+    ]
+    if missing:
+        raise InvalidWeights(
+            f"{path.name}: the checkpoint lacks {len(missing)} tensor(s) of the SDXL model: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else "")
+        )
+    return sdxl
+
+
 def window_keeps(num_steps: int, start: float, end: float) -> list[bool]:
     """Whether IdentityNet runs at each step (diffusers' rule for control_guidance_start/end)."""
     return [not (i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
@@ -154,10 +189,7 @@ class InstantIDPipeline:
         dtype = resolve_dtype(dtype, device)
         controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
         if paths.sdxl_is_single_file:
-            sdxl = StableDiffusionXLControlNetPipeline.from_single_file(
-                str(paths.sdxl), controlnet=controlnet, dtype=dtype,
-                config=paths.sdxl_config or HUB_REPOS["sdxl"], add_watermarker=False,
-            )
+            sdxl = _load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
         else:
             sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
                 str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
