@@ -30,11 +30,12 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
         {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_image_pixels,
          "max_side": limits.max_image_side},
     )
-    generator = Generator.options(**options.get("Generator", {})).bind(
-        args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url, limits.max_num_images
-    )
     postprocessor = Postprocessor.options(**options.get("Postprocessor", {})).bind(
         args.storage, args.url_signing_key, args.s3_endpoint_url, args.presign_endpoint_url
+    )
+    generator = Generator.options(**options.get("Generator", {})).bind(
+        postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
+        limits.max_num_images,
     )
     return Ingress.options(**options.get("Ingress", {})).bind(face, generator, postprocessor, args.model_dump())
 

@@ -20,7 +20,7 @@ from pipeline.pipeline import Cancelled, RenderItem, RenderOptions
 from pipeline.weights import resolve_weights
 
 from . import metrics
-from .jobs import GenerationJob, RenderedImages
+from .jobs import GenerationJob, RenderedImages, StoredImages
 
 
 def _count_images(jobs: list[GenerationJob]) -> int:
@@ -29,8 +29,11 @@ def _count_images(jobs: list[GenerationJob]) -> int:
 
 @serve.deployment(name="Generator", max_ongoing_requests=8)
 class Generator:
-    def __init__(self, weights: str, device: str = "auto", dtype: str = "auto", cache: str | None = None,
-                 s3_endpoint: str | None = None, min_batch_images: int = 1) -> None:
+    def __init__(self, postprocessor, weights: str, device: str = "auto", dtype: str = "auto",
+                 cache: str | None = None, s3_endpoint: str | None = None, min_batch_images: int = 1) -> None:
+        # Images go from here to the Postprocessor directly: the result then completes (and
+        # is recorded) even if the ingress that asked for it went away.
+        self.postprocessor = postprocessor
         paths = resolve_weights(weights, components=("sdxl", "instantid"), cache_dir=cache, s3_endpoint=s3_endpoint)
         self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False)
         # a single request of the largest allowed num_images must always fit one batch
@@ -45,7 +48,8 @@ class Generator:
     def ready(self) -> dict:
         return {"stage": "generator", "device": str(self.pipe.device), "dtype": str(self.pipe.dtype)}
 
-    async def generate(self, job: GenerationJob) -> RenderedImages:
+    async def generate(self, job: GenerationJob) -> StoredImages:
+        """Render ``job`` (batched with compatible others), then have it stored."""
         try:
             outcome = await self._generate_batch(job)
         except asyncio.CancelledError:
@@ -53,7 +57,7 @@ class Generator:
             raise
         if isinstance(outcome, BaseException):
             raise outcome
-        return outcome
+        return await self.postprocessor.store.remote(outcome, job.output)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_count_images)
     async def _generate_batch(self, jobs: list[GenerationJob]) -> list[RenderedImages | BaseException]:

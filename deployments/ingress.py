@@ -5,6 +5,8 @@ stages through DeploymentHandles, and the one place where errors become HTTP sta
 import asyncio
 import base64
 import binascii
+import hashlib
+import json
 import re
 import secrets
 import time
@@ -25,6 +27,7 @@ from .api import ErrorResponse, FaceRequest, FaceResponse, GenerationRequest, Ge
 from .auth import LOCAL_OWNER, KeyRing, bearer_token
 from .config import AppArgs
 from .jobs import FaceJob, GenerationJob, OutputSpec
+from .postprocess import record_key
 from .storage import LocalStorage, ObjectNotFound, open_storage
 
 FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
@@ -311,41 +314,111 @@ class Ingress:
 
     @app.post("/v1/generations", response_model=GenerationResponse, responses=ERRORS)
     async def create_generation(self, body: GenerationRequest, request: Request):
+        """Generate images. With an ``Idempotency-Key`` header, a retried request (same key,
+        same body) returns the first result and is rendered once."""
         started = time.monotonic()
         deadline = started + self.args.request_timeout_s
         owner = self._owner(request)
         self._check_limits(body)
-        generation_id = "g_" + secrets.token_urlsafe(16)
-
-        # 1. the face: analysed now, or registered earlier
-        if body.face_id is not None:
-            record = await self._face_record(body.face_id, owner)
-            face = FaceInfo.from_dict(record["face"])
-            if body.pose_image:
-                posed = await self._await(
-                    self.face.embed.remote(await self._face_job([body.pose_image], None, "mean")), deadline, "face")
-                face = FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
+        attempt = secrets.token_hex(8)
+        idempotency_key = request.headers.get("idempotency-key")
+        request_hash = None
+        if idempotency_key is None:
+            generation_id = "g_" + secrets.token_urlsafe(16)
         else:
-            job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
-            face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
-        face_ms = (time.monotonic() - started) * 1000
+            generation_id, request_hash = self._idempotent_id(owner, idempotency_key, body)
+            record = await self._claim(generation_id, request_hash, attempt, deadline)
+            if record is not None:
+                return self._replay(request, record)
+            if body.seed is None:  # a re-render after a lost attempt makes the same images
+                body = body.model_copy(update={"seed": int.from_bytes(hashlib.sha256(generation_id.encode())
+                                                                      .digest()[:8], "big") >> 1})
+        try:
+            # 1. the face: analysed now, or registered earlier
+            if body.face_id is not None:
+                face_record = await self._face_record(body.face_id, owner)
+                face = FaceInfo.from_dict(face_record["face"])
+                if body.pose_image:
+                    job = await self._face_job([body.pose_image], None, "mean")
+                    posed = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+                    face = FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
+            else:
+                job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
+                face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+            face_ms = (time.monotonic() - started) * 1000
 
-        # 2. render, then encode and store: the images go generator -> postprocessor directly
-        lora = self.args.loras.get(body.lora) if body.lora else None
-        params = body.generation_params(lora=lora)
-        rendered = self.generator.generate.remote(GenerationJob(generation_id, params, face))
-        spec = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality, self.args.url_expiry_s)
-        stored = await self._await(self.postprocessor.store.remote(rendered, spec), deadline, "generation",
-                                   upstream=(rendered,))
-
-        # 3. the record (for GET/DELETE by this key) and the answer
-        record = {"id": generation_id, "owner": owner, "created_at": time.time(), "keys": stored.keys,
-                  "seeds": stored.seeds, "width": stored.width, "height": stored.height,
-                  "face": face.to_dict(), "batch_size": stored.batch_size}
-        await self._storage(self.storage.put_json, f"generations/{generation_id}/record.json", record)
+            # 2. render and store: the Generator hands the images to the Postprocessor, which
+            #    writes the generation's record once they are stored
+            lora = self.args.loras.get(body.lora) if body.lora else None
+            record = {"owner": owner, "face": face.to_dict(), "request_hash": request_hash}
+            output = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality,
+                                self.args.url_expiry_s, record)
+            job = GenerationJob(generation_id, body.generation_params(lora=lora), face, output)
+            for retry in range(2):  # once more if the replica died under us: the proxy would do the same
+                try:
+                    stored = await self._await(self.generator.generate.remote(job), deadline, "generation")
+                    break
+                except HTTPProblem as problem:
+                    if problem.code != "unavailable" or retry:
+                        raise
+        finally:
+            if idempotency_key is not None:
+                await self._release(generation_id, attempt)
         timings = {"face": round(face_ms, 2), **stored.timings_ms,
                    "total": round((time.monotonic() - started) * 1000, 2)}
-        return self._generation_body(request, record, stored.urls, timings)
+        response = self._generation_body(request, stored.record, stored.urls, timings)
+        return JSONResponse(response, headers={"Idempotent-Replayed": "true"} if stored.replayed else None)
+
+    # ------------------------------------------------------------------ idempotency
+    def _idempotent_id(self, owner: str, key: str, body: GenerationRequest) -> tuple[str, str]:
+        if not 1 <= len(key) <= 255 or not key.isprintable():
+            raise InvalidParameter("Idempotency-Key", "must be 1 to 255 printable characters")
+        digest = hashlib.sha256(f"{owner}\n{key}".encode()).digest()
+        generation_id = "g_" + base64.urlsafe_b64encode(digest).decode()[:22]
+        return generation_id, hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+    async def _claim(self, generation_id: str, request_hash: str, attempt: str, deadline: float) -> dict | None:
+        """The stored record when this key already completed; else claim the work (an
+        atomic create; while another live attempt holds the claim, wait for its record)
+        and return None."""
+        claim_key = f"generations/{generation_id}/claim.json"
+        claim = json.dumps({"attempt": attempt, "request_hash": request_hash,
+                            "expires_at": time.time() + self.args.request_timeout_s}).encode()
+        while True:
+            try:
+                record = await self._storage(self.storage.get_json, record_key(generation_id))
+                if record.get("request_hash") != request_hash:
+                    raise InvalidParameter("Idempotency-Key", "was already used with a different request")
+                return record
+            except ObjectNotFound:
+                pass
+            if await self._storage(self.storage.put_if_absent, claim_key, claim):
+                return None
+            try:
+                held = await self._storage(self.storage.get_json, claim_key)
+            except ObjectNotFound:
+                continue  # released meanwhile: look again
+            if held.get("request_hash") != request_hash:
+                raise InvalidParameter("Idempotency-Key", "was already used with a different request")
+            if held["expires_at"] < time.time():  # its attempt died: take over
+                await self._storage(self.storage.delete, claim_key)
+                continue
+            if time.monotonic() > deadline:
+                raise HTTPProblem(504, "timeout", "an earlier attempt with this Idempotency-Key is still running")
+            await asyncio.sleep(0.25)
+
+    async def _release(self, generation_id: str, attempt: str) -> None:
+        claim_key = f"generations/{generation_id}/claim.json"
+        try:
+            if (await self._storage(self.storage.get_json, claim_key)).get("attempt") == attempt:
+                await self._storage(self.storage.delete, claim_key)
+        except (ObjectNotFound, InstantIDError):
+            pass
+
+    def _replay(self, request: Request, record: dict) -> JSONResponse:
+        urls = [self.storage.url(key, self.args.url_expiry_s) for key in record["keys"]]
+        body = self._generation_body(request, record, urls, {})
+        return JSONResponse(body, headers={"Idempotent-Replayed": "true"})
 
     def _generation_body(self, request: Request, record: dict, urls: list[str], timings: dict) -> dict:
         face = {k: record["face"][k] for k in ("bbox", "kps", "det_score", "image_size")}
@@ -358,7 +431,7 @@ class Ingress:
         if not GENERATION_ID.match(generation_id):
             raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}")
         try:
-            record = await self._storage(self.storage.get_json, f"generations/{generation_id}/record.json")
+            record = await self._storage(self.storage.get_json, record_key(generation_id))
         except ObjectNotFound:
             raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}") from None
         if record["owner"] != owner:
@@ -373,10 +446,10 @@ class Ingress:
 
     @app.delete("/v1/generations/{generation_id}", status_code=204, responses=ERRORS)
     async def delete_generation(self, generation_id: str, request: Request):
-        record = await self._generation_record(generation_id, self._owner(request))
-        for key in record["keys"]:
+        await self._generation_record(generation_id, self._owner(request))
+        keys = await self._storage(self.storage.list_keys, f"generations/{generation_id}")
+        for key in sorted(keys, key=lambda k: k.endswith("record.json")):  # the record last
             await self._storage(self.storage.delete, key)
-        await self._storage(self.storage.delete, f"generations/{generation_id}/record.json")
         return Response(status_code=204)
 
     @app.post("/v1/faces", response_model=FaceResponse, status_code=201, responses=ERRORS)

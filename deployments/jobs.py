@@ -19,10 +19,23 @@ class FaceJob:
 
 
 @dataclass
+class OutputSpec:
+    """How and where the Postprocessor stores a generation, and the record it writes
+    once the images are stored (the generation's completion marker)."""
+
+    key_prefix: str  # e.g. "generations/g_abc"
+    format: str = "png"
+    quality: int = 90
+    url_expiry_s: int = 3600
+    record: dict = field(default_factory=dict)  # owner, face, request hash...
+
+
+@dataclass
 class GenerationJob:
     id: str
     params: GenerationParams  # ``lora`` already resolved to a path on the node
     face: FaceInfo
+    output: OutputSpec
 
 
 @dataclass
@@ -37,19 +50,8 @@ class RenderedImages:
 
 
 @dataclass
-class OutputSpec:
-    key_prefix: str  # e.g. "generations/g_abc"
-    format: str = "png"
-    quality: int = 90
-    url_expiry_s: int = 3600
-
-
-@dataclass
 class StoredImages:
-    keys: list[str]
+    record: dict  # the stored generation record (keys, seeds, size, face, owner...)
     urls: list[str]
-    seeds: list[int]
-    width: int
-    height: int
-    batch_size: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False  # an earlier attempt had already completed this generation

@@ -1,16 +1,18 @@
-"""Postprocessor: encodes images (PNG / JPEG / WebP) and stores them (CPU)."""
+"""Postprocessor: encodes images (PNG / JPEG / WebP), stores them, and writes the
+generation's record, its completion marker (CPU)."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import time
 
 from PIL import Image
 from ray import serve
 
 from .jobs import OutputSpec, RenderedImages, StoredImages
-from .storage import open_storage
+from .storage import ObjectNotFound, open_storage
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 
@@ -21,6 +23,10 @@ def encode(array, fmt: str, quality: int) -> bytes:
     options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
     Image.fromarray(array).save(buffer, format=pil_format, **options)
     return buffer.getvalue()
+
+
+def record_key(generation_id: str) -> str:
+    return f"generations/{generation_id}/record.json"
 
 
 @serve.deployment(name="Postprocessor", max_ongoing_requests=16)
@@ -38,6 +44,12 @@ class Postprocessor:
 
     def _store(self, rendered: RenderedImages, spec: OutputSpec) -> StoredImages:
         started = time.perf_counter()
+        try:  # an earlier attempt (same Idempotency-Key) completed first: its result stands
+            existing = self.storage.get_json(record_key(rendered.id))
+            urls = [self.storage.url(key, spec.url_expiry_s) for key in existing["keys"]]
+            return StoredImages(existing, urls, dict(rendered.timings_ms), replayed=True)
+        except ObjectNotFound:
+            pass
         _, content_type = FORMATS[spec.format]
         extension = "jpg" if spec.format == "jpeg" else spec.format
         keys, urls = [], []
@@ -47,4 +59,10 @@ class Postprocessor:
             keys.append(key)
             urls.append(self.storage.url(key, spec.url_expiry_s))
         timings = {**rendered.timings_ms, "store": round((time.perf_counter() - started) * 1000, 2)}
-        return StoredImages(keys, urls, rendered.seeds, rendered.width, rendered.height, rendered.batch_size, timings)
+        record = {**spec.record, "id": rendered.id, "created_at": time.time(), "keys": keys, "seeds": rendered.seeds,
+                  "width": rendered.width, "height": rendered.height, "batch_size": rendered.batch_size}
+        # one log entry per completed render: how often this generation was really rendered
+        self.storage.put_json(f"{spec.key_prefix}/renders/{secrets.token_hex(8)}.json",
+                              {"at": record["created_at"], "batch_size": rendered.batch_size, "timings_ms": timings})
+        self.storage.put_json(record_key(rendered.id), record)  # last: marks the generation complete
+        return StoredImages(record, urls, timings)

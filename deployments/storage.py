@@ -58,6 +58,12 @@ class Storage(Protocol):
 
     def url(self, key: str, expires_s: int) -> str: ...
 
+    def list_keys(self, prefix: str) -> list[str]: ...
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
+        """Create ``key`` atomically; False (and nothing written) when it exists."""
+        ...
+
     def put_json(self, key: str, value: dict) -> None: ...
 
     def get_json(self, key: str) -> dict: ...
@@ -99,6 +105,20 @@ class LocalStorage(_JsonMixin):
             Path(temp).unlink(missing_ok=True)
             raise
 
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(temp, path)  # fails if the key exists; readers see the whole file or nothing
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(temp).unlink(missing_ok=True)
+
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -118,6 +138,13 @@ class LocalStorage(_JsonMixin):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith(".part-"))
 
     def url(self, key: str, expires_s: int) -> str:
         expires = int(time.time()) + int(expires_s)
@@ -154,13 +181,19 @@ class S3Storage(_JsonMixin):
 
         try:
             return fn(*args, **kwargs)
-        except ClientError as error:
+        except (ClientError, BotoCoreError) as error:
+            raise self._translate(what, error) from None
+
+    @staticmethod
+    def _translate(what: str, error: Exception) -> InstantIDError:
+        from botocore.exceptions import ClientError
+
+        if isinstance(error, ClientError):
             code = error.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
-                raise ObjectNotFound(f"no object {what}") from None
-            raise StorageUnavailable(f"S3 {what}: {code or error}") from None
-        except BotoCoreError as error:
-            raise StorageUnavailable(f"S3 {what}: {error}") from None
+                return ObjectNotFound(f"no object {what}")
+            return StorageUnavailable(f"S3 {what}: {code or error}")
+        return StorageUnavailable(f"S3 {what}: {error}")
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         import io
@@ -178,6 +211,20 @@ class S3Storage(_JsonMixin):
             Config=config,
         )
 
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.put_object(Bucket=self.location.bucket, Key=self.location.key(check_key(key)), Body=data,
+                                   ContentType=content_type, IfNoneMatch="*")
+            return True
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._translate(key, error) from None
+        except BotoCoreError as error:
+            raise self._translate(key, error) from None
+
     def get(self, key: str) -> bytes:
         response = self._call(key, self.client.get_object, Bucket=self.location.bucket,
                               Key=self.location.key(check_key(key)))
@@ -192,6 +239,16 @@ class S3Storage(_JsonMixin):
             return True
         except ObjectNotFound:
             return False
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full = self.location.key(check_key(prefix.rstrip("/"))) + "/"
+        strip = len(self.location.prefix) + 1 if self.location.prefix else 0
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(prefix, lambda: list(paginator.paginate(Bucket=self.location.bucket, Prefix=full)))
+        for page in pages:
+            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
+        return sorted(keys)
 
     def url(self, key: str, expires_s: int) -> str:
         return self.presign_client.generate_presigned_url(

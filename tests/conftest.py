@@ -71,7 +71,7 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
     return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory, s3_server):
     """A real Ray (pinned to loopback, token auth off for tests) with Serve's HTTP proxy
     on a free loopback port. Yields the base URL. Its nodes get the test S3 server's

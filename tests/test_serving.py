@@ -24,7 +24,7 @@ SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
 def production_options(**generator_overrides) -> dict:
-    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1)
+    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
     for key, value in generator_overrides.items():
         if key == "user_config":
             options["Generator"]["user_config"].update(value)
@@ -357,3 +357,44 @@ def test_application_metrics_are_exported_with_serves(client, photo):
     missing = [name for name in wanted if name not in text]
     assert not missing, missing
     assert 'code="invalid_parameter"' in text
+
+
+# ----------------------------------------------------------------------------- idempotency
+
+
+def render_log(s3_env, generation_id: str) -> list[str]:
+    listed = s3_env.client().list_objects_v2(Bucket="outputs", Prefix=f"tests/generations/{generation_id}/renders/")
+    return [item["Key"] for item in listed.get("Contents", [])]
+
+
+def test_idempotency_key_replays_the_first_result_and_renders_once(client, app_url, photo, s3_env):
+    body = {"face_images": [photo], "prompt": "same", **SMALL}  # no seed: derived from the key
+    headers = {**auth(), "Idempotency-Key": "order-42"}
+    first = client.post("/v1/generations", json=body, headers=headers)
+    second = client.post("/v1/generations", json=body, headers=headers)
+    assert first.status_code == second.status_code == 200, (first.text, second.text)
+    assert second.headers.get("idempotent-replayed") == "true" and "idempotent-replayed" not in first.headers
+    assert first.json()["id"] == second.json()["id"]
+    assert [i["seed"] for i in first.json()["images"]] == [i["seed"] for i in second.json()["images"]]
+    assert fetch_image(second.json()["images"][0]["url"]).tobytes() == fetch_image(
+        first.json()["images"][0]["url"]).tobytes()
+    assert len(render_log(s3_env, first.json()["id"])) == 1
+    # another key of another owner is another generation; the same key with another body is refused
+    other = client.post("/v1/generations", json=body, headers={**auth(KEY_B), "Idempotency-Key": "order-42"})
+    assert other.status_code == 200 and other.json()["id"] != first.json()["id"]
+    assert_error(client.post("/v1/generations", json={**body, "prompt": "changed"}, headers=headers), 422,
+                 "invalid_parameter", "Idempotency-Key")
+
+
+def test_concurrent_retries_with_one_key_render_once(app_url, photo, s3_env):
+    body = {"face_images": [photo], "seed": 31, **SMALL}
+
+    async def both():
+        async with httpx.AsyncClient(base_url=app_url, timeout=120,
+                                     headers={**auth(), "Idempotency-Key": "retry-storm"}) as c:
+            return await asyncio.gather(*(c.post("/v1/generations", json=body) for _ in range(3)))
+
+    responses = asyncio.run(both())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert len(render_log(s3_env, responses[0].json()["id"])) == 1

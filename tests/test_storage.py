@@ -59,3 +59,14 @@ def test_s3_store_multipart_presigned_expiry_and_errors(s3_server, monkeypatch):
     wrong = S3Storage(S3Location("store-tests", "p"), endpoint_url="http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(StorageUnavailable):
         wrong.put("x", b"1")
+
+
+def test_put_if_absent_is_atomic_in_both_stores(tmp_path, s3_server, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.client().create_bucket(Bucket="claims")
+    for store in (LocalStorage(tmp_path / "s", signing_key=b"k"), open_storage("s3://claims/x")):
+        assert store.put_if_absent("locks/a.json", b"first") is True
+        assert store.put_if_absent("locks/a.json", b"second") is False
+        assert store.get("locks/a.json") == b"first"
+        assert store.list_keys("locks") == ["locks/a.json"]
