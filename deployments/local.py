@@ -35,8 +35,10 @@ def application_config(config: dict[str, Any], name: str = "instantid") -> dict[
     raise KeyError(f"no application {name!r} in the Serve config")
 
 
-def deployment_options(application: dict[str, Any], *, gpus: bool, max_replicas: int | None) -> dict[str, dict]:
-    """The config's ``deployments`` entries as ``.options()`` overrides, adapted."""
+def deployment_options(application: dict[str, Any], *, gpus: bool, max_replicas: int | None,
+                       cpu_cap: float | None = None) -> dict[str, dict]:
+    """The config's ``deployments`` entries as ``.options()`` overrides, adapted: GPU
+    requirements dropped when ``gpus`` is false, replicas and CPUs capped when asked."""
     options: dict[str, dict] = {}
     for entry in copy.deepcopy(application.get("deployments", [])):
         name = entry.pop("name")
@@ -44,8 +46,8 @@ def deployment_options(application: dict[str, Any], *, gpus: bool, max_replicas:
         if not gpus:
             actor.pop("num_gpus", None)
             actor.pop("accelerator_type", None)
-        if "num_cpus" in actor:  # logical CPUs only; one small machine runs every stage
-            actor["num_cpus"] = min(actor["num_cpus"], 0.5)
+        if "num_cpus" in actor and cpu_cap is not None:
+            actor["num_cpus"] = min(actor["num_cpus"], cpu_cap)
         scaling = entry.get("autoscaling_config")
         if scaling and max_replicas is not None:
             scaling["max_replicas"] = min(scaling.get("max_replicas", 1), max_replicas)
@@ -102,7 +104,8 @@ def serve_locally(
         auth={"disabled": not keys, "api_key_sha256": keys, "api_keys_env": ""},
     )
     gpus = has_gpu()
-    options = deployment_options(application, gpus=gpus, max_replicas=max_replicas)
+    # one small machine runs every stage: logical CPU requests are capped too
+    options = deployment_options(application, gpus=gpus, max_replicas=max_replicas, cpu_cap=0.5)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     import os

@@ -19,11 +19,12 @@ def requirement_name(requirement: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--exclude", action="append", default=[], help="package name to leave out")
-    parser.add_argument("--extra", action="append", default=["test"], help="optional extra to include")
+    parser.add_argument("--extra", action="append", help="optional extra to include (default: test; 'none': no extra)")
     args = parser.parse_args()
+    extras = [e for e in (args.extra if args.extra is not None else ["test"]) if e != "none"]
     project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
     requirements = list(project["dependencies"])
-    for extra in args.extra:
+    for extra in extras:
         requirements += project.get("optional-dependencies", {}).get(extra, [])
     excluded = {name.lower() for name in args.exclude}
     for requirement in requirements:
