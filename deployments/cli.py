@@ -4,6 +4,7 @@ plus the serving ones (``serve``, ``hash-key``)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from pipeline import cli as pipeline_cli
@@ -20,6 +21,20 @@ def _extend(commands) -> None:
     serve.add_argument("--max-replicas", type=int, default=1, help="autoscaling cap per deployment")
     serve.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     commands.add_parser("hash-key", help="make a new API key and print it with the digest to configure")
+
+    render = commands.add_parser("render", help="render a manifest offline on Ray Data (resumable)")
+    render.add_argument("manifest", help="JSONL, CSV or Parquet; a path or s3://bucket/key")
+    render.add_argument("--weights", required=True)
+    render.add_argument("--out", required=True, help="a folder or s3://bucket/prefix")
+    render.add_argument("--face-store", help="the service's storage, for rows that give a face_id")
+    render.add_argument("--face-actors", default="1-1", help="face actor pool size, MIN-MAX")
+    render.add_argument("--diffusion-actors", default="1-1", help="diffusion actor pool size, MIN-MAX")
+    render.add_argument("--batch-images", type=int, default=4, help="rows per diffusion batch")
+    render.add_argument("--face-gpus", default="auto", help="GPUs per face actor (auto: 0.25 when the cluster has GPUs)")
+    render.add_argument("--diffusion-gpus", default="auto", help="GPUs per diffusion actor (auto: 1 with GPUs)")
+    render.add_argument("--face-accelerator", help="e.g. L4")
+    render.add_argument("--diffusion-accelerator", help="e.g. H100")
+    render.add_argument("--no-progress", action="store_true")
 
 
 def _serve(args) -> int:
@@ -38,6 +53,50 @@ def _serve(args) -> int:
     return 0
 
 
+def _pool(text: str, flag: str) -> tuple[int, int]:
+    from pipeline.errors import InvalidParameter
+
+    low, _, high = text.partition("-")
+    try:
+        pool = (int(low), int(high or low))
+    except ValueError:
+        raise InvalidParameter(flag, f"expected MIN-MAX, got {text!r}") from None
+    if not 1 <= pool[0] <= pool[1]:
+        raise InvalidParameter(flag, f"expected 1 <= MIN <= MAX, got {text!r}")
+    return pool
+
+
+def _render(args) -> int:
+    from .ray_setup import pin_to_loopback
+
+    if not os.environ.get("RAY_ADDRESS"):
+        pin_to_loopback()  # a local Ray listens on loopback only
+    from pipeline.errors import InvalidParameter
+
+    face_actors, diffusion_actors = _pool(args.face_actors, "--face-actors"), _pool(args.diffusion_actors,
+                                                                                   "--diffusion-actors")
+    if args.batch_images < 1:
+        raise InvalidParameter("--batch-images", "must be at least 1")
+    import ray
+
+    from cluster.render import connect_ray, run
+
+    connect_ray()
+    try:
+        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+        face_gpus = (0.25 if has_gpus else 0.0) if args.face_gpus == "auto" else float(args.face_gpus)
+        diffusion_gpus = (1.0 if has_gpus else 0.0) if args.diffusion_gpus == "auto" else float(args.diffusion_gpus)
+        summary = run(args.manifest, args.weights, args.out, face_store=args.face_store, face_gpus=face_gpus,
+                      diffusion_gpus=diffusion_gpus, face_accelerator=args.face_accelerator,
+                      diffusion_accelerator=args.diffusion_accelerator, face_actors=face_actors,
+                      diffusion_actors=diffusion_actors, batch_images=args.batch_images,
+                      progress=not args.no_progress)
+    finally:
+        ray.shutdown()
+    print(json.dumps(summary))
+    return 0
+
+
 def _hash_key(args) -> int:
     from .auth import new_key
 
@@ -47,7 +106,8 @@ def _hash_key(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return pipeline_cli.main(argv, extend=_extend, handlers={"serve": _serve, "hash-key": _hash_key})
+    return pipeline_cli.main(argv, extend=_extend,
+                             handlers={"serve": _serve, "hash-key": _hash_key, "render": _render})
 
 
 if __name__ == "__main__":  # pragma: no cover

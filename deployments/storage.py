@@ -26,7 +26,7 @@ from urllib.parse import quote, urlencode
 from pipeline.errors import InstantIDError, InvalidParameter
 from pipeline.s3 import S3Location, s3_client
 
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
 

@@ -1,0 +1,207 @@
+"""Offline rendering on Ray Data: a 40-row manifest over SeaweedFS, bad rows mixed in,
+the job killed midway and run again."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cluster.render import default_seed, parse_manifest, plan_row
+from tests.conftest import face_photo
+
+INSTANTID = str(Path(sys.executable).parent / "instantid")
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def test_jsonl_csv_and_parquet_manifests_give_the_same_jobs():
+    rows = [{"id": "a", "face_images": ["s3://b/1.png", "s3://b/2.png"], "prompt": "x", "seed": 3, "width": 64,
+             "height": 64}]
+    jsonl = "\n".join(json.dumps(r) for r in rows).encode()
+    csv = b"id,face_images,prompt,seed,width,height\na,s3://b/1.png;s3://b/2.png,x,3,64,64\n"
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    jobs = [plan_row(raw) for uri, data in (("m.jsonl", jsonl), ("m.csv", csv), ("m.parquet", buffer.getvalue()))
+            for raw in parse_manifest(uri, data)]
+    assert all(job["status"] == "pending" for job in jobs)
+    assert len({(j["id"], j["face_refs"], j["spec"]) for j in jobs}) == 1
+    assert json.loads(jobs[0]["face_refs"]) == ["s3://b/1.png", "s3://b/2.png"]
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [({"_row": 0, "_error": "the line is not valid JSON"}, "not valid JSON"),
+     ({"_row": 1, "id": "../escape", "face_images": ["x"]}, "must be 1-128"),
+     ({"_row": 2, "id": "a"}, "face_images or face_id"),
+     ({"_row": 3, "id": "a", "face_images": ["x"], "width": 100}, "width: must be a multiple of 8"),
+     ({"_row": 4, "id": "a", "face_images": ["x"], "style": "Baroque"}, "style"),
+     ({"_row": 5, "id": "a", "face_images": ["x"], "output_format": "gif"}, "output_format")],
+)
+def test_bad_rows_become_errors_with_their_reason(raw, message):
+    job = plan_row(raw)
+    assert job["status"] == "error" and message in job["message"]
+
+
+def test_rows_without_a_seed_get_one_from_their_id():
+    one = plan_row({"_row": 0, "id": "photo-1", "face_images": ["x"]})
+    assert json.loads(one["spec"])["seed"] == default_seed("photo-1")
+    assert default_seed("photo-1") != default_seed("photo-2") and 0 <= default_seed("photo-1") < 2**63
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@pytest.fixture(scope="module")
+def batch(s3_server):
+    client = s3_server.client()
+    client.create_bucket(Bucket="batch")
+    photos = {
+        "faces/round.png": png(face_photo()),
+        "faces/warm.png": png(face_photo(color=(255, 230, 190))),
+        "faces/wide.png": png(face_photo(size=(320, 240), blobs=((160, 120, 60),))),
+        "faces/black.png": png(Image.new("RGB", (200, 200))),
+        "faces/notes.png": b"meeting notes, not a picture",
+        "faces/cut.png": png(face_photo())[:300],
+    }
+    for key, data in photos.items():
+        client.put_object(Bucket="batch", Key=key, Body=data)
+    good = []
+    for i in range(30):
+        row = {"id": f"good-{i:02d}", "face_images": [f"s3://batch/faces/{('round', 'warm', 'wide')[i % 3]}.png"],
+               "prompt": f"portrait {i}", "width": 192, "height": 192, "num_inference_steps": 8}
+        if i % 5 == 0:
+            row["num_images"] = 2
+        if i % 4 == 0:
+            row["seed"] = 1000 + i
+        if i % 6 == 0:
+            row["style"] = "Neon"
+        if i % 7 == 0:
+            row["output_format"] = "jpeg"
+        good.append(row)
+    bad = {
+        "noface-1": ("no_face", {"face_images": ["s3://batch/faces/black.png"]}),
+        "noface-2": ("no_face", {"face_images": ["s3://batch/faces/black.png", "s3://batch/faces/round.png"]}),
+        "notimage": ("bad_image", {"face_images": ["s3://batch/faces/notes.png"]}),
+        "truncated": ("bad_image", {"face_images": ["s3://batch/faces/cut.png"]}),
+        "missing": ("bad_image", {"face_images": ["s3://batch/faces/nobody.png"]}),
+        "oddsize": ("error", {"face_images": ["s3://batch/faces/round.png"], "width": 100}),
+        "nostyle": ("error", {"face_images": ["s3://batch/faces/round.png"], "style": "Baroque"}),
+        "noface-field": ("error", {"prompt": "who?"}),
+        "toomany": ("error", {"face_images": ["s3://batch/faces/round.png"], "num_images": 99}),
+    }
+    lines = [json.dumps(row) for row in good]
+    for name, (_, fields) in bad.items():
+        lines.append(json.dumps({"id": name, "width": 64, "height": 64, "num_inference_steps": 2, **fields}))
+    lines.insert(17, "{this line is broken")  # row 17: not JSON at all
+    assert len(lines) == 40
+    client.put_object(Bucket="batch", Key="manifests/m.jsonl", Body="\n".join(lines).encode())
+    expected = {row["id"]: "ok" for row in good} | {name: status for name, (status, _) in bad.items()}
+    expected["row-17"] = "error"
+    return {"manifest": "s3://batch/manifests/m.jsonl", "good": {r["id"]: r for r in good}, "expected": expected}
+
+
+def markers(client) -> dict[str, str]:
+    listed = client.list_objects_v2(Bucket="batch", Prefix="out/rows/")
+    found = {}
+    for item in listed.get("Contents", []):
+        name = item["Key"].rsplit("/", 1)[1].removesuffix(".json")
+        row_id, _, status = name.rpartition(".")
+        found.setdefault(row_id, [])
+        found[row_id].append(status)
+    return found
+
+
+def render_command(weights_dir, batch) -> list[str]:
+    return [INSTANTID, "render", batch["manifest"], "--weights", str(weights_dir), "--out", "s3://batch/out",
+            "--batch-images", "4", "--no-progress"]
+
+
+def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_every_bad_row(
+        weights_dir, s3_server, batch, tmp_path):
+    import psutil
+
+    client = s3_server.client()
+    ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
+    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    try:
+        # run 1: killed (SIGKILL, no chance to clean up) once a few rows are done
+        first = subprocess.Popen(render_command(weights_dir, batch), stdout=subprocess.PIPE,
+                                 stderr=open(tmp_path / "run1.log", "wb"), env=env, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while sum("ok" in s for s in markers(client).values()) < 4:
+            assert first.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "run 1 finished no row in time"
+            time.sleep(0.2)
+        family = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
+        os.killpg(first.pid, signal.SIGKILL)
+        for process in family:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        first.wait(timeout=60)
+        after_kill = markers(client)
+        finished_in_run1 = {rid for rid, statuses in after_kill.items() if set(statuses) & {"ok", "no_face",
+                                                                                               "bad_image"}}
+        assert 4 <= len([r for r in finished_in_run1 if r.startswith("good")]) < 30  # really midway
+        run1_reports = {rid: json.loads(client.get_object(Bucket="batch", Key=f"out/rows/{rid}.ok.json")["Body"]
+                                        .read()) for rid in finished_in_run1 if "ok" in after_kill[rid]}
+
+        # run 2: the same command, to the end
+        second = subprocess.run(render_command(weights_dir, batch), capture_output=True, text=True, env=env,
+                                timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+        summary = json.loads(second.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    assert summary["rows"] == 40
+    assert summary["skipped_finished"] == len(finished_in_run1)  # nothing finished was rendered again
+    assert summary["processed"] == 40 - len(finished_in_run1)
+    assert summary["statuses"] == {"ok": 30, "no_face": 2, "bad_image": 3, "error": 5}
+
+    table = pq.read_table(io.BytesIO(client.get_object(Bucket="batch", Key="out/results.parquet")["Body"].read()))
+    results = {row["id"]: row for row in table.to_pylist()}
+    assert table.num_rows == 40 and set(results) == set(batch["expected"])
+    assert {rid: row["status"] for rid, row in results.items()} == batch["expected"]
+    final = markers(client)
+    for row_id, spec in batch["good"].items():
+        assert final[row_id] == ["ok"], (row_id, final[row_id])  # exactly one, final marker
+        report = results[row_id]
+        assert len(report["images"]) == spec.get("num_images", 1) == len(report["seeds"])
+        if "seed" in spec:
+            assert report["seeds"][0] == spec["seed"]
+        for key in report["images"]:
+            image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
+            assert image.size == (192, 192)
+            assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
+        if row_id in run1_reports:  # rendered in run 1, untouched by run 2
+            assert report["run"] == run1_reports[row_id]["run"] != summary["run"]
+        else:
+            assert report["run"] == summary["run"]
+    for row_id, status in batch["expected"].items():
+        if status != "ok":
+            assert results[row_id]["message"] and not results[row_id]["images"]
+    assert "no face was detected" in results["noface-1"]["message"]
+    assert "not valid JSON" in results["row-17"]["message"]
+    assert "width" in results["oddsize"]["message"]
