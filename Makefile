@@ -6,9 +6,17 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo clean-venv
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-setup: $(STAMP)
+.PHONY: setup browser test demo clean-venv
+
+setup: $(STAMP) browser
+
+# Debian's Chromium for the web page's browser tests (Playwright drives it; it downloads
+# no browser of its own).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 $(STAMP): pyproject.toml constraints.txt scripts/deps.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/deps.py
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest
 
 demo: $(STAMP)

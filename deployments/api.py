@@ -17,7 +17,7 @@ IMAGE_REF = (
 class GenerationRequest(GenerationParams):
     """``POST /v1/generations``: a face (photos or a registered ``face_id``) and what to render."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     face_images: list[str] | None = Field(None, min_length=1, description=f"1 to 4 photos of one person. {IMAGE_REF}")
     face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
@@ -25,6 +25,10 @@ class GenerationRequest(GenerationParams):
     face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
+    run_async: bool = Field(False, alias="async", description="Answer 202 with a job at once (as does the header "
+                                                              "`Prefer: respond-async`).")
+    webhook_url: str | None = Field(None, max_length=2048, description="Receives one signed POST when the job "
+                                                                       "ends (implies async).")
 
     def generation_params(self, **overrides) -> GenerationParams:
         values = self.model_dump(include=set(GenerationParams.model_fields))
@@ -70,6 +74,33 @@ class FaceResponse(BaseModel):
     created_at: float
 
 
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+class Job(BaseModel):
+    """``GET /v1/generations/{id}``: a generation, finished or not."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    stage: str | None = Field(None, description="queued, face, rendering, storing, done")
+    progress: Progress | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+    images: list[Image] = Field(default_factory=list)
+    face: Face | None = None
+    batch_size: int | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    error: "ErrorDetail | None" = None
+
+
+class FaceAnalysis(BaseModel):
+    """``POST /v1/faces/analyze``: the face the service would use (nothing is stored)."""
+
+    face: Face
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_parameter, overloaded.")
     message: str
@@ -78,6 +109,10 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="HMAC-SHA256 key of this API key's webhook signatures.")
 
 
 class Health(BaseModel):

@@ -40,6 +40,7 @@ class AppArgs(BaseModel):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL).")
     presign_endpoint_url: str | None = Field(None, description="Endpoint clients use for presigned URLs.")
     url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    public_url: str | None = Field(None, description="Base URL clients reach the API at (for links in webhooks).")
     url_signing_key: str = Field(default_factory=lambda: secrets.token_hex(32),
                                  description="HMAC key for local-storage URLs (shared by every ingress replica).")
     input_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// image references may name.")
@@ -51,6 +52,16 @@ class AppArgs(BaseModel):
     dtype: str = "auto"
     face_providers: str = "auto"
     loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
+    retention_s: int = Field(7 * 24 * 3600, ge=60, description="How long async job records are kept.")
+    job_heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job not heard from for this long "
+                                                                   "is reported as lost.")
+    webhook_signing_key: str = Field(default_factory=lambda: secrets.token_hex(32),
+                                     description="Master key the per-API-key webhook secrets derive from.")
+    webhook_allowlist: list[str] = Field(default_factory=list, description="Webhook hosts ('api.example.com', "
+                                                                           "'*.example.com').")
+    webhook_allow_private: bool = Field(False, description="Allow http and private/loopback targets (tests only).")
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff_s: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _auth_is_explicit(self) -> "AppArgs":

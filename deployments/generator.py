@@ -20,7 +20,7 @@ from pipeline.pipeline import Cancelled, RenderItem, RenderOptions
 from pipeline.weights import resolve_weights
 
 from . import metrics
-from .jobs import GenerationJob, RenderedImages, StoredImages
+from .jobs import GenerationJob, RenderedImages
 
 
 def _count_images(jobs: list[GenerationJob]) -> int:
@@ -39,6 +39,7 @@ class Generator:
         # a single request of the largest allowed num_images must always fit one batch
         self.min_batch_images = min_batch_images
         self._cancelled: set[str] = set()  # ids whose callers went away (timeout, disconnect)
+        self._listeners: dict[str, tuple] = {}  # id -> (event loop, queue) of its progress stream
 
     def reconfigure(self, config: dict) -> None:
         size = max(int(config.get("max_batch_images", 4)), self.min_batch_images)
@@ -48,16 +49,44 @@ class Generator:
     def ready(self) -> dict:
         return {"stage": "generator", "device": str(self.pipe.device), "dtype": str(self.pipe.dtype)}
 
-    async def generate(self, job: GenerationJob) -> StoredImages:
-        """Render ``job`` (batched with compatible others), then have it stored."""
+    async def generate(self, job: GenerationJob):
+        """Render ``job`` (batched with compatible others), then have it stored. A stream
+        (call with ``handle.options(stream=True)``): ``{"type": "progress", "step", "total"}``
+        while denoising, ``{"type": "stage", "stage": "storing"}``, then
+        ``{"type": "result", "result": StoredImages}``. Cancelling the stream stops the
+        render at its next step when no other request shares the batch."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        self._listeners[job.id] = (loop, queue)
+        batch = asyncio.ensure_future(self._generate_batch(job))
         try:
-            outcome = await self._generate_batch(job)
-        except asyncio.CancelledError:
+            while not batch.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({batch, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield {"type": "progress", **getter.result()}
+                else:
+                    getter.cancel()
+            while not queue.empty():
+                yield {"type": "progress", **queue.get_nowait()}
+            outcome = batch.result()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            yield {"type": "stage", "stage": "storing"}
+            yield {"type": "result", "result": await self.postprocessor.store.remote(outcome, job.output)}
+        except (asyncio.CancelledError, GeneratorExit):
             self._cancelled.add(job.id)  # the render stops at its next step if no one else waits
+            batch.cancel()
             raise
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return await self.postprocessor.store.remote(outcome, job.output)
+        finally:
+            self._listeners.pop(job.id, None)
+
+    def _publish(self, ids: set[str], step: int, total: int) -> None:
+        """From the render thread: progress to the streams of the requests in the batch."""
+        for job_id in ids:
+            listener = self._listeners.get(job_id)
+            if listener is not None:
+                loop, queue = listener
+                loop.call_soon_threadsafe(queue.put_nowait, {"step": step, "total": total})
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_count_images)
     async def _generate_batch(self, jobs: list[GenerationJob]) -> list[RenderedImages | BaseException]:
@@ -80,6 +109,7 @@ class Generator:
             def stop_when_abandoned(step: int, total: int, ids=ids) -> None:
                 if ids <= self._cancelled:
                     raise Cancelled("every request of this batch was cancelled")
+                self._publish(ids, step, total)
 
             try:
                 images, timings = self.pipe.render(items, options, on_step=stop_when_abandoned)

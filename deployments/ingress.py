@@ -10,10 +10,11 @@ import json
 import re
 import secrets
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 
@@ -21,15 +22,38 @@ from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, Invalid
 from pipeline.face import FaceInfo
 from pipeline.params import invalid_parameter_from_errors
 from pipeline.s3 import S3Location, s3_client
+from pipeline.schedulers import SCHEDULERS
+from pipeline.styles import style_names
 
 from . import metrics
-from .api import ErrorResponse, FaceRequest, FaceResponse, GenerationRequest, GenerationResponse, Health
+from .api import (
+    ErrorResponse,
+    FaceAnalysis,
+    FaceRequest,
+    FaceResponse,
+    GenerationRequest,
+    GenerationResponse,
+    Health,
+    Job,
+    WebhookSecret,
+)
 from .auth import LOCAL_OWNER, KeyRing, bearer_token
 from .config import AppArgs
 from .jobs import FaceJob, GenerationJob, OutputSpec
 from .postprocess import record_key
 from .storage import LocalStorage, ObjectNotFound, open_storage
+from .webhooks import check_target, deliver, key_secret
 
+WEB = Path(__file__).resolve().parent / "web"
+STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {
+    # everything the page needs comes from here; images may come from the object store
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src * data: blob:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
 GENERATION_ID = re.compile(r"^g_[A-Za-z0-9_-]{22}$")
 DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
@@ -44,6 +68,8 @@ STATUS = {
     "image_too_large": 413,
     "no_face": 422,
     "invalid_parameter": 422,
+    "conflict": 409,
+    "not_cancellable": 409,
     "overloaded": 503,
     "unavailable": 503,
     "storage_unavailable": 503,
@@ -67,7 +93,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 503, 504)}
 app = FastAPI(
     title="InstantID",
     version="1",
@@ -159,6 +185,41 @@ class BodyLimit:
 app.add_middleware(BodyLimit)
 
 
+def job_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}.json"
+
+
+def cancel_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}.cancel"
+
+
+class LocalJob:
+    """An async job running in this replica: its record, its task, and a way to wait for
+    its next change."""
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+        self.pending: dict = {}  # progress not yet written to storage
+        self.task: asyncio.Task | None = None
+        self.cancel_requested = False
+        self._event = asyncio.Event()
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def changed(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
 def _unwrap(error: BaseException) -> BaseException:
     from ray.exceptions import RayTaskError
 
@@ -180,6 +241,7 @@ class Ingress:
                                     endpoint_url=self.args.s3_endpoint_url,
                                     presign_endpoint_url=self.args.presign_endpoint_url)
         self._inputs = None
+        self._jobs: dict[str, LocalJob] = {}  # async jobs this replica is running
         BodyLimit.max_bytes = self.args.limits.max_body_bytes
 
     # ------------------------------------------------------------------ helpers
@@ -203,7 +265,8 @@ class Ingress:
             return await asyncio.wait_for(response, timeout=max(0.001, deadline - time.monotonic()))
         except (asyncio.TimeoutError, asyncio.CancelledError) as stop:
             for pending in (response, *upstream):
-                pending.cancel()
+                if hasattr(pending, "cancel"):  # a DeploymentResponse (a plain coroutine is closed already)
+                    pending.cancel()
             if isinstance(stop, asyncio.CancelledError):
                 raise
             raise HTTPProblem(504, "timeout", f"{what} did not finish within {self.args.request_timeout_s:g} s") from None
@@ -297,8 +360,11 @@ class Ingress:
         if body.lora is not None and body.lora not in self.args.loras:
             raise InvalidParameter("lora", f"unknown LoRA {body.lora!r}; this server offers {sorted(self.args.loras)}")
 
-    def _absolute(self, request: Request, url: str) -> str:
-        return url if "://" in url else str(request.base_url).rstrip("/") + url
+    def _absolute(self, request: Request | None, url: str) -> str:
+        if "://" in url:
+            return url
+        base = self.args.public_url or (str(request.base_url) if request is not None else "")
+        return base.rstrip("/") + url
 
     # ------------------------------------------------------------------ routes
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
@@ -312,14 +378,19 @@ class Ingress:
             return error_response(503, "unavailable", f"not every stage is ready: {detail}")
         return {"status": "ok", "stages": list(stages)}
 
-    @app.post("/v1/generations", response_model=GenerationResponse, responses=ERRORS)
+    @app.post("/v1/generations", response_model=GenerationResponse, responses={**ERRORS, 202: {"model": Job}})
     async def create_generation(self, body: GenerationRequest, request: Request):
         """Generate images. With an ``Idempotency-Key`` header, a retried request (same key,
-        same body) returns the first result and is rendered once."""
+        same body) returns the first result and is rendered once. With ``Prefer:
+        respond-async`` (or ``"async": true``, or a ``webhook_url``) the answer is 202 with a
+        job to follow at ``GET /v1/generations/{id}`` (and ``/events``)."""
         started = time.monotonic()
-        deadline = started + self.args.request_timeout_s
         owner = self._owner(request)
         self._check_limits(body)
+        run_async = body.run_async or body.webhook_url is not None or "respond-async" in request.headers.get(
+            "prefer", "").lower()
+        if body.webhook_url is not None:
+            self._check_webhook(body.webhook_url)
         attempt = secrets.token_hex(8)
         idempotency_key = request.headers.get("idempotency-key")
         request_hash = None
@@ -327,40 +398,25 @@ class Ingress:
             generation_id = "g_" + secrets.token_urlsafe(16)
         else:
             generation_id, request_hash = self._idempotent_id(owner, idempotency_key, body)
-            record = await self._claim(generation_id, request_hash, attempt, deadline)
-            if record is not None:
-                return self._replay(request, record)
+            if run_async:
+                existing = await self._load_job(generation_id)
+                if existing is not None:
+                    return JSONResponse(await self._job_view(request, existing), status_code=202,
+                                        headers={"Location": f"/v1/generations/{generation_id}"})
+            else:
+                record = await self._claim(generation_id, request_hash, attempt, started + self.args.request_timeout_s)
+                if record is not None:
+                    return self._replay(request, record)
             if body.seed is None:  # a re-render after a lost attempt makes the same images
                 body = body.model_copy(update={"seed": int.from_bytes(hashlib.sha256(generation_id.encode())
                                                                       .digest()[:8], "big") >> 1})
+        if run_async:
+            job = await self._start_job(generation_id, owner, body, request_hash)
+            return JSONResponse(await self._job_view(request, job.record), status_code=202,
+                                headers={"Location": f"/v1/generations/{generation_id}"})
         try:
-            # 1. the face: analysed now, or registered earlier
-            if body.face_id is not None:
-                face_record = await self._face_record(body.face_id, owner)
-                face = FaceInfo.from_dict(face_record["face"])
-                if body.pose_image:
-                    job = await self._face_job([body.pose_image], None, "mean")
-                    posed = await self._await(self.face.embed.remote(job), deadline, "face analysis")
-                    face = FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
-            else:
-                job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
-                face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
-            face_ms = (time.monotonic() - started) * 1000
-
-            # 2. render and store: the Generator hands the images to the Postprocessor, which
-            #    writes the generation's record once they are stored
-            lora = self.args.loras.get(body.lora) if body.lora else None
-            record = {"owner": owner, "face": face.to_dict(), "request_hash": request_hash}
-            output = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality,
-                                self.args.url_expiry_s, record)
-            job = GenerationJob(generation_id, body.generation_params(lora=lora), face, output)
-            for retry in range(2):  # once more if the replica died under us: the proxy would do the same
-                try:
-                    stored = await self._await(self.generator.generate.remote(job), deadline, "generation")
-                    break
-                except HTTPProblem as problem:
-                    if problem.code != "unavailable" or retry:
-                        raise
+            stored, face_ms = await self._generate(generation_id, owner, body, request_hash,
+                                                   started + self.args.request_timeout_s)
         finally:
             if idempotency_key is not None:
                 await self._release(generation_id, attempt)
@@ -368,6 +424,252 @@ class Ingress:
                    "total": round((time.monotonic() - started) * 1000, 2)}
         response = self._generation_body(request, stored.record, stored.urls, timings)
         return JSONResponse(response, headers={"Idempotent-Replayed": "true"} if stored.replayed else None)
+
+    async def _generate(self, generation_id: str, owner: str, body: GenerationRequest, request_hash: str | None,
+                        deadline: float, on_event=None):
+        """Face, render, store: the work behind both the synchronous and the async API.
+        ``on_event(dict)`` hears the stage changes and denoising progress."""
+        started = time.monotonic()
+        notify = on_event or (lambda event: None)
+        # 1. the face: analysed now, or registered earlier
+        notify({"stage": "face"})
+        if body.face_id is not None:
+            face_record = await self._face_record(body.face_id, owner)
+            face = FaceInfo.from_dict(face_record["face"])
+            if body.pose_image:
+                job = await self._face_job([body.pose_image], None, "mean")
+                posed = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+                face = FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
+        else:
+            job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
+            face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
+        face_ms = (time.monotonic() - started) * 1000
+
+        # 2. render and store: the Generator hands the images to the Postprocessor, which
+        #    writes the generation's record once they are stored
+        notify({"stage": "rendering", "step": 0, "total": body.num_inference_steps})
+        lora = self.args.loras.get(body.lora) if body.lora else None
+        record = {"owner": owner, "face": face.to_dict(), "request_hash": request_hash}
+        output = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality,
+                            self.args.url_expiry_s, record)
+        job = GenerationJob(generation_id, body.generation_params(lora=lora), face, output)
+        for retry in range(2):  # once more if the replica died under us: the proxy would do the same
+            try:
+                stream = self.generator.options(stream=True).generate.remote(job)
+                async for event in self._stream(stream, deadline, "generation"):
+                    if event["type"] == "result":
+                        return event["result"], face_ms
+                    notify({"stage": event.get("stage", "rendering"),
+                            **{k: event[k] for k in ("step", "total") if k in event}})
+                raise HTTPProblem(503, "unavailable", "the generation ended without a result")
+            except HTTPProblem as problem:
+                if problem.code != "unavailable" or retry:
+                    raise
+
+    async def _stream(self, stream, deadline: float, what: str):
+        """Iterate a streaming DeploymentResponse within the deadline, translating errors
+        like :meth:`_await`; the stream is cancelled on timeout or cancellation."""
+        iterator = stream.__aiter__()
+        while True:
+            try:
+                event = await self._await(iterator.__anext__(), deadline, what, upstream=(stream,))
+            except StopAsyncIteration:
+                return
+            yield event
+
+    # ------------------------------------------------------------------ async jobs
+    def _check_webhook(self, url: str) -> None:
+        if not self.args.webhook_allowlist:
+            raise InvalidParameter("webhook_url", "this server has no webhook allowlist: webhooks are off")
+        check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private)
+
+    async def _load_job(self, generation_id: str) -> dict | None:
+        local = self._jobs.get(generation_id)
+        if local is not None:
+            return local.record
+        try:
+            return await self._storage(self.storage.get_json, job_key(generation_id))
+        except ObjectNotFound:
+            return None
+
+    async def _start_job(self, generation_id: str, owner: str, body: GenerationRequest,
+                         request_hash: str | None) -> "LocalJob":
+        now = time.time()
+        record = {"id": generation_id, "owner": owner, "status": "queued", "stage": "queued", "progress": None,
+                  "created_at": now, "updated_at": now, "heartbeat_at": now, "expires_at": now + self.args.retention_s,
+                  "error": None, "request_hash": request_hash,
+                  "webhook": {"url": body.webhook_url} if body.webhook_url else None}
+        job = LocalJob(record)
+        self._jobs[generation_id] = job
+        await self._storage(self.storage.put_json, job_key(generation_id), record)
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job, body))
+        return job
+
+    async def _run_job(self, job: "LocalJob", body: GenerationRequest) -> None:
+        record = job.record
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job))
+        try:
+            await self._update(job, status="running")
+
+            def on_event(event: dict) -> None:
+                changes = {"stage": event["stage"]}
+                if "step" in event:
+                    changes["progress"] = {"step": event["step"], "total": event["total"]}
+                job.pending.update(changes)
+                job.changed()
+
+            deadline = time.monotonic() + self.args.request_timeout_s
+            flusher = asyncio.get_running_loop().create_task(self._flush_progress(job))
+            try:
+                stored, face_ms = await self._generate(record["id"], record["owner"], body, record["request_hash"],
+                                                       deadline, on_event)
+            finally:
+                flusher.cancel()
+            await self._update(job, status="succeeded", stage="done", timings_ms={"face": round(face_ms, 2),
+                                                                                 **stored.timings_ms})
+        except asyncio.CancelledError:
+            if not job.cancel_requested:  # the replica is stopping: the heartbeat tells the others
+                raise
+            await self._update(job, status="canceled", stage="done",
+                               error={"code": "canceled", "message": "canceled by request"})
+        except HTTPProblem as problem:
+            await self._update(job, status="failed", stage="done",
+                               error={"code": problem.code, "message": problem.message, "field": problem.field})
+        except InstantIDError as error:
+            code = error.code if STATUS.get(error.code, 500) < 500 or error.code == "storage_unavailable" else \
+                "internal_error"
+            await self._update(job, status="failed", stage="done",
+                               error={"code": code, "message": str(error) if code != "internal_error" else
+                                      "internal error", "field": getattr(error, "field", None)})
+        except Exception:  # noqa: BLE001 - a job ends in a state, always
+            await self._update(job, status="failed", stage="done",
+                               error={"code": "internal_error", "message": "internal error"})
+        finally:
+            heartbeat.cancel()
+            if record.get("webhook"):
+                await self._deliver(job)
+            self._jobs.pop(record["id"], None)
+            job.changed()
+
+    async def _update(self, job: "LocalJob", **changes) -> None:
+        now = time.time()
+        job.record.update(job.pending)
+        job.pending.clear()
+        job.record.update(changes, updated_at=now, heartbeat_at=now)
+        job.changed()
+        await self._storage(self.storage.put_json, job_key(job.record["id"]), dict(job.record))
+
+    async def _flush_progress(self, job: "LocalJob") -> None:
+        """Progress reaches storage at most once a second (SSE on this replica sees every
+        step at once); a cancel asked for on another replica is noticed here."""
+        while True:
+            await asyncio.sleep(1.0)
+            if job.pending:
+                await self._update(job)
+            if await self._storage(self.storage.exists, cancel_key(job.record["id"])):
+                job.cancel()
+
+    async def _heartbeat(self, job: "LocalJob") -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.args.job_heartbeat_timeout_s / 4))
+            await self._update(job)
+
+    async def _deliver(self, job: "LocalJob") -> None:
+        record = job.record
+        payload = await self._job_view(None, record)
+        outcome = await deliver(
+            record["webhook"]["url"], payload, event=f"generation.{record['status']}",
+            secret=key_secret(self.args.webhook_signing_key, record["owner"]), delivery_id=secrets.token_hex(12),
+            attempts=self.args.webhook_max_attempts, backoff_s=self.args.webhook_backoff_s,
+            check=lambda url: check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private))
+        record["webhook"].update({k: v for k, v in outcome.items() if k != "url"})
+        await self._storage(self.storage.put_json, job_key(record["id"]), dict(record))
+
+    async def _job_view(self, request: Request | None, record: dict) -> dict:
+        """The API view of a job record (with its result once it succeeded)."""
+        status = record["status"]
+        if status in ("queued", "running") and record["id"] not in self._jobs and \
+                time.time() - record.get("heartbeat_at", 0) > self.args.job_heartbeat_timeout_s:
+            status = "failed"  # its replica stopped: report it, do not wait forever
+            record = {**record, "status": status, "stage": "done",
+                      "error": {"code": "worker_lost", "message": "the replica running this job stopped"}}
+        view = {k: record.get(k) for k in ("id", "status", "stage", "progress", "created_at", "updated_at", "error")}
+        view.update(images=[], face=None, batch_size=None, timings_ms=record.get("timings_ms") or {})
+        if status == "succeeded":
+            try:
+                result = await self._storage(self.storage.get_json, record_key(record["id"]))
+                urls = [self.storage.url(key, self.args.url_expiry_s) for key in result["keys"]]
+                body = self._generation_body(request, result, urls, view["timings_ms"])
+                view.update(images=body["images"], face=body["face"], batch_size=body["batch_size"])
+            except ObjectNotFound:
+                pass
+        return view
+
+    @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
+    async def cancel_generation(self, generation_id: str, request: Request):
+        """Stop a job between two denoising steps."""
+        owner = self._owner(request)
+        record = await self._owned_job(generation_id, owner)
+        if record is None or record["status"] not in ("queued", "running"):
+            raise HTTPProblem(409, "not_cancellable", f"generation {generation_id!r} is not running")
+        local = self._jobs.get(generation_id)
+        if local is not None:
+            local.cancel()
+        else:  # running on another replica: it sees the marker within a second
+            await self._storage(self.storage.put, cancel_key(generation_id), b"{}", "application/json")
+        return JSONResponse(await self._job_view(request, record), status_code=202)
+
+    async def _owned_job(self, generation_id: str, owner: str) -> dict | None:
+        if not GENERATION_ID.match(generation_id):
+            raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}")
+        record = await self._load_job(generation_id)
+        if record is None:
+            return None
+        if record["owner"] != owner:
+            raise HTTPProblem(403, "forbidden", f"generation {generation_id!r} belongs to another API key")
+        if record.get("expires_at", float("inf")) < time.time():
+            raise HTTPProblem(404, "not_found", f"generation {generation_id!r} has expired")
+        return record
+
+    @app.get("/v1/generations/{generation_id}/events", responses=ERRORS)
+    async def generation_events(self, generation_id: str, request: Request):
+        """Server-sent events: the job (as ``GET /v1/generations/{id}`` shows it) on every
+        change, ``event: progress``, then once ``event: done`` with the final state."""
+        owner = self._owner(request)
+        record = await self._owned_job(generation_id, owner)
+        if record is None:
+            await self._generation_record(generation_id, owner)  # a synchronous one: 404/403 as GET does
+            record = {"id": generation_id, "owner": owner, "status": "succeeded", "stage": "done"}
+
+        async def events():
+            last, quiet = None, 0.0
+            while True:
+                local = self._jobs.get(generation_id)
+                current = local.record if local is not None else (await self._load_job(generation_id) or record)
+                view = await self._job_view(request, {**current, **(local.pending if local else {})})
+                done = view["status"] in ("succeeded", "failed", "canceled")
+                if view != last:
+                    yield f"event: {'done' if done else 'progress'}\ndata: {json.dumps(view)}\n\n"
+                    last, quiet = view, 0.0
+                elif quiet > 15:
+                    yield ": keep-alive\n\n"
+                    quiet = 0.0
+                if done:
+                    return
+                started = time.monotonic()
+                if local is not None:
+                    await local.wait(1.0)
+                else:
+                    await asyncio.sleep(0.5)
+                quiet += time.monotonic() - started
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/webhooks/secret", response_model=WebhookSecret, responses=ERRORS)
+    async def webhook_secret(self, request: Request):
+        """The secret this API key's webhook signatures are made with."""
+        return {"secret": key_secret(self.args.webhook_signing_key, self._owner(request))}
 
     # ------------------------------------------------------------------ idempotency
     def _idempotent_id(self, owner: str, key: str, body: GenerationRequest) -> tuple[str, str]:
@@ -438,17 +740,32 @@ class Ingress:
             raise HTTPProblem(403, "forbidden", f"generation {generation_id!r} belongs to another API key")
         return record
 
-    @app.get("/v1/generations/{generation_id}", response_model=GenerationResponse, responses=ERRORS)
+    @app.get("/v1/generations/{generation_id}", response_model=Job, responses=ERRORS)
     async def get_generation(self, generation_id: str, request: Request):
-        record = await self._generation_record(generation_id, self._owner(request))
-        urls = [self.storage.url(key, self.args.url_expiry_s) for key in record["keys"]]
-        return self._generation_body(request, record, urls, {})
+        """A generation: its status and progress while it runs, its images once done."""
+        owner = self._owner(request)
+        record = await self._owned_job(generation_id, owner)
+        if record is None:  # a synchronous generation
+            result = await self._generation_record(generation_id, owner)
+            record = {"id": generation_id, "owner": owner, "status": "succeeded", "stage": "done",
+                      "created_at": result.get("created_at"), "updated_at": result.get("created_at")}
+        return await self._job_view(request, record)
 
     @app.delete("/v1/generations/{generation_id}", status_code=204, responses=ERRORS)
     async def delete_generation(self, generation_id: str, request: Request):
-        await self._generation_record(generation_id, self._owner(request))
+        """Erase a generation: its images, its record, its job; a running job is canceled."""
+        owner = self._owner(request)
+        job = await self._owned_job(generation_id, owner)
+        if job is None:
+            await self._generation_record(generation_id, owner)
+        local = self._jobs.get(generation_id)
+        if local is not None:
+            local.cancel()
+            await asyncio.wait({local.task}, timeout=30)
         keys = await self._storage(self.storage.list_keys, f"generations/{generation_id}")
         for key in sorted(keys, key=lambda k: k.endswith("record.json")):  # the record last
+            await self._storage(self.storage.delete, key)
+        for key in (job_key(generation_id), cancel_key(generation_id)):
             await self._storage(self.storage.delete, key)
         return Response(status_code=204)
 
@@ -478,6 +795,35 @@ class Ingress:
         await self._face_record(face_id, self._owner(request))
         await self._storage(self.storage.delete, f"faces/{face_id}.json")
         return Response(status_code=204)
+
+    @app.post("/v1/faces/analyze", response_model=FaceAnalysis, responses=ERRORS)
+    async def analyze_face(self, body: FaceRequest, request: Request):
+        """The face the service finds in these photos (box, keypoints, score); nothing is
+        stored. The web page uses it to preview the detection."""
+        self._owner(request)
+        job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
+        face = await self._await(self.face.embed.remote(job), time.monotonic() + self.args.request_timeout_s,
+                                 "face analysis")
+        return {"face": {k: v for k, v in face.to_dict().items()}}
+
+    @app.get("/v1/options")
+    async def options(self):
+        """What this server offers (the web page reads it): styles, schedulers, limits."""
+        limits = self.args.limits
+        return {"styles": style_names(), "schedulers": list(SCHEDULERS), "loras": sorted(self.args.loras),
+                "auth_required": not self.args.auth.disabled,
+                "limits": {"max_face_images": limits.max_face_images, "max_num_images": limits.max_num_images,
+                           "max_side": limits.max_side, "max_steps": limits.max_steps}}
+
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        return Response((WEB / "index.html").read_bytes(), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str):
+        if name not in STATIC:
+            raise HTTPProblem(404, "not_found", "no such file")
+        return Response((WEB / name).read_bytes(), media_type=STATIC[name], headers=PAGE_HEADERS)
 
     @app.get("/v1/files/{key:path}", include_in_schema=False)
     async def get_file(self, key: str, expires: int = 0, signature: str = ""):

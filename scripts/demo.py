@@ -74,8 +74,16 @@ def main() -> int:
         path = out / "demo.png"
         path.write_bytes(image_bytes)
         Image.open(path).verify()  # decodable
-        print(json.dumps({"image": str(path), "url": url, "api_docs": f"{base}/docs", "id": result["id"],
-                          "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"]}))
+        print(json.dumps({"image": str(path), "url": url, "web_page": f"{base}/", "api_docs": f"{base}/docs",
+                          "id": result["id"], "seed": result["images"][0]["seed"],
+                          "timings_ms": result["timings_ms"]}), flush=True)
+        if sys.stdin.isatty():  # someone is watching: keep the page up until they are done
+            print(f"demo: the web page is live at {base}/ - press Enter or Ctrl-C to stop", file=sys.stderr,
+                  flush=True)
+            try:
+                input()
+            except (KeyboardInterrupt, EOFError):
+                pass
         return 0
     finally:
         if server.poll() is None:

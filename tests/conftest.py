@@ -71,23 +71,55 @@ def data_url(image: Image.Image, fmt: str = "PNG") -> str:
     return f"data:{mime};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+class RayRuntime:
+    """One loopback Ray with Serve's HTTP proxy for the whole session, started on first
+    use; a test module that needs a Ray of its own (a multi-node cluster) stops it first,
+    and the next module that needs it starts it again."""
+
+    def __init__(self, temp_dir: str, s3_server) -> None:
+        self.temp_dir, self.s3_server, self.url = temp_dir, s3_server, None
+
+    def ensure(self) -> str:
+        if self.url is None:
+            from ray import serve
+
+            from deployments.ray_setup import init_loopback_ray
+            from tests.s3server import free_ports
+
+            # its nodes get the test S3 server's endpoint and credentials, as cluster nodes get theirs
+            os.environ.update(self.s3_server.env())
+            init_loopback_ray(num_cpus=16, temp_dir=self.temp_dir)
+            port = free_ports(1)[0]
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.url is not None:
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                self.url = None
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(tmp_path_factory, s3_server):
+    import shutil
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's socket paths must stay short
+    runtime = RayRuntime(temp, s3_server)
+    yield runtime
+    runtime.stop()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def ray_serve(tmp_path_factory, s3_server):
-    """A real Ray (pinned to loopback, token auth off for tests) with Serve's HTTP proxy
-    on a free loopback port. Yields the base URL. Its nodes get the test S3 server's
-    endpoint and credentials in their environment, as cluster nodes get theirs."""
-    os.environ.update(s3_server.env())
-    import ray
-    from ray import serve
-
-    from deployments.ray_setup import init_loopback_ray
-    from tests.s3server import free_ports
-
-    init_loopback_ray(num_cpus=16, temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = free_ports(1)[0]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+def ray_serve(ray_runtime):
+    """A real Ray (pinned to loopback, token auth off for tests) with Serve's HTTP proxy on
+    a free loopback port. Yields the base URL."""
+    return ray_runtime.ensure()

@@ -41,13 +41,14 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
 
 
 @pytest.fixture(scope="module")
-def cluster(weights_dir, s3_server):
+def cluster(weights_dir, s3_server, ray_runtime):
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from deployments.ray_setup import runtime_env
 
+    ray_runtime.stop()  # one Ray per process: the session's single-node one makes way
     os.environ.update(s3_server.env())  # every node's environment has the S3 credentials
     s3_server.client().create_bucket(Bucket="cluster")
     temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short

@@ -25,6 +25,7 @@ def test_demo_serves_a_generation_and_stops_cleanly(tmp_path):
     image = Image.open(report["image"])
     assert image.size == (128, 128) and image.format == "PNG"
     assert report["url"].startswith("http://127.0.0.1:") and "/v1/files/generations/" in report["url"]
+    assert report["web_page"].startswith("http://127.0.0.1:") and report["web_page"].endswith("/")
     assert "server stopped (exit code 0)" in proc.stderr
     # the local store holds the image and the generation's record
     stored = sorted(p.relative_to(tmp_path / "out" / "storage").as_posix()
