@@ -1,6 +1,6 @@
 """KubeRay manifests, generated: the RayService's ``serveConfigV2`` is ``serve_config.yaml``.
 
-    python -m cluster.manifests           # rewrite cluster/k8s/*.yaml
+    python -m cluster.manifests           # rewrite cluster/k8s/*.yaml and cluster/s3-lifecycle.json
     python -m cluster.manifests --check   # exit 1 when they differ from what would be generated
 
 The Serve config is copied as it is, except ``http_options.host``: KubeRay pods must
@@ -152,11 +152,40 @@ def dump(document: dict) -> str:
     return yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=120)
 
 
+def _days(seconds: int) -> int:
+    return max(1, -(-int(seconds) // 86400))  # S3 lifecycle counts whole days: round up
+
+
+def lifecycle_rules(serve_config: dict) -> dict[str, dict]:
+    """Bucket -> S3 lifecycle configuration enforcing the app's retention at the store."""
+    from deployments.config import AppArgs
+
+    application = next(a for a in serve_config["applications"] if a["name"] == "instantid")
+    args = AppArgs.model_validate(application["args"])
+    bucket, _, prefix = args.storage.removeprefix("s3://").partition("/")
+    base = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    rules = {bucket: {"Rules": [
+        *({"ID": f"instantid-{name}", "Filter": {"Prefix": f"{base}{name}/"}, "Status": "Enabled",
+           "Expiration": {"Days": _days(seconds)}}
+          for name, seconds in (("faces", args.retention.faces_s), ("generations", args.retention.results_s),
+                                ("jobs", args.retention.results_s))),
+        {"ID": "instantid-incomplete-uploads", "Filter": {"Prefix": base}, "Status": "Enabled",
+         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+    ]}}
+    for upload_bucket in args.input_buckets:
+        rules[upload_bucket] = {"Rules": [{"ID": "instantid-uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
+                                           "Expiration": {"Days": _days(args.retention.uploads_s)}}]}
+    return rules
+
+
 def render_all() -> dict[Path, str]:
+    import json
+
     serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
     return {
         OUT / "rayservice.yaml": HEADER + dump(rayservice(serve_config)),
         OUT / "rayjob.yaml": HEADER + dump(rayjob()),
+        OUT.parent / "s3-lifecycle.json": json.dumps(lifecycle_rules(serve_config), indent=2) + "\n",
     }
 
 

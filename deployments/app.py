@@ -11,9 +11,11 @@ from .config import AppArgs
 from .face import FaceEmbedder
 from .generator import Generator
 from .ingress import Ingress
+from .janitor import Janitor
 from .postprocess import Postprocessor
+from .ratelimit import RateLimiter
 
-DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor")
+DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor", "RateLimiter", "Janitor")
 
 
 def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict] | None = None) -> Application:
@@ -37,7 +39,15 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
         limits.max_num_images,
     )
-    return Ingress.options(**options.get("Ingress", {})).bind(face, generator, postprocessor, args.model_dump())
+    limiter = RateLimiter.options(**options.get("RateLimiter", {})).bind(
+        args.rate_limits.requests_per_minute, args.rate_limits.burst, args.rate_limits.images_per_day
+    )
+    janitor = Janitor.options(**options.get("Janitor", {})).bind(
+        args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url
+    )
+    return Ingress.options(**options.get("Ingress", {})).bind(
+        face, generator, postprocessor, limiter, janitor, args.model_dump()
+    )
 
 
 def app_builder(args: AppArgs) -> Application:

@@ -29,6 +29,28 @@ class Limits(BaseModel):
     max_steps: int = Field(60, ge=1)
 
 
+class RateLimits(BaseModel):
+    """Per API key, the same across every ingress replica (unset: unlimited)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Generation/face requests per minute.")
+    burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: the per-minute rate).")
+    images_per_day: int | None = Field(None, ge=1, description="Images per UTC day.")
+
+
+class Retention(BaseModel):
+    """How long what the service stores is kept (also set as bucket lifecycle rules)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    faces_s: int = Field(30 * 24 * 3600, ge=1, description="Registered faces (biometric: embeddings).")
+    results_s: int = Field(7 * 24 * 3600, ge=1, description="Generated images, their records and job records.")
+    uploads_s: int = Field(24 * 3600, ge=1, description="Photos clients upload to the input buckets (bucket "
+                                                          "lifecycle rule only: the service stores no photos).")
+    sweep_interval_s: float = Field(3600.0, gt=0, description="How often expired data is deleted.")
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`deployments.app.app_builder`."""
 
@@ -52,7 +74,8 @@ class AppArgs(BaseModel):
     dtype: str = "auto"
     face_providers: str = "auto"
     loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
-    retention_s: int = Field(7 * 24 * 3600, ge=60, description="How long async job records are kept.")
+    retention: Retention = Field(default_factory=Retention)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
     job_heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job not heard from for this long "
                                                                    "is reported as lost.")
     webhook_signing_key: str = Field(default_factory=lambda: secrets.token_hex(32),

@@ -40,6 +40,7 @@ class Generator:
         self.min_batch_images = min_batch_images
         self._cancelled: set[str] = set()  # ids whose callers went away (timeout, disconnect)
         self._listeners: dict[str, tuple] = {}  # id -> (event loop, queue) of its progress stream
+        self._rendering = 0  # batches being rendered now
 
     def reconfigure(self, config: dict) -> None:
         size = max(int(config.get("max_batch_images", 4)), self.min_batch_images)
@@ -48,6 +49,10 @@ class Generator:
 
     def ready(self) -> dict:
         return {"stage": "generator", "device": str(self.pipe.device), "dtype": str(self.pipe.dtype)}
+
+    def status(self) -> dict:
+        """What this replica is doing (for operators and tests)."""
+        return {"rendering": self._rendering, "streams": len(self._listeners)}
 
     async def generate(self, job: GenerationJob):
         """Render ``job`` (batched with compatible others), then have it stored. A stream
@@ -111,6 +116,7 @@ class Generator:
                     raise Cancelled("every request of this batch was cancelled")
                 self._publish(ids, step, total)
 
+            self._rendering += 1
             try:
                 images, timings = self.pipe.render(items, options, on_step=stop_when_abandoned)
             except Exception as error:  # the whole group failed (e.g. a bad LoRA file)
@@ -118,6 +124,7 @@ class Generator:
                     outcomes[index] = error
                 continue
             finally:
+                self._rendering -= 1
                 self._cancelled -= ids
             elapsed = time.perf_counter() - started
             metrics.batch_size().observe(len(items))

@@ -70,6 +70,8 @@ STATUS = {
     "invalid_parameter": 422,
     "conflict": 409,
     "not_cancellable": 409,
+    "rate_limited": 429,
+    "quota_exceeded": 429,
     "overloaded": 503,
     "unavailable": 503,
     "storage_unavailable": 503,
@@ -93,7 +95,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 503, 504)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503, 504)}
 app = FastAPI(
     title="InstantID",
     version="1",
@@ -231,8 +233,9 @@ def _unwrap(error: BaseException) -> BaseException:
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, face, generator, postprocessor, args: dict) -> None:
+    def __init__(self, face, generator, postprocessor, limiter, janitor, args: dict) -> None:
         self.face, self.generator, self.postprocessor = face, generator, postprocessor
+        self.limiter, self.janitor = limiter, janitor
         self.args = AppArgs(**args)
         self.keys = KeyRing(self.args.auth.api_key_sha256, self.args.auth.api_keys_env)
         if not self.args.auth.disabled and len(self.keys) == 0:
@@ -254,6 +257,17 @@ class Ingress:
             raise HTTPProblem(401, "unauthorized", "a valid API key is required (Authorization: Bearer <key>)",
                               headers={"WWW-Authenticate": "Bearer"})
         return owner
+
+    async def _admit(self, owner: str, images: int = 0) -> None:
+        """Per-key rate limit and daily image quota (429 with Retry-After)."""
+        limits = self.args.rate_limits
+        if limits.requests_per_minute is None and limits.images_per_day is None:
+            return
+        verdict = await self._await(self.limiter.check.remote(owner, images), time.monotonic() + 10, "rate limiter")
+        if not verdict["allowed"]:
+            message = ("too many requests for this API key; slow down" if verdict["reason"] == "rate_limited"
+                       else f"this API key's daily image quota is used up ({verdict.get('remaining', 0)} left)")
+            raise HTTPProblem(429, verdict["reason"], message, headers={"Retry-After": str(verdict["retry_after"])})
 
     async def _await(self, response, deadline: float, what: str, upstream: tuple = ()):
         """Await a DeploymentResponse within the request's deadline, translating Ray's
@@ -309,6 +323,8 @@ class Ingress:
         where = S3Location.parse(ref, field=field)
         if where.bucket not in self.args.input_buckets or not where.prefix:
             raise InvalidParameter(field, f"s3 bucket {where.bucket!r} is not one this server reads images from")
+        if any(part in ("", ".", "..") for part in where.prefix.split("/")) or len(where.prefix) > 1024:
+            raise InvalidParameter(field, "the s3 key must be a plain path (no empty, '.' or '..' segments)")
         if self._inputs is None:
             self._inputs = s3_client(self.args.s3_endpoint_url)
         try:
@@ -317,8 +333,11 @@ class Ingress:
                 raise ImageTooLarge(f"is {head['ContentLength']} bytes, over {self.args.limits.max_image_bytes}", field)
             return self._inputs.get_object(Bucket=where.bucket, Key=where.prefix)["Body"].read()
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound") or status == 404:
                 raise InvalidParameter(field, f"no object at {ref}") from None
+            if status < 500:  # refused (e.g. access denied): a problem with the reference
+                raise InvalidParameter(field, f"cannot read {ref}") from None
             raise HTTPProblem(503, "storage_unavailable", f"{field}: could not read {ref}") from None
         except BotoCoreError:
             raise HTTPProblem(503, "storage_unavailable", f"{field}: could not read {ref}") from None
@@ -343,6 +362,9 @@ class Ingress:
             raise HTTPProblem(404, "not_found", f"no face {face_id!r}", "face_id") from None
         if record["owner"] != owner:
             raise HTTPProblem(403, "forbidden", f"face {face_id!r} belongs to another API key", "face_id")
+        if record.get("expires_at", float("inf")) < time.time():  # past its retention: gone
+            await self._storage(self.storage.delete, f"faces/{face_id}.json")
+            raise HTTPProblem(404, "not_found", f"no face {face_id!r}", "face_id")
         return record
 
     def _check_limits(self, body: GenerationRequest) -> None:
@@ -372,7 +394,8 @@ class Ingress:
         deadline = time.monotonic() + 10
         try:
             stages = await asyncio.gather(*(self._await(h.ready.remote(), deadline, "health check")
-                                            for h in (self.face, self.generator, self.postprocessor)))
+                                            for h in (self.face, self.generator, self.postprocessor,
+                                                      self.limiter, self.janitor)))
         except Exception as error:
             detail = getattr(error, "message", None) or type(error).__name__
             return error_response(503, "unavailable", f"not every stage is ready: {detail}")
@@ -387,6 +410,7 @@ class Ingress:
         started = time.monotonic()
         owner = self._owner(request)
         self._check_limits(body)
+        await self._admit(owner, body.num_images)
         run_async = body.run_async or body.webhook_url is not None or "respond-async" in request.headers.get(
             "prefer", "").lower()
         if body.webhook_url is not None:
@@ -449,7 +473,8 @@ class Ingress:
         #    writes the generation's record once they are stored
         notify({"stage": "rendering", "step": 0, "total": body.num_inference_steps})
         lora = self.args.loras.get(body.lora) if body.lora else None
-        record = {"owner": owner, "face": face.to_dict(), "request_hash": request_hash}
+        record = {"owner": owner, "face": face.to_dict(), "request_hash": request_hash,
+                  "expires_at": time.time() + self.args.retention.results_s}
         output = OutputSpec(f"generations/{generation_id}", body.output_format, body.quality,
                             self.args.url_expiry_s, record)
         job = GenerationJob(generation_id, body.generation_params(lora=lora), face, output)
@@ -496,7 +521,8 @@ class Ingress:
                          request_hash: str | None) -> "LocalJob":
         now = time.time()
         record = {"id": generation_id, "owner": owner, "status": "queued", "stage": "queued", "progress": None,
-                  "created_at": now, "updated_at": now, "heartbeat_at": now, "expires_at": now + self.args.retention_s,
+                  "created_at": now, "updated_at": now, "heartbeat_at": now,
+                  "expires_at": now + self.args.retention.results_s,
                   "error": None, "request_hash": request_hash,
                   "webhook": {"url": body.webhook_url} if body.webhook_url else None}
         job = LocalJob(record)
@@ -631,7 +657,9 @@ class Ingress:
             raise HTTPProblem(404, "not_found", f"generation {generation_id!r} has expired")
         return record
 
-    @app.get("/v1/generations/{generation_id}/events", responses=ERRORS)
+    @app.get("/v1/generations/{generation_id}/events", response_class=StreamingResponse,
+             responses={**ERRORS, 200: {"description": "Server-sent events",
+                                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def generation_events(self, generation_id: str, request: Request):
         """Server-sent events: the job (as ``GET /v1/generations/{id}`` shows it) on every
         change, ``event: progress``, then once ``event: done`` with the final state."""
@@ -738,6 +766,8 @@ class Ingress:
             raise HTTPProblem(404, "not_found", f"no generation {generation_id!r}") from None
         if record["owner"] != owner:
             raise HTTPProblem(403, "forbidden", f"generation {generation_id!r} belongs to another API key")
+        if record.get("expires_at", float("inf")) < time.time():
+            raise HTTPProblem(404, "not_found", f"generation {generation_id!r} has expired")
         return record
 
     @app.get("/v1/generations/{generation_id}", response_model=Job, responses=ERRORS)
@@ -773,11 +803,13 @@ class Ingress:
     async def create_face(self, body: FaceRequest, request: Request):
         deadline = time.monotonic() + self.args.request_timeout_s
         owner = self._owner(request)
+        await self._admit(owner)
         job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
         face = await self._await(self.face.embed.remote(job), deadline, "face analysis")
         face_id = "f_" + secrets.token_urlsafe(16)
-        record = {"face_id": face_id, "owner": owner, "created_at": time.time(),
-                  "face": face.to_dict(with_embedding=True)}
+        now = time.time()
+        record = {"face_id": face_id, "owner": owner, "created_at": now,
+                  "expires_at": now + self.args.retention.faces_s, "face": face.to_dict(with_embedding=True)}
         await self._storage(self.storage.put_json, f"faces/{face_id}.json", record)
         return JSONResponse(self._face_body(record), status_code=201)
 
@@ -800,7 +832,7 @@ class Ingress:
     async def analyze_face(self, body: FaceRequest, request: Request):
         """The face the service finds in these photos (box, keypoints, score); nothing is
         stored. The web page uses it to preview the detection."""
-        self._owner(request)
+        await self._admit(self._owner(request))
         job = await self._face_job(body.face_images, body.pose_image, body.face_combine)
         face = await self._await(self.face.embed.remote(job), time.monotonic() + self.args.request_timeout_s,
                                  "face analysis")

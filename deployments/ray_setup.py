@@ -9,6 +9,7 @@ the node's own IP instead, which is where callers connect anyway. With the node 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 
 SETUP_HOOK = "deployments.ray_setup.setup_worker"
@@ -27,8 +28,13 @@ def setup_worker() -> None:
         return
 
     def bind_to_node_ip(server, address: str):
-        if address.startswith("[::]:") or address.startswith("0.0.0.0:"):
-            address = f"{ray.util.get_node_ip_address()}:{address.rsplit(':', 1)[1]}"
+        host, _, port = address.rpartition(":")
+        try:
+            unspecified = ipaddress.ip_address(host.strip("[]")).is_unspecified  # all interfaces
+        except ValueError:
+            unspecified = False
+        if unspecified:
+            address = f"{ray.util.get_node_ip_address()}:{port}"
         return original(server, address)
 
     bind_to_node_ip._instantid_bound = True

@@ -168,7 +168,8 @@ class S3Storage(_JsonMixin):
         region: str | None = None,
     ) -> None:
         self.location = location
-        self.client = s3_client(endpoint_url, region)
+        # a few quick retries: a store that is down answers 503 soon rather than stalling requests
+        self.client = s3_client(endpoint_url, region, max_attempts=3)
         # Presigned URLs name the host clients will use, which may differ from the one
         # this service reaches (e.g. an internal endpoint vs a public one).
         self.presign_client = s3_client(presign_endpoint_url, region) if presign_endpoint_url else self.client

@@ -28,7 +28,7 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 12_000
-    min_side: int = 1
+    min_side: int = 32  # a face photo smaller than this cannot show a usable face
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -103,14 +103,14 @@ def _read_file(path: Path, field: str, limits: ImageLimits) -> bytes:
 
 def _check_dimensions(image: Image.Image, field: str, limits: ImageLimits) -> Image.Image:
     width, height = image.size
-    if width < limits.min_side or height < limits.min_side:
-        raise InvalidImage(f"has an empty size {width}x{height}", field)
     if width > limits.max_side or height > limits.max_side:
         raise ImageTooLarge(f"is {width}x{height}; each side must be at most {limits.max_side}", field)
     if width * height > limits.max_pixels:
         raise ImageTooLarge(
             f"is {width}x{height} = {width * height} pixels, more than the limit of {limits.max_pixels}", field
         )
+    if width < limits.min_side or height < limits.min_side:
+        raise InvalidImage(f"is {width}x{height}; images must be at least {limits.min_side} pixels on each side", field)
     return image
 
 

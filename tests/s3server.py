@@ -45,6 +45,7 @@ class SeaweedFS:
         self.workdir = Path(workdir)
         self.process: subprocess.Popen | None = None
         self.port: int | None = None
+        self._ports: list[int] | None = None  # kept across restarts: clients keep their endpoint
 
     @property
     def endpoint(self) -> str:
@@ -81,8 +82,9 @@ class SeaweedFS:
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
+        self._ports = self._ports or free_ports(11)
         (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, admin, admin_grpc,
-         debug) = free_ports(11)
+         debug) = self._ports
         self.port = s3
         args = [
             weed_binary(), f"-logdir={self.workdir}", "mini", f"-dir={data}",
@@ -110,6 +112,11 @@ class SeaweedFS:
                     self.stop()
                     raise RuntimeError(f"SeaweedFS S3 did not answer within {timeout}s")
                 time.sleep(0.3)
+
+    def restart(self) -> "SeaweedFS":
+        """Start again on the same ports, with the same data."""
+        self.stop()
+        return self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

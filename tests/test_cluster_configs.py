@@ -94,3 +94,24 @@ def test_rayjob_runs_the_offline_renderer():
     assert args.command == "render" and args.out.startswith("s3://") and args.weights.startswith("s3://")
     hook = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["worker_process_setup_hook"]
     assert hook == "deployments.ray_setup.setup_worker"
+
+
+def test_bucket_lifecycle_rules_enforce_the_retention_and_are_valid_s3_requests(serve_config):
+    import json
+
+    from botocore.session import get_session
+    from botocore.validate import ParamValidator
+
+    from deployments.config import AppArgs
+
+    rules = json.loads((ROOT / "cluster" / "s3-lifecycle.json").read_text())
+    args = AppArgs.model_validate(application_config(serve_config)["args"])
+    shape = get_session().create_client("s3", region_name="us-east-1").meta.service_model.operation_model(
+        "PutBucketLifecycleConfiguration").input_shape
+    for bucket, configuration in rules.items():
+        report = ParamValidator().validate({"Bucket": bucket, "LifecycleConfiguration": configuration}, shape)
+        assert not report.has_errors(), report.generate_report()
+    outputs = {r["ID"]: r for r in rules[args.storage.removeprefix("s3://").split("/")[0]]["Rules"]}
+    assert outputs["instantid-faces"]["Expiration"]["Days"] * 86400 >= args.retention.faces_s
+    assert outputs["instantid-faces"]["Filter"]["Prefix"].endswith("faces/")
+    assert set(args.input_buckets) <= set(rules)  # uploaded photos expire too

@@ -27,39 +27,39 @@ def png_with_declared_size(width: int, height: int) -> bytes:
 
 
 def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    image = Image.new("RGB", (80, 40), (255, 0, 0))
     exif = image.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     upright = decode_image_bytes(encode(image, "JPEG", exif=exif))
-    assert upright.size == (20, 40)
+    assert upright.size == (40, 80)
 
 
 @pytest.mark.parametrize(
     "image",
     [
-        Image.new("L", (8, 6), 128),
-        Image.new("1", (8, 6), 1),
-        Image.new("P", (8, 6), 3),
-        Image.new("RGBA", (8, 6), (255, 0, 0, 0)),
-        Image.new("LA", (8, 6), (10, 255)),
-        Image.new("I;16", (8, 6), 65535),
-        Image.new("CMYK", (8, 6), (0, 255, 255, 0)),
+        Image.new("L", (48, 36), 128),
+        Image.new("1", (48, 36), 1),
+        Image.new("P", (48, 36), 3),
+        Image.new("RGBA", (48, 36), (255, 0, 0, 0)),
+        Image.new("LA", (48, 36), (10, 255)),
+        Image.new("I;16", (48, 36), 65535),
+        Image.new("CMYK", (48, 36), (0, 255, 255, 0)),
     ],
     ids=lambda im: im.mode,
 )
 def test_every_mode_becomes_8_bit_rgb(image):
     fmt = "JPEG" if image.mode == "CMYK" else "PNG"
     out = decode_image_bytes(encode(image, fmt))
-    assert out.mode == "RGB" and out.size == (8, 6)
+    assert out.mode == "RGB" and out.size == (48, 36)
 
 
 def test_transparency_is_composited_on_white_and_16_bit_is_scaled():
-    assert np.asarray(decode_image_bytes(encode(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))))[0, 0].tolist() == [255] * 3
-    assert np.asarray(decode_image_bytes(encode(Image.new("I;16", (4, 4), 65535))))[0, 0].tolist() == [255] * 3
+    assert np.asarray(decode_image_bytes(encode(Image.new("RGBA", (40, 40), (255, 0, 0, 0)))))[0, 0].tolist() == [255] * 3
+    assert np.asarray(decode_image_bytes(encode(Image.new("I;16", (40, 40), 65535))))[0, 0].tolist() == [255] * 3
 
 
 def test_animated_gif_gives_its_first_frame():
-    frames = [Image.new("RGB", (6, 6), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 255, 0))]
     buffer = io.BytesIO()
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
     out = decode_image_bytes(buffer.getvalue())
@@ -97,13 +97,15 @@ def test_declared_dimensions_are_checked_before_decoding(size):
 
 def test_paths_arrays_and_pil_images_are_accepted(tmp_path):
     path = tmp_path / "x.png"
-    Image.new("RGB", (5, 4), (1, 2, 3)).save(path)
-    assert load_image(path).size == (5, 4)
-    assert load_image(np.zeros((4, 5, 3), np.uint8)).size == (5, 4)
-    assert load_image(Image.new("L", (5, 4))).mode == "RGB"
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(path)
+    assert load_image(path).size == (50, 40)
+    assert load_image(np.zeros((40, 50, 3), np.uint8)).size == (50, 40)
+    assert load_image(Image.new("L", (50, 40))).mode == "RGB"
+    with pytest.raises(InvalidImage, match="at least 32 pixels"):
+        load_image(Image.new("RGB", (1, 1)))
     with pytest.raises(InvalidImage, match="not found"):
         load_image(tmp_path / "missing.png")
     with pytest.raises(InvalidImage, match="directory"):
         load_image(tmp_path)
     with pytest.raises(InvalidImage, match="uint8"):
-        load_image(np.zeros((4, 5, 3), np.float32))
+        load_image(np.zeros((40, 50, 3), np.float32))

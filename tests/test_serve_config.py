@@ -39,11 +39,14 @@ def test_every_stage_is_configured_for_production(config):
     assert generator["ray_actor_options"]["num_gpus"] == 1 and generator["ray_actor_options"]["accelerator_type"]
     assert generator["max_ongoing_requests"] >= generator["user_config"]["max_batch_images"]
     assert face["max_ongoing_requests"] >= face["user_config"]["max_batch_size"]
-    for entry in deployments.values():
+    for name in ("Ingress", "FaceEmbedder", "Generator", "Postprocessor"):  # the stages that scale
+        entry = deployments[name]
         scaling = entry["autoscaling_config"]
         assert scaling["min_replicas"] <= scaling["max_replicas"] and scaling["target_ongoing_requests"] > 0
         assert scaling["upscale_delay_s"] > 0 and scaling["downscale_delay_s"] > 0
         assert entry["max_queued_requests"] > 0  # overload becomes 503, not an unbounded queue
+    for name in ("RateLimiter", "Janitor"):  # one replica each: one view of every key's limits
+        assert deployments[name]["num_replicas"] == 1 and "autoscaling_config" not in deployments[name]
     assert config["http_options"]["request_timeout_s"] > AppArgs.model_validate(
         application_config(config)["args"]).request_timeout_s
 
@@ -53,6 +56,6 @@ def test_the_local_variant_drops_gpus_and_caps_replicas(config):
     for entry in options.values():
         assert "num_gpus" not in entry.get("ray_actor_options", {})
         assert "accelerator_type" not in entry.get("ray_actor_options", {})
-        assert entry["autoscaling_config"]["max_replicas"] == 1
+        assert entry.get("autoscaling_config", {"max_replicas": 1})["max_replicas"] == 1
     kept = deployment_options(application_config(config), gpus=True, max_replicas=None)
     assert kept["Generator"]["ray_actor_options"]["num_gpus"] == 1

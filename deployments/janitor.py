@@ -1,0 +1,70 @@
+"""Janitor: deletes what outlived its retention (faces, generations, jobs).
+
+The app also refuses expired data on every read, and bucket lifecycle rules
+(``cluster/s3-lifecycle.json``) expire the same prefixes at the store; this sweep is what
+enforces retention on any store, a local folder included. One replica, no CPU reserved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ray import serve
+
+from .storage import ObjectNotFound, Storage, open_storage
+
+logger = logging.getLogger("ray.serve")
+
+
+def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
+    """Delete every expired face, generation and job; return how many of each."""
+    now = time.time() if now is None else now
+    deleted = {"faces": 0, "generations": 0, "jobs": 0}
+    for key in storage.list_keys("faces"):
+        if key.endswith(".json") and _expired(storage, key, now):
+            storage.delete(key)
+            deleted["faces"] += 1
+    records = [k for k in storage.list_keys("generations") if k.endswith("/record.json")]
+    for key in records:
+        if _expired(storage, key, now):
+            prefix = key.rsplit("/", 1)[0]
+            for item in sorted(storage.list_keys(prefix), key=lambda k: k.endswith("record.json")):
+                storage.delete(item)
+            deleted["generations"] += 1
+    for key in storage.list_keys("jobs"):
+        if key.endswith(".json") and _expired(storage, key, now):
+            storage.delete(key)
+            storage.delete(key.removesuffix(".json") + ".cancel")
+            deleted["jobs"] += 1
+    return deleted
+
+
+def _expired(storage: Storage, key: str, now: float) -> bool:
+    try:
+        return storage.get_json(key).get("expires_at", float("inf")) < now
+    except (ObjectNotFound, ValueError):
+        return False
+
+
+@serve.deployment(name="Janitor", num_replicas=1, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
+class Janitor:
+    def __init__(self, storage: str, interval_s: float, s3_endpoint: str | None = None) -> None:
+        self.storage = open_storage(storage, endpoint_url=s3_endpoint)
+        self.interval_s = interval_s
+        self._loop = asyncio.get_event_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.sweep()
+            except Exception as error:  # noqa: BLE001 - the store may be down: try again next time
+                logger.warning("retention sweep failed: %s", error)
+
+    async def sweep(self) -> dict[str, int]:
+        return await asyncio.to_thread(sweep, self.storage)
+
+    def ready(self) -> dict:
+        return {"stage": "janitor"}

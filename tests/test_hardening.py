@@ -1,0 +1,275 @@
+"""Hardening through real HTTP: abuse limits across two ingress replicas, biometric data
+(retention, erasure, no logs), request forgery and path tricks, and a corpus of bad images
+with the FaceEmbedder's memory bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.app import build_app
+from deployments.auth import new_key
+from deployments.local import application_config, deployment_options, load_serve_config
+from tests.conftest import data_url, face_photo
+from tests.test_images import png_with_declared_size
+
+KEY_A, DIGEST_A = new_key()
+KEY_B, DIGEST_B = new_key()
+KEY_Q, DIGEST_Q = new_key()  # a key for the quota test
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
+BUCKET = "hardening"
+STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-hardening.json"
+
+
+def app_args(weights_dir, s3_server, **extra) -> dict:
+    return {
+        "weights": str(weights_dir), "storage": f"s3://{BUCKET}/svc", "s3_endpoint_url": s3_server.endpoint,
+        "input_buckets": ["hardening-uploads"], "url_expiry_s": 3,
+        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
+        "retention": {"faces_s": 600, "results_s": 600},
+        "limits": {"max_side": 128, "max_steps": 4, "max_image_bytes": 2 * 1024 * 1024}, **extra,
+    }
+
+
+def local_options() -> dict:
+    return deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
+
+
+@pytest.fixture(scope="module")
+def hard_url(ray_serve, weights_dir, s3_server):
+    from ray import serve
+
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    s3_server.client().create_bucket(Bucket="hardening-uploads")
+    serve.run(build_app(app_args(weights_dir, s3_server), local_options()), name="hard", route_prefix="/hard")
+    return f"{ray_serve}/hard"
+
+
+@pytest.fixture(scope="module")
+def limited_url(hard_url, ray_serve, weights_dir, s3_server):
+    """The same app with per-key limits and two ingress replicas that must agree on them."""
+    from ray import serve
+
+    options = local_options()
+    options["Ingress"].pop("autoscaling_config")
+    options["Ingress"]["num_replicas"] = 2
+    args = app_args(weights_dir, s3_server, rate_limits={"requests_per_minute": 60, "burst": 10,
+                                                         "images_per_day": 6})
+    serve.run(build_app(args, options), name="limited", route_prefix="/limited")
+    return f"{ray_serve}/limited"
+
+
+def client(url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"})
+
+
+def error_of(response: httpx.Response) -> dict:
+    return response.json()["error"]
+
+
+def test_rate_limits_hold_across_ingress_replicas(limited_url):
+    assert len(replica_pids("Ingress", app="limited")) == 2
+    body = {"face_images": [data_url(face_photo())]}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=limited_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {KEY_B}"}) as c:
+            return await asyncio.gather(*(c.post("/v1/faces/analyze", json=body) for _ in range(24)))
+
+    started = time.monotonic()
+    responses = asyncio.run(burst())
+    elapsed = time.monotonic() - started
+    codes = [r.status_code for r in responses]
+    # one bucket for the key: a burst of 10, plus one token a second while the burst lasted.
+    # (a bucket per ingress replica would have let through up to twice as many)
+    assert codes.count(200) <= 10 + int(elapsed) + 1, (codes, elapsed)
+    assert codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    for response in responses:
+        if response.status_code == 429:
+            assert error_of(response)["code"] == "rate_limited" and int(response.headers["retry-after"]) >= 1
+
+
+def test_daily_image_quota(limited_url):
+    photo = data_url(face_photo())
+    with client(limited_url, KEY_Q) as c:
+        assert c.post("/v1/generations", json={"face_images": [photo], "num_images": 3, **SMALL}).status_code == 200
+        assert c.post("/v1/generations", json={"face_images": [photo], "num_images": 3, **SMALL}).status_code == 200
+        over = c.post("/v1/generations", json={"face_images": [photo], **SMALL})
+    assert over.status_code == 429 and error_of(over)["code"] == "quota_exceeded"
+    assert int(over.headers["retry-after"]) > 0
+
+
+def objects(s3_server) -> dict[str, bytes]:
+    s3 = s3_server.client()
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="svc/").get("Contents", [])
+    return {item["Key"]: s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read() for item in listed}
+
+
+def test_deleting_a_face_erases_every_copy_of_the_embedding(hard_url, s3_server):
+    with client(hard_url, KEY_A) as c:
+        face_id = c.post("/v1/faces", json={"face_images": [data_url(face_photo(color=(250, 240, 200)))]}).json()[
+            "face_id"]
+        stored = json.loads(objects(s3_server)[f"svc/faces/{face_id}.json"])
+        embedding = stored["face"]["embedding"]
+        assert len(embedding) == 512 and stored["expires_at"] > time.time()
+        for _ in range(2):  # async renders of the stored face
+            c.post("/v1/generations", json={"face_id": face_id, **SMALL}, headers={"Prefer": "respond-async"})
+        time.sleep(3)
+        assert c.delete(f"/v1/faces/{face_id}").status_code == 204
+    needles = [json.dumps(v) for v in embedding[:8]]
+    leftovers = [key for key, data in objects(s3_server).items() if any(n.encode() in data for n in needles)]
+    assert leftovers == []  # no record, job, generation or cache holds the embedding any more
+
+
+def test_expired_faces_are_refused_and_swept(hard_url, s3_server):
+    from ray import serve
+
+    with client(hard_url, KEY_A) as c:
+        face_id = c.post("/v1/faces", json={"face_images": [data_url(face_photo())]}).json()["face_id"]
+        key = f"svc/faces/{face_id}.json"
+        record = json.loads(objects(s3_server)[key])
+        record["expires_at"] = time.time() - 1  # as if its retention had passed
+        s3_server.client().put_object(Bucket=BUCKET, Key=key, Body=json.dumps(record).encode())
+        gone = c.post("/v1/generations", json={"face_id": face_id, **SMALL})
+    assert gone.status_code == 404 and error_of(gone)["field"] == "face_id"
+    assert key not in objects(s3_server)
+    # the sweep finds what nobody asked for again
+    other = json.loads(json.dumps(record) if record else "{}")
+    other["expires_at"] = time.time() - 1
+    s3_server.client().put_object(Bucket=BUCKET, Key="svc/faces/f_" + "z" * 22 + ".json",
+                                  Body=json.dumps(other).encode())
+    swept = serve.get_deployment_handle("Janitor", app_name="hard").sweep.remote().result(timeout_s=60)
+    assert swept["faces"] >= 1 and "svc/faces/f_" + "z" * 22 + ".json" not in objects(s3_server)
+
+
+def test_keys_and_embeddings_never_reach_the_logs(hard_url, s3_server):
+    import ray
+
+    with client(hard_url, KEY_A) as c:
+        face = c.post("/v1/faces", json={"face_images": [data_url(face_photo(color=(240, 250, 230)))]}).json()
+    embedding = json.loads(objects(s3_server)[f"svc/faces/{face['face_id']}.json"])["face"]["embedding"]
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    texts = [p.read_bytes() for p in logs.rglob("*") if p.is_file()]
+    assert texts and not [t for t in texts if KEY_A.encode() in t or DIGEST_A.encode() in t]
+    for value in embedding[:4]:
+        assert not [t for t in texts if repr(value).encode() in t]
+
+
+@pytest.mark.parametrize(
+    "ref,status,code",
+    [("http://169.254.169.254/latest/meta-data/iam", 422, "invalid_parameter"),
+     ("https://example.com/me.png", 422, "invalid_parameter"),
+     ("file:///etc/passwd", 422, "invalid_parameter"),
+     ("s3://hardening/svc/faces/anything.json", 422, "invalid_parameter"),  # the service's own bucket: not an input
+     ("s3://hardening-uploads/../hardening/svc/x", 422, "invalid_parameter"),
+     ("data:text/html,<script>alert(1)</script>", 400, "invalid_image"),
+     ("/etc/passwd", 400, "invalid_image")],
+)
+def test_image_references_cannot_reach_anything_but_allowed_buckets(hard_url, ref, status, code):
+    with client(hard_url, KEY_A) as c:
+        response = c.post("/v1/faces/analyze", json={"face_images": [ref]})
+    assert response.status_code == status and error_of(response)["code"] == code, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/faces/..%2F..%2Fetc%2Fpasswd", "/v1/faces/f_%2E%2E%2Fgenerations",
+                                  "/v1/generations/..%2Ffaces%2Fx", "/v1/files/..%2F..%2Fetc%2Fpasswd",
+                                  "/v1/files/faces/f_x.json?expires=9999999999&signature=00"])
+def test_ids_and_keys_from_the_url_never_become_paths(hard_url, path):
+    with client(hard_url, KEY_A) as c:
+        response = c.get(path)
+    assert response.status_code in (403, 404) and error_of(response)["code"] in ("forbidden", "not_found")
+
+
+def test_presigned_urls_expire(hard_url):
+    with client(hard_url, KEY_A) as c:
+        url = c.post("/v1/generations", json={"face_images": [data_url(face_photo())], **SMALL}).json()["images"][0][
+            "url"]
+    assert httpx.get(url, timeout=30).status_code == 200
+    time.sleep(4)
+    assert httpx.get(url, timeout=30).status_code == 403
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def bad_image_corpus() -> list[tuple[str, bytes, int, str | None]]:
+    """(name, bytes, expected status, expected error code) — generated, nothing shipped."""
+    face = face_photo(size=(300, 300), blobs=((150, 150, 60),))
+    rotated = face_photo(size=(320, 200), blobs=((80, 100, 40),)).transpose(Image.Transpose.ROTATE_90)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    frames = [face, Image.new("RGB", face.size)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    sixteen = Image.fromarray(np.asarray(face.convert("L"), dtype=np.uint16) * 257)  # mode I;16
+    alpha = face.convert("RGBA")
+    alpha.putalpha(200)
+    jpeg = encoded(face, "JPEG")
+    return [
+        ("empty", b"", 400, "invalid_image"),
+        ("truncated png", encoded(face)[:200], 400, "invalid_image"),
+        ("truncated jpeg", jpeg[: len(jpeg) // 3], 400, "invalid_image"),
+        ("text as .png", b"name,age\nbob,3\n", 400, "invalid_image"),
+        ("jpeg called png", jpeg, 200, None),
+        ("decompression bomb", png_with_declared_size(30000, 30000), 413, "image_too_large"),
+        ("huge declared size", png_with_declared_size(200000, 10), 413, "image_too_large"),
+        ("too many bytes", b"\x89PNG\r\n\x1a\n" + bytes(2 * 1024 * 1024 + 1), 413, "image_too_large"),
+        ("16-bit grayscale", encoded(sixteen), 200, None),
+        ("cmyk jpeg", encoded(face.convert("CMYK"), "JPEG"), 200, None),
+        ("grayscale", encoded(face.convert("L")), 200, None),
+        ("alpha", encoded(alpha), 200, None),
+        ("palette", encoded(face.convert("P")), 200, None),
+        ("animated gif", gif.getvalue(), 200, None),
+        ("exif rotated", encoded(rotated, "JPEG", exif=exif), 200, None),
+        ("1x1", encoded(Image.new("RGB", (1, 1), "white")), 400, "invalid_image"),
+        ("many faces", encoded(face_photo(size=(640, 320), blobs=((100, 160, 40), (320, 160, 80), (540, 160, 50)))),
+         200, None),
+        ("no face", encoded(Image.new("RGB", (400, 300), (30, 30, 30))), 422, "no_face"),
+    ]
+
+
+def replica_pids(deployment: str, app: str = "hard") -> list[int]:
+    from ray._private.state import actors
+
+    return [info["Pid"] for info in actors().values()
+            if info["State"] == "ALIVE" and info["ActorClassName"] == f"ServeReplica:{app}:{deployment}"]
+
+
+def replica_rss(deployment: str, app: str = "hard") -> int:
+    import psutil
+
+    return sum(psutil.Process(pid).memory_info().rss for pid in replica_pids(deployment, app))
+
+
+def test_bad_image_corpus_gets_specific_answers_with_bounded_memory(hard_url):
+    corpus = bad_image_corpus()
+    results = {}
+    before = None
+    with client(hard_url, KEY_A) as c:
+        for round_ in range(2):  # the second round measures growth after warm-up
+            if round_ == 1:
+                before = replica_rss("FaceEmbedder")
+            for name, data, status, code in corpus:
+                response = c.post("/v1/faces/analyze", json={"face_images": [base64.b64encode(data).decode()]})
+                results[name] = (response.status_code, response.json().get("error", {}).get("code"))
+                assert response.status_code == status, (name, response.text)
+                if code:
+                    assert results[name][1] == code, (name, response.text)
+                    assert response.json()["error"]["field"] == "face_images[0]"
+        growth = replica_rss("FaceEmbedder") - before
+    assert growth < 150 * 1024 * 1024, f"the face stage grew by {growth / 2**20:.0f} MiB over one corpus"
+    STATS.parent.mkdir(parents=True, exist_ok=True)
+    STATS.write_text(json.dumps({"bad_inputs_tried": 2 * len(corpus), "kinds": len(corpus),
+                                 "face_stage_growth_mib": round(growth / 2**20, 1), "results": results}, indent=1))
