@@ -123,3 +123,66 @@ def ray_serve(ray_runtime):
     """A real Ray (pinned to loopback, token auth off for tests) with Serve's HTTP proxy on
     a free loopback port. Yields the base URL."""
     return ray_runtime.ensure()
+
+
+# ----------------------------------------------------------------------------- shared apps
+# Deploying an application takes a while on this machine: modules that can share one do.
+
+def _keys():
+    from deployments.auth import new_key
+
+    return new_key()
+
+
+KEY_A, DIGEST_A = _keys()
+KEY_B, DIGEST_B = _keys()
+KEY_Q, DIGEST_Q = _keys()
+
+
+def local_test_options(**generator) -> dict:
+    """The production deployment settings, adapted as `instantid serve` adapts them."""
+    from deployments.local import application_config, deployment_options, load_serve_config
+
+    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
+    options["Generator"].update(generator)
+    return options
+
+
+@pytest.fixture(scope="session")
+def local_app(ray_runtime, weights_dir, tmp_path_factory):
+    """The app on a local-folder store: async jobs, webhooks to loopback, the web page."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    url = ray_runtime.ensure()
+    storage = tmp_path_factory.mktemp("local-app-storage")
+    args = {
+        "weights": str(weights_dir), "storage": str(storage),
+        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
+        "webhook_allowlist": ["127.0.0.1"], "webhook_allow_private": True, "webhook_backoff_s": 0.1,
+        "job_heartbeat_timeout_s": 4, "limits": {"max_steps": 150, "max_side": 512},
+    }
+    serve.run(build_app(args, local_test_options(graceful_shutdown_timeout_s=5)), name="local", route_prefix="/local")
+    return {"url": f"{url}/local", "storage": storage}
+
+
+@pytest.fixture(scope="session")
+def s3_app(ray_runtime, weights_dir, s3_server):
+    """The app on SeaweedFS: faults, hardening."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    url = ray_runtime.ensure()
+    for bucket in ("hardening", "hardening-uploads"):
+        s3_server.client().create_bucket(Bucket=bucket)
+    args = {
+        "weights": str(weights_dir), "storage": "s3://hardening/svc", "s3_endpoint_url": s3_server.endpoint,
+        "input_buckets": ["hardening-uploads"], "request_timeout_s": 120,
+        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
+        "retention": {"faces_s": 600, "results_s": 600},
+        "limits": {"max_side": 512, "max_steps": 150, "max_image_bytes": 2 * 1024 * 1024},
+    }
+    serve.run(build_app(args, local_test_options(graceful_shutdown_timeout_s=5)), name="s3app", route_prefix="/s3app")
+    return {"url": f"{url}/s3app", "bucket": "hardening", "prefix": "svc", "app": "s3app"}

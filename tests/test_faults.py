@@ -14,33 +14,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deployments.app import build_app
-from deployments.auth import new_key
-from deployments.local import application_config, deployment_options, load_serve_config
-from tests.conftest import data_url, face_photo
+from tests.conftest import KEY_A, data_url, face_photo
 from tests.test_cluster import wait_until
 
-KEY, DIGEST = new_key()
-HEADERS = {"Authorization": f"Bearer {KEY}"}
+HEADERS = {"Authorization": f"Bearer {KEY_A}"}
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
-BUCKET = "faults"
+BUCKET = "hardening"
 STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-faults.json"
-SOAK_SECONDS = 75
+SOAK_SECONDS = 60
 figures: dict = {}
 
 
 @pytest.fixture(scope="module")
-def faults_url(ray_serve, weights_dir, s3_server):
-    from ray import serve
-
-    s3_server.client().create_bucket(Bucket=BUCKET)
-    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
-    options["Generator"]["graceful_shutdown_timeout_s"] = 5
-    args = {"weights": str(weights_dir), "storage": f"s3://{BUCKET}/svc", "s3_endpoint_url": s3_server.endpoint,
-            "auth": {"api_key_sha256": [DIGEST], "api_keys_env": ""}, "request_timeout_s": 120,
-            "limits": {"max_side": 512, "max_steps": 150}}
-    serve.run(build_app(args, options), name="faults", route_prefix="/faults")
-    yield f"{ray_serve}/faults"
+def faults_url(s3_app):
+    yield s3_app["url"]
     STATS.parent.mkdir(parents=True, exist_ok=True)
     STATS.write_text(json.dumps(figures, indent=1))
 
@@ -97,10 +84,10 @@ def test_a_generator_killed_mid_batch_fails_its_requests_cleanly_or_retries_them
     started = time.monotonic()
     thread.start()
     handle_name = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                       if "faults#Generator" in a["name"])
+                       if "s3app#Generator" in a["name"])
     from ray import serve
 
-    generator = serve.get_deployment_handle("Generator", app_name="faults")
+    generator = serve.get_deployment_handle("Generator", app_name="s3app")
     wait_until(lambda: generator.status.remote().result(timeout_s=10)["rendering"] > 0, 120, "a batch rendering")
     ray.kill(ray.get_actor(handle_name, namespace="serve"), no_restart=True)
     thread.join(timeout=300)
@@ -110,7 +97,7 @@ def test_a_generator_killed_mid_batch_fails_its_requests_cleanly_or_retries_them
     for response in results:
         if response.status_code == 503:
             assert response.json()["error"]["code"] == "unavailable" and response.headers["retry-after"]
-    assert replica_pids("Generator", app="faults")  # replaced
+    assert replica_pids("Generator", app="s3app")  # replaced
     figures["replicas_killed_mid_batch"] = 1
     figures["requests_in_killed_batch"] = dict(codes)
     figures["kill_to_answer_s"] = round(time.monotonic() - started, 1)
@@ -119,7 +106,7 @@ def test_a_generator_killed_mid_batch_fails_its_requests_cleanly_or_retries_them
 def test_a_client_that_hangs_up_does_not_leave_the_replica_busy(faults_url, photo, s3_server):
     from ray import serve
 
-    generator = serve.get_deployment_handle("Generator", app_name="faults")
+    generator = serve.get_deployment_handle("Generator", app_name="s3app")
     wait_until(lambda: generator.status.remote().result(timeout_s=10)["rendering"] == 0, 120, "an idle generator")
     before, _ = records_and_images(s3_server)
     slow = {"face_images": [photo], "width": 512, "height": 512, "num_inference_steps": 150}
@@ -143,7 +130,7 @@ def test_soak_mixed_load_with_flat_memory_and_no_5xx(faults_url, photo):
     with httpx.Client(base_url=faults_url, timeout=120, headers=HEADERS) as c:  # warm every path once
         face_id = c.post("/v1/faces", json={"face_images": [photo]}).json()["face_id"]
         c.post("/v1/generations", json={"face_id": face_id, **SMALL})
-    baseline = {name: replica_rss(name, app="faults") for name in deployments}
+    baseline = {name: replica_rss(name, app="s3app") for name in deployments}
     outcomes: Counter = Counter()
     stop = time.monotonic() + SOAK_SECONDS
 
@@ -181,7 +168,7 @@ def test_soak_mixed_load_with_flat_memory_and_no_5xx(faults_url, photo):
         thread.start()
     for thread in threads:
         thread.join(timeout=SOAK_SECONDS + 180)
-    growth = {name: replica_rss(name, app="faults") - baseline[name] for name in deployments}
+    growth = {name: replica_rss(name, app="s3app") - baseline[name] for name in deployments}
     figures["soak"] = {"seconds": SOAK_SECONDS, "requests": sum(outcomes.values()),
                        "statuses": {str(k): v for k, v in outcomes.items()},
                        "rss_growth_mib": {k: round(v / 2**20, 1) for k, v in growth.items()}}

@@ -17,53 +17,31 @@ import pytest
 from PIL import Image
 
 from deployments.app import build_app
-from deployments.auth import new_key
-from deployments.local import application_config, deployment_options, load_serve_config
-from tests.conftest import data_url, face_photo
+from tests.conftest import DIGEST_A, DIGEST_B, DIGEST_Q, KEY_A, KEY_B, KEY_Q, data_url, face_photo, local_test_options
 from tests.test_images import png_with_declared_size
 
-KEY_A, DIGEST_A = new_key()
-KEY_B, DIGEST_B = new_key()
-KEY_Q, DIGEST_Q = new_key()  # a key for the quota test
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 BUCKET = "hardening"
 STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-hardening.json"
 
 
-def app_args(weights_dir, s3_server, **extra) -> dict:
-    return {
-        "weights": str(weights_dir), "storage": f"s3://{BUCKET}/svc", "s3_endpoint_url": s3_server.endpoint,
-        "input_buckets": ["hardening-uploads"], "url_expiry_s": 3,
-        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
-        "retention": {"faces_s": 600, "results_s": 600},
-        "limits": {"max_side": 128, "max_steps": 4, "max_image_bytes": 2 * 1024 * 1024}, **extra,
-    }
-
-
-def local_options() -> dict:
-    return deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
+@pytest.fixture(scope="module")
+def hard_url(s3_app):
+    return s3_app["url"]
 
 
 @pytest.fixture(scope="module")
-def hard_url(ray_serve, weights_dir, s3_server):
+def limited_url(ray_serve, weights_dir, s3_server, s3_app):
+    """The app with per-key limits and two ingress replicas that must agree on them."""
     from ray import serve
 
-    s3_server.client().create_bucket(Bucket=BUCKET)
-    s3_server.client().create_bucket(Bucket="hardening-uploads")
-    serve.run(build_app(app_args(weights_dir, s3_server), local_options()), name="hard", route_prefix="/hard")
-    return f"{ray_serve}/hard"
-
-
-@pytest.fixture(scope="module")
-def limited_url(hard_url, ray_serve, weights_dir, s3_server):
-    """The same app with per-key limits and two ingress replicas that must agree on them."""
-    from ray import serve
-
-    options = local_options()
+    options = local_test_options()
     options["Ingress"].pop("autoscaling_config")
     options["Ingress"]["num_replicas"] = 2
-    args = app_args(weights_dir, s3_server, rate_limits={"requests_per_minute": 60, "burst": 10,
-                                                         "images_per_day": 6})
+    args = {"weights": str(weights_dir), "storage": "s3://hardening/limited", "s3_endpoint_url": s3_server.endpoint,
+            "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
+            "rate_limits": {"requests_per_minute": 60, "burst": 10, "images_per_day": 6},
+            "limits": {"max_side": 128, "max_steps": 4}}
     serve.run(build_app(args, options), name="limited", route_prefix="/limited")
     return f"{ray_serve}/limited"
 
@@ -147,7 +125,7 @@ def test_expired_faces_are_refused_and_swept(hard_url, s3_server):
     other["expires_at"] = time.time() - 1
     s3_server.client().put_object(Bucket=BUCKET, Key="svc/faces/f_" + "z" * 22 + ".json",
                                   Body=json.dumps(other).encode())
-    swept = serve.get_deployment_handle("Janitor", app_name="hard").sweep.remote().result(timeout_s=60)
+    swept = serve.get_deployment_handle("Janitor", app_name="s3app").sweep.remote().result(timeout_s=60)
     assert swept["faces"] >= 1 and "svc/faces/f_" + "z" * 22 + ".json" not in objects(s3_server)
 
 
@@ -187,15 +165,6 @@ def test_ids_and_keys_from_the_url_never_become_paths(hard_url, path):
     with client(hard_url, KEY_A) as c:
         response = c.get(path)
     assert response.status_code in (403, 404) and error_of(response)["code"] in ("forbidden", "not_found")
-
-
-def test_presigned_urls_expire(hard_url):
-    with client(hard_url, KEY_A) as c:
-        url = c.post("/v1/generations", json={"face_images": [data_url(face_photo())], **SMALL}).json()["images"][0][
-            "url"]
-    assert httpx.get(url, timeout=30).status_code == 200
-    time.sleep(4)
-    assert httpx.get(url, timeout=30).status_code == 403
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -240,14 +209,14 @@ def bad_image_corpus() -> list[tuple[str, bytes, int, str | None]]:
     ]
 
 
-def replica_pids(deployment: str, app: str = "hard") -> list[int]:
+def replica_pids(deployment: str, app: str = "s3app") -> list[int]:
     from ray._private.state import actors
 
     return [info["Pid"] for info in actors().values()
             if info["State"] == "ALIVE" and info["ActorClassName"] == f"ServeReplica:{app}:{deployment}"]
 
 
-def replica_rss(deployment: str, app: str = "hard") -> int:
+def replica_rss(deployment: str, app: str = "s3app") -> int:
     import psutil
 
     return sum(psutil.Process(pid).memory_info().rss for pid in replica_pids(deployment, app))

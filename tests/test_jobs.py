@@ -9,37 +9,23 @@ import time
 import httpx
 import pytest
 
-from deployments.app import build_app
-from deployments.auth import new_key, owner_of
-from deployments.local import application_config, deployment_options, load_serve_config
+from deployments.auth import owner_of
 from deployments.webhooks import verify
-from tests.conftest import data_url, face_photo
+from tests.conftest import DIGEST_A, KEY_A, KEY_B, data_url, face_photo
 from tests.test_webhooks import Receiver
 
-KEY_A, DIGEST_A = new_key()
-KEY_B, DIGEST_B = new_key()
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4}
 TERMINAL = ("succeeded", "failed", "canceled")
 
 
 @pytest.fixture(scope="module")
-def storage_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("job-storage")
+def storage_dir(local_app):
+    return local_app["storage"]
 
 
 @pytest.fixture(scope="module")
-def jobs_url(ray_serve, weights_dir, storage_dir):
-    from ray import serve
-
-    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
-    args = {
-        "weights": str(weights_dir), "storage": str(storage_dir),
-        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
-        "webhook_allowlist": ["127.0.0.1"], "webhook_allow_private": True, "webhook_backoff_s": 0.1,
-        "job_heartbeat_timeout_s": 4, "limits": {"max_steps": 400, "max_side": 512},
-    }
-    serve.run(build_app(args, options), name="jobs", route_prefix="/jobs")
-    return f"{ray_serve}/jobs"
+def jobs_url(local_app):
+    return local_app["url"]
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +149,7 @@ def test_a_job_whose_replica_died_is_reported_lost_and_finished_ones_survive(cli
     slow = client.post("/v1/generations", json={"face_images": [photo], "async": True, "width": 512, "height": 512,
                                                 "num_inference_steps": 150}).json()
     for name in ray.util.list_named_actors(all_namespaces=True):
-        if "jobs#Ingress" in name["name"]:
+        if "local#Ingress" in name["name"]:
             ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=True)
     wait_until(lambda: httpx.get(f"{jobs_url}/healthz", timeout=10).status_code == 200, 120, "a new ingress")
     lost = wait_for(client, slow["id"], timeout=60)

@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from deployments.app import build_app
-from deployments.auth import new_key
-from deployments.local import application_config, deployment_options, load_serve_config
+from tests.conftest import KEY_A as KEY
 from tests.conftest import face_photo
 
-KEY, DIGEST = new_key()
 ARTIFACTS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -25,14 +22,8 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def page_url(ray_serve, weights_dir, tmp_path_factory):
-    from ray import serve
-
-    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
-    args = {"weights": str(weights_dir), "storage": str(tmp_path_factory.mktemp("web-storage")),
-            "auth": {"api_key_sha256": [DIGEST], "api_keys_env": ""}}
-    serve.run(build_app(args, options), name="web", route_prefix="/web")
-    return f"{ray_serve}/web/"
+def page_url(local_app):
+    return local_app["url"] + "/"
 
 
 @pytest.fixture(scope="module")
