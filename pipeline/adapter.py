@@ -11,6 +11,11 @@
   IP-Adapter processor takes one scale per adapter; here ``ip_adapter_scale`` may be
   one value per sample of the batch, and an optional face-region mask may limit
   where face attention applies. Both use SDPA and keep nothing between calls.
+* Fused projections (an opt-in speed setting, :mod:`pipeline.optimize`): when
+  ``attn.fused_projections`` is set (diffusers' ``Attention.fuse_projections``), the
+  processors take q|k|v (self-attention) or k|v (cross-attention) from one matrix product
+  (``attn.to_qkv`` / ``attn.to_kv``); :meth:`IdentityAttnProcessor.fuse` does the same for
+  the face k|v (``to_kv_ip``). Same numbers within float tolerance.
 
 The published ``ip_adapter`` keys are ``{i}.to_k_ip.weight`` / ``{i}.to_v_ip.weight``
 where ``i`` is the position of a cross-attention processor in ``unet.attn_processors``
@@ -215,6 +220,21 @@ class IdentityAttnProcessor(nn.Module):
         self.num_tokens = num_tokens
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_kv_ip: nn.Linear | None = None  # set by fuse(): k|v of the face tokens in one product
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Make ``to_kv_ip`` (``to_k_ip`` and ``to_v_ip`` stacked) and use it from now on.
+        ``to_k_ip``/``to_v_ip`` keep the published weights (as diffusers keeps ``to_q`` etc.)."""
+        weight = torch.cat([self.to_k_ip.weight, self.to_v_ip.weight])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        self.to_kv_ip = fused.requires_grad_(False)
+
+    def face_key_value(self, face_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.to_kv_ip is not None:
+            return self.to_kv_ip(face_tokens).chunk(2, dim=-1)
+        return self.to_k_ip(face_tokens), self.to_v_ip(face_tokens)
 
     def __call__(
         self,
@@ -257,16 +277,16 @@ def _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    query = attn.to_q(hidden_states)
+    query, key, value = _projections(attn, hidden_states, encoder_hidden_states)
     head_dim = query.shape[-1] // attn.heads
     query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
     if attn.norm_q is not None:
         query = attn.norm_q(query)
 
-    out = _sdpa(attn, query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attention_mask)
+    out = _sdpa(attn, query, key, value, attention_mask)
     if face_tokens is not None:
         processor, scale, mask = adapter
-        face = _sdpa(attn, query, processor.to_k_ip(face_tokens), processor.to_v_ip(face_tokens), None)
+        face = _sdpa(attn, query, *processor.face_key_value(face_tokens), None)
         face = face * _per_sample(scale, batch, face)
         if mask is not None:
             face = face * _mask_for(mask, face.shape[1], face)
@@ -280,6 +300,18 @@ def _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
     if attn.residual_connection:
         out = out + residual
     return out / attn.rescale_output_factor
+
+
+def _projections(attn, hidden_states: torch.Tensor, context: torch.Tensor):
+    """q, k, v: from the fused layers when ``attn.fused_projections`` is set (q|k|v for
+    self-attention, q and k|v for cross-attention), else from ``to_q``/``to_k``/``to_v``."""
+    if getattr(attn, "fused_projections", False):
+        if context is hidden_states and getattr(attn, "to_qkv", None) is not None:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        if getattr(attn, "to_kv", None) is not None:
+            key, value = attn.to_kv(context).chunk(2, dim=-1)
+            return attn.to_q(hidden_states), key, value
+    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
 
 def cross_attention_layers(unet) -> list[tuple[int, str, nn.Module]]:

@@ -60,6 +60,10 @@ def build_parser():
         "--single-file", action="store_true",
         help="also write DIR/sdxl-single/sdxl_fixture.safetensors: the SDXL as one original-layout checkpoint",
     )
+    fixtures.add_argument(
+        "--published-size", action="store_true",
+        help="random weights of the published sizes (SDXL base, InstantID, fp16, about 10 GB): for load benchmarks",
+    )
 
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
@@ -71,8 +75,8 @@ def build_parser():
     gen.add_argument("--style", help=f"one of: {', '.join(style_names())}")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
-    gen.add_argument("--num-inference-steps", type=int, default=30)
-    gen.add_argument("--guidance-scale", type=float, default=5.0)
+    gen.add_argument("--num-inference-steps", type=int, help="default 30, or the --optimize few_step preset's")
+    gen.add_argument("--guidance-scale", type=float, help="default 5.0, or the --optimize few_step preset's")
     gen.add_argument("--ip-adapter-scale", type=float, default=0.8)
     gen.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
     gen.add_argument("--control-guidance-start", type=float, default=0.0)
@@ -80,13 +84,19 @@ def build_parser():
     gen.add_argument("--enhance-face-region", action="store_true")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--scheduler", default="euler", help=f"one of: {', '.join(SCHEDULERS)}")
+    gen.add_argument("--scheduler", help=f"one of: {', '.join(SCHEDULERS)} (default euler, or the preset's)")
     gen.add_argument("--lora", type=Path, help="a LoRA .safetensors (e.g. LCM-LoRA)")
     gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--out", required=True, type=Path, help="output image path (.png, .jpg, .webp)")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--providers", default="auto", help="onnxruntime providers for the face stage")
+    gen.add_argument(
+        "--optimize", action="append", default=[], metavar="NAME[,NAME]",
+        help="speed settings (repeatable): fuse_qkv, channels_last, compile[=regional|full], bf16, "
+             "identitynet_cond_only, vae_tiling, vae_decode=native, vae_fp16_fix=DIR, face_batch, "
+             "face_providers=cuda|tensorrt, few_step=lcm|lightning|hyper:LORA[:STEPS]; bundles: fast, fastest",
+    )
     return parser, commands
 
 
@@ -131,7 +141,12 @@ SINGLE_FILE_FIXTURE = Path("sdxl-single") / "sdxl_fixture.safetensors"
 def _fixtures(args) -> int:
     from .fixtures import fixture_summary, write_fixtures, write_sdxl_single_file
 
-    root = write_fixtures(args.dir)
+    if args.published_size:
+        from .fixtures import write_published_size_fixtures
+
+        root = write_published_size_fixtures(args.dir)
+    else:
+        root = write_fixtures(args.dir)
     if args.single_file:
         write_sdxl_single_file(root / "sdxl", root / SINGLE_FILE_FIXTURE)
     print(json.dumps(fixture_summary(root)))
@@ -140,20 +155,23 @@ def _fixtures(args) -> int:
 
 def _generate(args) -> int:
     from .images import load_image
+    from .optimize import Optimizations
     from .params import GenerationParams, parse_params
     from .weights import resolve_weights
 
     started = time.perf_counter()
     # 1. everything the user typed is checked before any model is loaded
+    optimizations = Optimizations.parse(args.optimize)
+    chosen = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+              "scheduler": args.scheduler}
     params = parse_params(
         GenerationParams,
+        **{**optimizations.param_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         style=args.style,
         width=args.width,
         height=args.height,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
         ip_adapter_scale=args.ip_adapter_scale,
         controlnet_conditioning_scale=args.controlnet_conditioning_scale,
         control_guidance_start=args.control_guidance_start,
@@ -161,7 +179,6 @@ def _generate(args) -> int:
         enhance_face_region=args.enhance_face_region,
         seed=args.seed,
         num_images=args.num_images,
-        scheduler=args.scheduler,
         lora=str(args.lora) if args.lora else None,
         lora_scale=args.lora_scale,
     )
@@ -179,7 +196,8 @@ def _generate(args) -> int:
     # 2. load, analyse, render
     from .pipeline import InstantIDPipeline
 
-    pipe = InstantIDPipeline.from_weights(paths, device=args.device, dtype=args.dtype, providers=args.providers)
+    pipe = InstantIDPipeline.from_weights(paths, device=args.device, dtype=args.dtype, providers=args.providers,
+                                          optimizations=optimizations)
     load_ms = (time.perf_counter() - started) * 1000
     clock = time.perf_counter()
     face = pipe.face.analyze_many(
@@ -195,17 +213,16 @@ def _generate(args) -> int:
         path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
         image.save(path, format=out_format)
         outputs.append({"path": str(path), "seed": seed})
-    print(
-        json.dumps(
-            {
-                "images": outputs,
-                "width": result.width,
-                "height": result.height,
-                "face": face.to_dict(),
-                "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
-            }
-        )
-    )
+    report = {
+        "images": outputs,
+        "width": result.width,
+        "height": result.height,
+        "face": face.to_dict(),
+        "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
+    }
+    if optimizations.enabled():
+        report["optimizations"] = optimizations.enabled()
+    print(json.dumps(report))
     return 0
 
 

@@ -3,11 +3,16 @@
 Loads an antelopev2-layout folder through insightface's ``FaceAnalysis`` (detection and
 recognition only), keeps the largest face by true area, retries at smaller detection
 sizes when nothing is found, and combines several reference photos.
+
+:meth:`FaceAnalyzer.analyze_batch` detects each photo and then runs recognition once for
+all their faces (one ONNX Runtime call for the aligned crops), with the same results as
+:meth:`FaceAnalyzer.analyze` photo by photo.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InvalidParameter, NoFaceDetected, ProviderUnavailable, WeightsNotFound
+from .errors import InstantIDError, InvalidParameter, NoFaceDetected, ProviderUnavailable, WeightsNotFound
 from .images import ImageInput, load_image
 from .keypoints import reference_size
 
@@ -130,7 +135,13 @@ class FaceAnalyzer:
         providers: str | Sequence[str] = "auto",
         det_sizes: Sequence[int] = DEFAULT_DET_SIZES,
         det_thresh: float = 0.5,
+        batch_recognition: bool = False,
+        provider_options: Sequence[dict] | None = None,
     ) -> None:
+        """``batch_recognition``: :meth:`analyze_many` analyses its photos with
+        :meth:`analyze_batch` (one recognition call). ``provider_options``: one dict per
+        provider, as onnxruntime takes them (default: a TensorRT engine cache next to the
+        models when TensorRT is asked for)."""
         model_dir = Path(model_dir)
         for name in (DETECTOR_FILE, RECOGNIZER_FILE):
             if not (model_dir / name).is_file():
@@ -141,10 +152,18 @@ class FaceAnalyzer:
         self.det_sizes = tuple(int(s) for s in det_sizes)
         self.det_thresh = float(det_thresh)
         self.model_dir = model_dir
+        self.batch_recognition = bool(batch_recognition)
+        if provider_options is None and self.providers[0] == "TensorrtExecutionProvider":
+            cache = Path(os.environ.get("INSTANTID_TRT_CACHE", model_dir / ".trt-cache"))
+            provider_options = [{"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                 "trt_engine_cache_path": str(cache)}] + [{} for _ in self.providers[1:]]
+        extra = {"provider_options": list(provider_options)} if provider_options is not None else {}
+        if provider_options is not None and len(extra["provider_options"]) != len(self.providers):
+            raise InvalidParameter("provider_options", f"one dict per provider ({len(self.providers)})")
         from insightface.app import FaceAnalysis
 
         self._app = FaceAnalysis(
-            name=str(model_dir), allowed_modules=["detection", "recognition"], providers=self.providers
+            name=str(model_dir), allowed_modules=["detection", "recognition"], providers=self.providers, **extra
         )
         if "recognition" not in self._app.models:
             raise WeightsNotFound(RECOGNIZER_FILE, str(model_dir), "no recognition model was recognised there")
@@ -176,32 +195,71 @@ class FaceAnalyzer:
         implementation does, so keypoints are in that frame. Raises
         :class:`NoFaceDetected` when no detection size finds a face.
         """
+        picture, bgr = self._prepare(image, field, reference_resize)
+        with self._lock:  # the ORT sessions are thread safe; insightface's caches are not
+            bbox, kps, score = self._detect(bgr, field)
+            from insightface.app.common import Face
+
+            face = Face(bbox=bbox, kps=kps, det_score=score)
+            embedding = np.asarray(self._recognizer.get(bgr, face), dtype=np.float32).reshape(-1)
+        return _face_info(bbox, kps, score, embedding, picture.size)
+
+    def analyze_batch(
+        self,
+        images: Sequence[ImageInput],
+        *,
+        fields: Sequence[str] | None = None,
+        reference_resize: bool = True,
+        errors: Literal["raise", "return"] = "raise",
+    ) -> list[FaceInfo | InstantIDError]:
+        """:meth:`analyze` for several photos, with one recognition call for all their
+        faces (the aligned crops go to the recogniser as one batch). Detection runs photo
+        by photo (SCRFD's published export takes one image at a time). With
+        ``errors="return"`` a photo that fails (no face, not an image) gives its error in
+        its place instead of failing the others."""
+        fields = list(fields) if fields is not None else [f"images[{i}]" for i in range(len(images))]
+        if len(fields) != len(images):
+            raise InvalidParameter("fields", "one name per image")
+        results: list[FaceInfo | InstantIDError | None] = [None] * len(images)
+        found = []  # (index, picture size, bgr, bbox, kps, score)
+        with self._lock:
+            for index, (image, field) in enumerate(zip(images, fields)):
+                try:
+                    picture, bgr = self._prepare(image, field, reference_resize)
+                    found.append((index, picture.size, bgr, *self._detect(bgr, field)))
+                except InstantIDError as error:
+                    if errors == "raise":
+                        raise
+                    results[index] = error
+            if found:
+                from insightface.utils import face_align
+
+                side = self._recognizer.input_size[0]
+                crops = [face_align.norm_crop(bgr, landmark=kps, image_size=side) for _, _, bgr, _, kps, _ in found]
+                embeddings = np.asarray(self._recognizer.get_feat(crops), dtype=np.float32)
+        for row, (index, size, _, bbox, kps, score) in enumerate(found):
+            results[index] = _face_info(bbox, kps, score, embeddings[row].reshape(-1), size)
+        return results  # type: ignore[return-value]
+
+    def _prepare(self, image: ImageInput, field: str, reference_resize: bool):
         picture = load_image(image, field=field)
         if reference_resize:
             size = reference_size(*picture.size)
             if size != picture.size:
                 picture = picture.resize(size, Image.Resampling.LANCZOS)
-        bgr = np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
-        with self._lock:  # the ORT sessions are thread safe; insightface's caches are not
-            for det_size in self.det_sizes:
-                bboxes, kpss = self._detector.detect(bgr, input_size=(det_size, det_size), max_num=0)
-                if len(bboxes):
-                    break
-            else:
-                raise NoFaceDetected(f"no face was detected (tried detection sizes {list(self.det_sizes)})", field)
-            areas = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
-            best = int(np.argmax(areas))
-            from insightface.app.common import Face
+        return picture, np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
 
-            face = Face(bbox=bboxes[best, :4], kps=kpss[best], det_score=bboxes[best, 4])
-            embedding = np.asarray(self._recognizer.get(bgr, face), dtype=np.float32).reshape(-1)
-        return FaceInfo(
-            bbox=tuple(float(v) for v in bboxes[best, :4]),
-            kps=tuple((float(x), float(y)) for x, y in kpss[best]),
-            det_score=float(bboxes[best, 4]),
-            embedding=embedding,
-            image_size=picture.size,
-        )
+    def _detect(self, bgr: np.ndarray, field: str):
+        """The largest face: (bbox, kps, score), trying smaller detection sizes when none is found."""
+        for det_size in self.det_sizes:
+            bboxes, kpss = self._detector.detect(bgr, input_size=(det_size, det_size), max_num=0)
+            if len(bboxes):
+                break
+        else:
+            raise NoFaceDetected(f"no face was detected (tried detection sizes {list(self.det_sizes)})", field)
+        areas = (bboxes[:, 2] - bboxes[:, 0]) * (bboxes[:, 3] - bboxes[:, 1])
+        best = int(np.argmax(areas))
+        return bboxes[best, :4], kpss[best], bboxes[best, 4]
 
     def analyze_many(
         self,
@@ -219,7 +277,10 @@ class FaceAnalyzer:
         if not images:
             raise InvalidParameter(field, "at least one face photo is needed")
         names = list(names) if names is not None else [f"{field}[{i}]" for i in range(len(images))]
-        faces = [self.analyze(img, field=name) for img, name in zip(images, names)]
+        if self.batch_recognition:
+            faces = self.analyze_batch(images, fields=names)
+        else:
+            faces = [self.analyze(img, field=name) for img, name in zip(images, names)]
         layout = self.analyze(pose, field=pose_name) if pose is not None else faces[0]
         embedding = combine_embeddings([f.embedding for f in faces], combine) if len(faces) > 1 else faces[0].embedding
         return FaceInfo(
@@ -229,3 +290,13 @@ class FaceAnalyzer:
             embedding=embedding,
             image_size=layout.image_size,
         )
+
+
+def _face_info(bbox, kps, score, embedding: np.ndarray, image_size: tuple[int, int]) -> FaceInfo:
+    return FaceInfo(
+        bbox=tuple(float(v) for v in bbox),
+        kps=tuple((float(x), float(y)) for x, y in kps),
+        det_score=float(score),
+        embedding=np.asarray(embedding, dtype=np.float32).reshape(-1),
+        image_size=image_size,
+    )

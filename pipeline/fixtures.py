@@ -466,6 +466,120 @@ def write_ip_adapter(unet, path: Path) -> None:
     torch.save(state, str(path))
 
 
+# --------------------------------------------------------------------------- published sizes
+
+# The SDXL base 1.0 configs (stabilityai/stable-diffusion-xl-base-1.0), as published.
+PUBLISHED_UNET = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "cross_attention_dim": 2048, "down_block_types": [
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+}
+PUBLISHED_VAE = {
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+# CLIP ViT-L/14 text tower and OpenCLIP ViT-bigG/14 text tower (with projection)
+PUBLISHED_TEXT = {
+    "text_encoder": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "hidden_act": "quick_gelu", "projection_dim": 768},
+    "text_encoder_2": {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                       "num_attention_heads": 20, "hidden_act": "gelu", "projection_dim": 1280},
+}
+CLIP_VOCAB = 49408
+PUBLISHED_RESAMPLER = {"embed_dims": 512, "output_dims": 2048, "hidden_dims": 1280, "depth": 4, "dim_head": 64,
+                       "heads": 20, "num_queries": 16, "ffn_ratio": 4}
+
+
+def write_published_size_fixtures(root: str | Path) -> Path:
+    """The fixture tree with every model at its published size (SDXL base UNet, VAE and
+    both text encoders, InstantID's IdentityNet and ip-adapter), random weights stored
+    in fp16 (about 10 GB): for measuring weight loading at real sizes. Tokenizers,
+    scheduler and the two face models are the small fixture ones. Never commit it."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = write_fixtures(root)
+    sdxl = root / "sdxl"
+    generator = torch.Generator().manual_seed(FIXTURE_SEED)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(PUBLISHED_UNET)
+        vae = AutoencoderKL.from_config(PUBLISHED_VAE)
+        controlnet = ControlNetModel.from_unet(unet)
+    for folder, model in ((sdxl / "unet", unet), (sdxl / "vae", vae), (root / "instantid" / "ControlNetModel",
+                                                                      controlnet)):
+        _replace_weights(folder, "diffusion_pytorch_model.safetensors", model, generator)
+        model.save_config(str(folder))
+    for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        tokenizer = CLIPTokenizer.from_pretrained(str(sdxl / ("tokenizer" if name == "text_encoder" else
+                                                              "tokenizer_2")))
+        config = CLIPTextConfig(
+            vocab_size=CLIP_VOCAB, max_position_embeddings=77, **PUBLISHED_TEXT[name],
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            pad_token_id=tokenizer.convert_tokens_to_ids(tokenizer.pad_token),
+        )
+        with torch.device("meta"):
+            model = cls(config)
+        _replace_weights(sdxl / name, "model.safetensors", model, generator)
+        config.save_pretrained(str(sdxl / name))
+    _write_published_ip_adapter(unet, root / "instantid" / "ip-adapter.bin", generator)
+    return root
+
+
+def _random_state(model: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """fp16 random tensors for every entry of ``model``'s state dict (which may be on the
+    meta device): weights ~ N(0, 1/fan_in), norm scales 1, biases 0."""
+    state = {}
+    for key, meta in model.state_dict().items():
+        shape = tuple(meta.shape)
+        if key.endswith("bias") or meta.dim() == 0:
+            tensor = torch.zeros(shape, dtype=torch.float16)
+        elif meta.dim() == 1:  # norm scales
+            tensor = torch.ones(shape, dtype=torch.float16)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            std = 0.02 if "embedding" in key else fan_in**-0.5
+            tensor = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator).half()
+        state[key] = tensor
+    return state
+
+
+def _replace_weights(folder: Path, filename: str, model: torch.nn.Module, generator: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    for old in folder.glob("*.safetensors.index.json"):
+        old.unlink()
+    state = _random_state(model, generator)
+    save_file(state, str(folder / filename), metadata={"format": "pt"})
+    del state
+
+
+def _write_published_ip_adapter(unet, path: Path, generator: torch.Generator) -> None:
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from .adapter import cross_attention_layers, image_proj_to_published
+
+    with torch.device("meta"):
+        resampler = IPAdapterPlusImageProjection(**PUBLISHED_RESAMPLER)
+    image_proj = image_proj_to_published(_random_state(resampler, generator), PUBLISHED_RESAMPLER["depth"])
+    ip_adapter = {}
+    for position, _name, attn in cross_attention_layers(unet):
+        hidden, cross = attn.to_k.out_features, attn.to_k.in_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            weight = torch.empty(hidden, cross).normal_(0.0, cross**-0.5, generator=generator)
+            ip_adapter[f"{position}.{kind}.weight"] = weight.half()
+    torch.save({"image_proj": {k: v.contiguous() for k, v in image_proj.items()}, "ip_adapter": ip_adapter},
+               str(path))
+
+
 # --------------------------------------------------------------------------- ONNX face models
 
 

@@ -11,6 +11,9 @@ decoupled-attention processors and the face stage, and runs its own denoising lo
 * IdentityNet is not called outside ``control_guidance_start/end``.
 * Every image has its own seed, prompt and scales, so an image is the same whether it is
   rendered alone or inside a batch.
+
+Speed settings are opt-in (:class:`~pipeline.optimize.Optimizations`, given to
+:meth:`InstantIDPipeline.from_weights`); the defaults are the faithful path.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .errors import InstantIDError, InvalidParameter, InvalidWeights
 from .face import FaceAnalyzer, FaceInfo
 from .images import ImageInput
 from .keypoints import Frame, draw_keypoints, reference_size
+from .optimize import Optimizations, apply_optimizations, resolve_load_settings, set_fused_projections, vae_upcasts
 from .params import GenerationParams, parse_params
 from .schedulers import make_scheduler
 from .styles import apply_style
@@ -153,13 +157,17 @@ def window_keeps(num_steps: int, start: float, end: float) -> list[bool]:
 class InstantIDPipeline:
     """Face photos + prompt -> identity-preserving SDXL images. See the module docstring."""
 
-    def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None) -> None:
+    def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None,
+                 optimizations: Optimizations | None = None) -> None:
         self.sdxl = sdxl
         self.image_proj = image_proj
         self.face = face
+        self.optimizations = optimizations or Optimizations()
+        self.applied: list[tuple[str, float]] = []  # what apply_optimizations did, seconds each
         self.num_face_tokens = int(image_proj.latents.shape[1])
         self._lock = threading.Lock()
         self._loras: dict[str, str] = {}
+        self._fused = self.optimizations.fuse_qkv  # whether fused projections are in use (see _activate_lora)
         cross = sdxl.unet.config.cross_attention_dim
         out_dims = image_proj.proj_out.out_features
         if out_dims != cross:
@@ -176,17 +184,26 @@ class InstantIDPipeline:
         dtype: str | torch.dtype = "auto",
         providers: str | Sequence[str] = "auto",
         load_face: bool = True,
+        optimizations: Optimizations | dict | str | None = None,
         **resolve_kwargs,
     ) -> "InstantIDPipeline":
-        """Load every component from a weights root (see :mod:`pipeline.weights`)."""
+        """Load every component from a weights root (see :mod:`pipeline.weights`).
+        ``optimizations``: speed settings (:class:`~pipeline.optimize.Optimizations`, a dict
+        of its fields, or names as ``instantid generate --optimize`` takes them); a bad
+        combination is refused before any weights are read."""
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
+        opts = Optimizations.parse(optimizations)
+        device = resolve_device(device)
+        dtype, providers = resolve_load_settings(opts, device, dtype, providers)
+        if load_face:
+            from .face import select_providers
+
+            select_providers(providers)  # an unusable provider is refused before reading weights
         if not isinstance(weights, WeightsPaths):
             needed = ("sdxl", "instantid", "antelopev2") if load_face else ("sdxl", "instantid")
             weights = resolve_weights(weights, components=needed, **resolve_kwargs)
         paths = weights
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
         controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
         if paths.sdxl_is_single_file:
             sdxl = _load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
@@ -199,8 +216,17 @@ class InstantIDPipeline:
         layers = install_adapter_processors(sdxl.unet, num_tokens=int(adapter["image_proj"]["latents"].shape[1]))
         load_adapter_layers(layers, adapter["ip_adapter"])
         sdxl.to(device)
-        face = FaceAnalyzer(paths.antelopev2, providers=providers) if load_face else None
-        return cls(sdxl, image_proj, face)
+        face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) if load_face \
+            else None
+        pipe = cls(sdxl, image_proj, face, opts)
+        pipe.applied = apply_optimizations(pipe, opts)
+        return pipe
+
+    @property
+    def param_defaults(self) -> dict:
+        """Generation parameters this pipeline's settings imply (a few-step preset's
+        steps, guidance and scheduler); explicit parameters win."""
+        return self.optimizations.param_defaults()
 
     @property
     def device(self) -> torch.device:
@@ -236,7 +262,7 @@ class InstantIDPipeline:
     ) -> GenerationResult:
         """Generate ``num_images`` images of the person in ``face`` (photos or a
         :class:`FaceInfo`). ``params`` are the fields of :class:`GenerationParams`."""
-        spec = parse_params(GenerationParams, prompt=prompt, **params)
+        spec = parse_params(GenerationParams, prompt=prompt, **{**self.param_defaults, **params})
         started = time.perf_counter()
         info = face if isinstance(face, FaceInfo) else self.analyze_faces(face, pose=pose)
         face_ms = (time.perf_counter() - started) * 1000
@@ -293,6 +319,10 @@ class InstantIDPipeline:
 
     # ------------------------------------------------------------------ LoRA
     def _activate_lora(self, lora: str | None, scale: float) -> None:
+        fused = self.optimizations.fuse_qkv and lora is None  # a LoRA lives on the unfused projections
+        if self.optimizations.fuse_qkv and fused != self._fused:
+            set_fused_projections(self.sdxl.unet, self.sdxl.controlnet, on=fused)
+            self._fused = fused
         if lora is None:
             if self._loras:
                 self.sdxl.disable_lora()
@@ -322,6 +352,21 @@ class InstantIDPipeline:
         with self._lock:
             return self._render(list(items), options, on_step)
 
+    def warmup(self, width: int, height: int, *, num_inference_steps: int = 2, batch: int = 1,
+               guidance_scale: float = 5.0, scheduler: str = "euler") -> float:
+        """Render ``batch`` throw-away images at this size and return the seconds taken.
+        With ``compile`` on, the first call at each new shape compiles (tens of seconds on
+        a GPU): call this once per size a server will render before taking traffic."""
+        started = time.perf_counter()
+        centre = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.55], [0.42, 0.7], [0.58, 0.7]]) * [width, height]
+        width_in = int(self.image_proj.proj_in.in_features)
+        items = [RenderItem(prompt="", negative_prompt=None, embedding=np.zeros(width_in, np.float32), kps=centre,
+                            seed=k, guidance_scale=guidance_scale) for k in range(batch)]
+        options = RenderOptions(width=width, height=height, num_inference_steps=num_inference_steps,
+                                scheduler=scheduler, do_cfg=guidance_scale > 1.0)
+        self.render(items, options)
+        return time.perf_counter() - started
+
     def _check(self, items: Sequence[RenderItem], options: RenderOptions) -> None:
         if not items:
             raise InvalidParameter("items", "nothing to render")
@@ -343,6 +388,9 @@ class InstantIDPipeline:
 
     def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
         device, dtype, cfg = self.device, self.dtype, options.do_cfg
+        # IdentityNet on the conditional half only (opt-in; changes the result): the
+        # unconditional half gets zero residuals, as diffusers' guess_mode does
+        cond_only = cfg and self.optimizations.identitynet_cond_only
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         self._activate_lora(options.lora, options.lora_scale)
@@ -355,7 +403,7 @@ class InstantIDPipeline:
         if cfg:
             face_tokens = torch.cat([self.image_proj(torch.zeros_like(embeddings)), face_tokens])
         unet_tokens = torch.cat([text, face_tokens], dim=1)
-        timings["encode"] = _ms(clock)
+        timings["encode"] = _ms(clock, device)
 
         # 3. prepare: keypoint images, masks, per-item scales, noise, timesteps
         clock = time.perf_counter()
@@ -387,7 +435,10 @@ class InstantIDPipeline:
         attention_kwargs = {"ip_adapter_scale": ip_scale}
         if mask is not None:
             attention_kwargs["ip_adapter_mask"] = mask
-        timings["prepare"] = _ms(clock)
+        control = _ControlInputs(face_tokens, condition, added, cn_scale, mask)
+        if cond_only:
+            control = control.second_half()
+        timings["prepare"] = _ms(clock, device)
 
         # 4. denoise
         clock = time.perf_counter()
@@ -398,16 +449,19 @@ class InstantIDPipeline:
             down, mid = None, None
             if keeps[step]:
                 down, mid = self.sdxl.controlnet(
-                    model_input,
+                    model_input[len(items):] if cond_only else model_input,
                     t,
-                    encoder_hidden_states=face_tokens,
-                    controlnet_cond=condition,
+                    encoder_hidden_states=control.face_tokens,
+                    controlnet_cond=control.condition,
                     conditioning_scale=1.0,
-                    added_cond_kwargs=added,
+                    added_cond_kwargs=control.added,
                     return_dict=False,
                 )
-                down = [_scale_residual(d, cn_scale, mask) for d in down]
-                mid = _scale_residual(mid, cn_scale, mask)
+                down = [_scale_residual(d, control.scale, control.mask) for d in down]
+                mid = _scale_residual(mid, control.scale, control.mask)
+                if cond_only:
+                    down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+                    mid = torch.cat([torch.zeros_like(mid), mid])
             noise = self.sdxl.unet(
                 model_input,
                 t,
@@ -425,12 +479,12 @@ class InstantIDPipeline:
             latents = scheduler.step(noise, t, latents, **extra_step, return_dict=False)[0]
             if on_step is not None:
                 on_step(step + 1, len(timesteps))
-        timings["denoise"] = _ms(clock)
+        timings["denoise"] = _ms(clock, device)
 
         # 5. decode
         clock = time.perf_counter()
         images = self._decode(latents)
-        timings["decode"] = _ms(clock)
+        timings["decode"] = _ms(clock, device)
         return images, timings
 
     def _encode_text(self, items: list[RenderItem], cfg: bool, lora_scale: float | None):
@@ -485,7 +539,8 @@ class InstantIDPipeline:
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.sdxl.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        upcast = vae_upcasts(self.optimizations, vae)  # default: fp16 with a VAE that asks for it
+        model_dtype = vae.dtype
         decode_dtype = torch.float32 if upcast else vae.dtype
         config = vae.config
         if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
@@ -500,7 +555,7 @@ class InstantIDPipeline:
             pixels = vae.decode(latents.to(decode_dtype), return_dict=False)[0]
         finally:
             if upcast:
-                vae.to(torch.float16)
+                vae.to(model_dtype)
         return self.sdxl.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
@@ -508,8 +563,28 @@ def _round8(value: float) -> int:
     return max(8, int(round(value / 8)) * 8)
 
 
-def _ms(since: float) -> float:
+def _ms(since: float, device: torch.device | None = None) -> float:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: time it done, not queued
     return round((time.perf_counter() - since) * 1000, 2)
+
+
+@dataclass
+class _ControlInputs:
+    """What IdentityNet takes besides the latents (whole CFG batch, or its second half)."""
+
+    face_tokens: torch.Tensor
+    condition: torch.Tensor
+    added: dict
+    scale: torch.Tensor
+    mask: torch.Tensor | None
+
+    def second_half(self) -> "_ControlInputs":
+        def half(tensor):
+            return tensor[tensor.shape[0] // 2 :] if tensor is not None else None
+
+        return _ControlInputs(half(self.face_tokens), half(self.condition),
+                              {k: half(v) for k, v in self.added.items()}, half(self.scale), half(self.mask))
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:

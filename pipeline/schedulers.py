@@ -6,8 +6,10 @@ from typing import Literal
 
 from .errors import InvalidParameter
 
-SchedulerName = Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "lcm"]
-SCHEDULERS: tuple[str, ...] = ("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "lcm")
+SchedulerName = Literal["euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "lcm", "euler_trailing",
+                        "ddim_trailing"]
+SCHEDULERS: tuple[str, ...] = ("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc", "lcm", "euler_trailing",
+                               "ddim_trailing")
 
 
 def make_scheduler(name: str, base_config):
@@ -29,4 +31,11 @@ def make_scheduler(name: str, base_config):
         return diffusers.UniPCMultistepScheduler.from_config(config)
     if name == "lcm":
         return diffusers.LCMScheduler.from_config(config)
+    # step-distilled LoRAs (SDXL-Lightning, Hyper-SD) are trained on trailing timesteps
+    if name == "euler_trailing":
+        return diffusers.EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "ddim_trailing":
+        return diffusers.DDIMScheduler.from_config(
+            config, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing"
+        )
     raise InvalidParameter("scheduler", f"unknown scheduler {name!r}; choose one of {list(SCHEDULERS)}")
