@@ -1,0 +1,179 @@
+"""``python -m bench COMMAND``: the benchmarks. Each writes ``OUT/NAME.csv`` (one row per
+case: every setting, the hardware, the date, the median and spread over timed runs after
+warm-up) and ``OUT/NAME.md`` (the same as a table), and prints the table.
+
+    python -m bench cpu                 # overhead, batching, cold start, weight loading (CPU, fixture weights)
+    python -m bench overhead|batching|serving|coldstart|loading
+    python -m bench gpu                 # the published-size architecture on a GPU (see bench/gpu.py)
+    python -m bench gpu --tiny          # the same script on CPU at tiny sizes (what the tests run)
+    python -m bench report OUT          # every table in OUT
+
+``--smallest`` makes every CPU benchmark as small as it can be (the tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+CPU_BENCHES = ("overhead", "batching", "coldstart", "loading")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub) -> None:
+        sub.add_argument("--out", type=Path, default=Path("out/bench"), help="where the CSV and markdown go")
+        sub.add_argument("--repeats", type=int, help="timed runs per case (after warm-up)")
+        sub.add_argument("--warmup", type=int, help="untimed runs first")
+
+    for name in (*CPU_BENCHES, "serving", "cpu"):
+        sub = commands.add_parser(name, help=f"{name} benchmark" if name in CPU_BENCHES else
+                                  ("overhead and batching on one Ray" if name == "serving" else "every CPU benchmark"))
+        common(sub)
+        sub.add_argument("--weights", help="a weights root (default: fixture weights written to a temp dir)")
+        sub.add_argument("--smallest", action="store_true", help="the smallest sizes and fewest runs (tests)")
+        sub.add_argument("--size", type=int, help="image side for overhead (default 256) and batching (128)")
+        sub.add_argument("--steps", type=int, help="steps for overhead (default 10) and batching (4)")
+        sub.add_argument("--concurrency", type=_ints, help="batching: client concurrencies (default 1,4,8)")
+        sub.add_argument("--batch-sizes", type=_ints, help="batching: max_batch_images values (default 1,4)")
+        sub.add_argument("--requests-per-client", type=int, help="batching: requests per client per round (2)")
+        sub.add_argument("--coldstart-repeats", type=int, help="cold starts to time (default 2)")
+        sub.add_argument("--published-size", type=Path, metavar="DIR",
+                         help="loading: also time a published-size random-weight tree in DIR (written if missing, "
+                              "about 10 GB; never commit it)")
+        sub.add_argument("--loading-dtype", default="fp32", help="loading: dtype to load in (fp32 or bf16 on CPU)")
+        sub.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage, weights)")
+
+    gpu = commands.add_parser("gpu", help="published-size architecture: reference vs ladder vs all (GPU)")
+    common(gpu)
+    gpu.add_argument("--tiny", action="store_true", help="tiny configuration on CPU (or wherever --device says)")
+    gpu.add_argument("--size", type=int, help="image side (default 1024; tiny 64)")
+    gpu.add_argument("--steps", type=int, help="steps with CFG (default 30; tiny 2)")
+    gpu.add_argument("--fast-steps", type=int, help="steps without CFG (default 4; tiny 2)")
+    gpu.add_argument("--batches", type=_ints, help="batch sizes for throughput (default 1,2,4; tiny 1,2)")
+    gpu.add_argument("--budget-s", type=float, default=360.0,
+                     help="start no case after this many seconds (the device allows 10 minutes, start-up included)")
+    gpu.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    gpu.add_argument("--compile-mode", default="default",
+                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    gpu.add_argument("--skip", type=lambda t: tuple(p.strip() for p in t.split(",") if p.strip()), default=(),
+                     help="settings to leave out of the ladder, e.g. compile")
+    gpu.add_argument("--device", default="auto")
+
+    report = commands.add_parser("report", help="print every markdown table in a results folder")
+    report.add_argument("folder", type=Path, nargs="?", default=Path("out/bench"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if args.command == "report":
+        for md in sorted(args.folder.glob("*.md")):
+            print(md.read_text())
+        return 0
+    if args.command == "gpu":
+        return _gpu(args)
+    return _cpu(args)
+
+
+def _gpu(args) -> int:
+    from .gpu import run_gpu
+
+    tiny = args.tiny
+    results, face = run_gpu(
+        args.out, tiny=tiny, size=args.size or (64 if tiny else 1024), steps=args.steps or (2 if tiny else 30),
+        fast_steps=args.fast_steps or (2 if tiny else 4), batches=args.batches or ([1, 2] if tiny else [1, 2, 4]),
+        repeats=args.repeats or (1 if tiny else 3), warmup=1 if args.warmup is None else args.warmup,
+        budget_s=args.budget_s, compile_backend=args.compile_backend, compile_mode=args.compile_mode,
+        device_name=args.device, skip=args.skip,
+    )
+    print(results.markdown())
+    print(face.markdown())
+    return 0
+
+
+def _cpu(args) -> int:
+    from deployments.ray_setup import pin_to_loopback
+
+    pin_to_loopback()  # before Ray is imported: every Ray listener on 127.0.0.1
+    os.environ.pop("RAY_ADDRESS", None)  # a benchmark starts Ray clusters of its own, never joins one
+    small = args.smallest
+    which = CPU_BENCHES if args.command == "cpu" else (
+        ("overhead", "batching") if args.command == "serving" else (args.command,))
+    workdir = Path(tempfile.mkdtemp(prefix="ib-", dir="/tmp"))
+    tables = []
+    try:
+        weights = args.weights
+        if weights is None:
+            from pipeline.fixtures import write_fixtures
+
+            weights = str(write_fixtures(workdir / "weights"))
+        if "overhead" in which or "batching" in which:
+            from .serving import ServeSession, run_batching, run_overhead
+
+            batch_sizes = args.batch_sizes or [1, 4]
+            with ServeSession(weights, workdir) as session:
+                if "overhead" in which:
+                    size, steps = args.size or (64 if small else 256), args.steps or (2 if small else 10)
+                    tables.append(run_overhead(
+                        session, args.out, width=size, height=size, steps=steps, guidance=5.0,
+                        repeats=args.repeats or (3 if small else 10), warmup=1 if args.warmup is None else args.warmup))
+                if "batching" in which:
+                    size, steps = args.size or (64 if small else 128), args.steps or (2 if small else 4)
+                    tables.append(run_batching(
+                        session, args.out, width=size, height=size, steps=steps, guidance=5.0,
+                        concurrencies=args.concurrency or ([1, 4] if small else [1, 4, 8]),
+                        batch_sizes=batch_sizes,
+                        requests_per_client=args.requests_per_client or (1 if small else 2),
+                        repeats=args.repeats or (1 if small else 3),
+                        warmup=(0 if small else 1) if args.warmup is None else args.warmup))
+        if "coldstart" in which:
+            from .coldstart import run_coldstart
+
+            tables.append(run_coldstart(weights, args.out, workdir, width=64, height=64, steps=1 if small else 2,
+                                        repeats=args.coldstart_repeats or (1 if small else 2)))
+        if "loading" in which:
+            from .loading import run_loading
+
+            repeats = args.repeats or (1 if small else 5)
+            warmup = (0 if small else 1) if args.warmup is None else args.warmup
+            trees = [("fixture", Path(weights))]
+            if args.published_size is not None:
+                unet_config = args.published_size / "sdxl" / "unet" / "config.json"
+                if not unet_config.is_file() or json.loads(unet_config.read_text())["cross_attention_dim"] != 2048:
+                    from pipeline.fixtures import write_published_size_fixtures
+
+                    write_published_size_fixtures(args.published_size)
+                trees.append(("published_size", args.published_size))
+            tables.append(run_loading(trees, args.out, dtype=args.loading_dtype, repeats=repeats, warmup=warmup))
+    finally:
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for table in tables:
+        print(table.markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
