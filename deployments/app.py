@@ -19,7 +19,7 @@ DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor", "RateLim
 
 
 def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict] | None = None) -> Application:
-    """Bind the four deployments. ``deployment_options`` (by deployment name) are
+    """Bind the deployments. ``deployment_options`` (by deployment name) are
     ``.options()`` overrides, in the shape of a Serve config's ``deployments`` entries."""
     args = AppArgs.model_validate(args)
     options = deployment_options or {}
@@ -37,7 +37,7 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     )
     generator = Generator.options(**options.get("Generator", {})).bind(
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
-        limits.max_num_images,
+        limits.max_num_images, args.optimizations,
     )
     limiter = RateLimiter.options(**options.get("RateLimiter", {})).bind(
         args.rate_limits.requests_per_minute, args.rate_limits.burst, args.rate_limits.images_per_day

@@ -73,6 +73,9 @@ class AppArgs(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     face_providers: str = "auto"
+    optimizations: str | None = Field(None, description="Generator speed settings, as `instantid generate --optimize` "
+                                                         "takes them (e.g. 'fast' or 'bf16,fuse_qkv'); default: "
+                                                         "the faithful path.")
     loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
     retention: Retention = Field(default_factory=Retention)
     rate_limits: RateLimits = Field(default_factory=RateLimits)

@@ -30,12 +30,13 @@ def _count_images(jobs: list[GenerationJob]) -> int:
 @serve.deployment(name="Generator", max_ongoing_requests=8)
 class Generator:
     def __init__(self, postprocessor, weights: str, device: str = "auto", dtype: str = "auto",
-                 cache: str | None = None, s3_endpoint: str | None = None, min_batch_images: int = 1) -> None:
+                 cache: str | None = None, s3_endpoint: str | None = None, min_batch_images: int = 1,
+                 optimizations: str | None = None) -> None:
         # Images go from here to the Postprocessor directly: the result then completes (and
         # is recorded) even if the ingress that asked for it went away.
         self.postprocessor = postprocessor
         paths = resolve_weights(weights, components=("sdxl", "instantid"), cache_dir=cache, s3_endpoint=s3_endpoint)
-        self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False)
+        self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False, optimizations=optimizations)
         # a single request of the largest allowed num_images must always fit one batch
         self.min_batch_images = min_batch_images
         self._cancelled: set[str] = set()  # ids whose callers went away (timeout, disconnect)
