@@ -21,7 +21,7 @@ HEADERS = {"Authorization": f"Bearer {KEY_A}"}
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 BUCKET = "hardening"
 STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-faults.json"
-SOAK_SECONDS = 60
+SOAK_SECONDS = 40
 figures: dict = {}
 
 
@@ -123,7 +123,7 @@ def test_a_client_that_hangs_up_does_not_leave_the_replica_busy(faults_url, phot
 
 def test_soak_mixed_load_with_flat_memory_and_no_5xx(faults_url, photo):
     """A bounded soak: sync and async generations, face registrations, reads, deletes and
-    bad requests from 4 clients for ~75 s; every replica's memory stays within bounds."""
+    bad requests from 4 clients for SOAK_SECONDS; every replica's memory stays within bounds."""
     from tests.test_hardening import replica_rss
 
     deployments = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor")

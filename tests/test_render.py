@@ -88,7 +88,7 @@ def batch(s3_server):
     good = []
     for i in range(30):
         row = {"id": f"good-{i:02d}", "face_images": [f"s3://batch/faces/{('round', 'warm', 'wide')[i % 3]}.png"],
-               "prompt": f"portrait {i}", "width": 192, "height": 192, "num_inference_steps": 8}
+               "prompt": f"portrait {i}", "width": 160, "height": 160, "num_inference_steps": 6}
         if i % 5 == 0:
             row["num_images"] = 2
         if i % 4 == 0:
@@ -137,12 +137,17 @@ def render_command(weights_dir, batch) -> list[str]:
 
 
 def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_every_bad_row(
-        weights_dir, s3_server, batch, tmp_path):
+        weights_dir, s3_server, batch, tmp_path, ray_runtime):
+    """The job is submitted to a running Ray cluster (RAY_ADDRESS, as `ray job submit` does):
+    killing its driver ends its actors; the cluster stays."""
     import psutil
+    import ray
 
+    ray_runtime.ensure()
     client = s3_server.client()
     ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
-    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp,
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     try:
         # run 1: killed (SIGKILL, no chance to clean up) once a few rows are done
         first = subprocess.Popen(render_command(weights_dir, batch), stdout=subprocess.PIPE,
@@ -193,7 +198,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
             assert report["seeds"][0] == spec["seed"]
         for key in report["images"]:
             image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
-            assert image.size == (192, 192)
+            assert image.size == (160, 160)
             assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
         if row_id in run1_reports:  # rendered in run 1, untouched by run 2
             assert report["run"] == run1_reports[row_id]["run"] != summary["run"]

@@ -119,7 +119,8 @@ def assert_error(response: httpx.Response, status: int, code: str, field: str | 
 def test_health_lists_every_stage_and_docs_are_served(client):
     response = client.get("/healthz")
     assert response.status_code == 200, response.text
-    assert [s["stage"] for s in response.json()["stages"]] == ["face", "generator", "postprocessor"]
+    assert [s["stage"] for s in response.json()["stages"]] == ["face", "generator", "postprocessor", "ratelimiter",
+                                                                "janitor"]
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/v1/generations", "/v1/faces", "/v1/faces/{face_id}"} <= set(schema["paths"])
