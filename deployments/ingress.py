@@ -68,7 +68,6 @@ STATUS = {
     "image_too_large": 413,
     "no_face": 422,
     "invalid_parameter": 422,
-    "conflict": 409,
     "not_cancellable": 409,
     "rate_limited": 429,
     "quota_exceeded": 429,

@@ -128,5 +128,7 @@ def test_the_page_is_served_by_the_app_alone(page, page_url):
     headers = response.headers
     assert "default-src 'none'" in headers["content-security-policy"]
     assert page.locator("label[for=photos]").count() == 1 and page.locator("label[for=prompt]").count() == 1
+    # the style list comes from GET /v1/options, fetched by the page after it loads
+    page.wait_for_function("() => document.querySelectorAll('#style option').length >= 9")
     styles = page.eval_on_selector_all("#style option", "options => options.map(o => o.textContent)")
     assert styles[:2] == ["(No style)", "Watercolor"] and len(styles) == 9
