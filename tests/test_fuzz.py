@@ -31,7 +31,8 @@ def fuzz_url(ray_serve, weights_dir, tmp_path_factory):
             # valid requests stay cheap on this CPU: tiny sizes, few steps, one image
             "limits": {"max_side": 96, "max_steps": 2, "max_num_images": 1, "max_body_bytes": 262144}}
     serve.run(build_app(args, options), name="fuzz", route_prefix="/fuzz")
-    return f"{ray_serve}/fuzz"
+    yield f"{ray_serve}/fuzz"
+    serve.delete("fuzz", _blocking=False)  # its replicas leave the shared cluster to later modules
 
 
 @schemathesis.check

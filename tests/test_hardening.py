@@ -43,7 +43,8 @@ def limited_url(ray_serve, weights_dir, s3_server, s3_app):
             "rate_limits": {"requests_per_minute": 60, "burst": 10, "images_per_day": 6},
             "limits": {"max_side": 128, "max_steps": 4}}
     serve.run(build_app(args, options), name="limited", route_prefix="/limited")
-    return f"{ray_serve}/limited"
+    yield f"{ray_serve}/limited"
+    serve.delete("limited", _blocking=False)
 
 
 def client(url: str, key: str) -> httpx.Client:
