@@ -93,31 +93,28 @@ class LocalStorage(_JsonMixin):
             raise InvalidParameter("key", f"not a valid storage key: {key!r}")
         return path
 
-    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+    def _publish(self, key: str, data: bytes, publish) -> None:
+        """Write ``data`` to a temporary file beside the key's path, then ``publish(temp, path)``
+        it in one step, so readers see the whole file or nothing; the temporary file never stays."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(temp, path)  # readers never see half a file
-        except BaseException:
+            publish(temp, path)
+        finally:
             Path(temp).unlink(missing_ok=True)
-            raise
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._publish(key, data, os.replace)
 
     def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.link(temp, path)  # fails if the key exists; readers see the whole file or nothing
+            self._publish(key, data, os.link)  # a hard link fails when the key exists
             return True
         except FileExistsError:
             return False
-        finally:
-            Path(temp).unlink(missing_ok=True)
 
     def get(self, key: str) -> bytes:
         try:
