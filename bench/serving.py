@@ -97,12 +97,8 @@ class ServeSession:
 
     def __exit__(self, *exc) -> None:
         import ray
-        from ray import serve
 
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray.shutdown()  # the session's own cluster: every replica goes with it (no graceful drain to wait for)
 
 
 def free_port() -> int:
