@@ -80,7 +80,8 @@ class Generator:
             yield {"type": "stage", "stage": "storing"}
             yield {"type": "result", "result": await self.postprocessor.store.remote(outcome, job.output)}
         except (asyncio.CancelledError, GeneratorExit):
-            self._cancelled.add(job.id)  # the render stops at its next step if no one else waits
+            if not batch.done():  # the render stops at its next step if no one else waits
+                self._cancelled.add(job.id)  # (the render removes its ids when it ends)
             batch.cancel()
             raise
         finally:

@@ -194,6 +194,9 @@ def cancel_key(generation_id: str) -> str:
     return f"jobs/{generation_id}.cancel"
 
 
+FINAL_STATUSES = ("succeeded", "failed", "canceled")
+
+
 class LocalJob:
     """An async job running in this replica: its record, its task, and a way to wait for
     its next change."""
@@ -203,9 +206,17 @@ class LocalJob:
         self.pending: dict = {}  # progress not yet written to storage
         self.task: asyncio.Task | None = None
         self.cancel_requested = False
+        self.write_lock = asyncio.Lock()  # one storage write of the record at a time, in order
         self._event = asyncio.Event()
 
+    @property
+    def ended(self) -> bool:
+        return self.record["status"] in FINAL_STATUSES
+
     def cancel(self) -> None:
+        """Stop the render; a job that has ended (e.g. delivering its webhook) goes on."""
+        if self.ended:
+            return
         self.cancel_requested = True
         if self.task is not None:
             self.task.cancel()
@@ -409,39 +420,44 @@ class Ingress:
         started = time.monotonic()
         owner = self._owner(request)
         self._check_limits(body)
-        await self._admit(owner, body.num_images)
         run_async = body.run_async or body.webhook_url is not None or "respond-async" in request.headers.get(
             "prefer", "").lower()
         if body.webhook_url is not None:
-            self._check_webhook(body.webhook_url)
-        attempt = secrets.token_hex(8)
+            await asyncio.to_thread(self._check_webhook, body.webhook_url)  # resolves the host: off the loop
         idempotency_key = request.headers.get("idempotency-key")
-        request_hash = None
+        request_hash = attempt = None
         if idempotency_key is None:
             generation_id = "g_" + secrets.token_urlsafe(16)
-        else:
+        else:  # a retry gets the first attempt's job or result, and is neither charged nor rendered again
             generation_id, request_hash = self._idempotent_id(owner, idempotency_key, body)
-            if run_async:
-                existing = await self._load_job(generation_id)
-                if existing is not None:
-                    return JSONResponse(await self._job_view(request, existing), status_code=202,
-                                        headers={"Location": f"/v1/generations/{generation_id}"})
-            else:
-                record = await self._claim(generation_id, request_hash, attempt, started + self.args.request_timeout_s)
-                if record is not None:
-                    return self._replay(request, record)
+            existing = await self._load_job(generation_id) if run_async else None
+            if existing is not None:
+                if existing.get("request_hash") != request_hash:
+                    raise InvalidParameter("Idempotency-Key", "was already used with a different request")
+                return JSONResponse(await self._job_view(request, existing), status_code=202,
+                                    headers={"Location": f"/v1/generations/{generation_id}"})
+            attempt = secrets.token_hex(8)
+            record = await self._claim(generation_id, request_hash, attempt, started + self.args.request_timeout_s)
+            if record is not None:
+                return self._replay(request, record)
             if body.seed is None:  # a re-render after a lost attempt makes the same images
                 body = body.model_copy(update={"seed": int.from_bytes(hashlib.sha256(generation_id.encode())
                                                                       .digest()[:8], "big") >> 1})
-        if run_async:
-            job = await self._start_job(generation_id, owner, body, request_hash)
-            return JSONResponse(await self._job_view(request, job.record), status_code=202,
-                                headers={"Location": f"/v1/generations/{generation_id}"})
+        try:
+            await self._admit(owner, body.num_images)
+            if run_async:  # the job holds the claim (if any) until it ends
+                job = await self._start_job(generation_id, owner, body, request_hash, attempt)
+                return JSONResponse(await self._job_view(request, job.record), status_code=202,
+                                    headers={"Location": f"/v1/generations/{generation_id}"})
+        except BaseException:
+            if attempt is not None:
+                await self._release(generation_id, attempt)
+            raise
         try:
             stored, face_ms = await self._generate(generation_id, owner, body, request_hash,
                                                    started + self.args.request_timeout_s)
         finally:
-            if idempotency_key is not None:
+            if attempt is not None:
                 await self._release(generation_id, attempt)
         timings = {"face": round(face_ms, 2), **stored.timings_ms,
                    "total": round((time.monotonic() - started) * 1000, 2)}
@@ -517,7 +533,7 @@ class Ingress:
             return None
 
     async def _start_job(self, generation_id: str, owner: str, body: GenerationRequest,
-                         request_hash: str | None) -> "LocalJob":
+                         request_hash: str | None, attempt: str | None) -> "LocalJob":
         now = time.time()
         record = {"id": generation_id, "owner": owner, "status": "queued", "stage": "queued", "progress": None,
                   "created_at": now, "updated_at": now, "heartbeat_at": now,
@@ -526,11 +542,13 @@ class Ingress:
                   "webhook": {"url": body.webhook_url} if body.webhook_url else None}
         job = LocalJob(record)
         self._jobs[generation_id] = job
-        await self._storage(self.storage.put_json, job_key(generation_id), record)
-        job.task = asyncio.get_running_loop().create_task(self._run_job(job, body))
+        # the task exists before anything awaits (a cancel or DELETE always finds it); it runs
+        # once this first write (taken before it, under the job's write lock) is done
+        job.task = asyncio.get_running_loop().create_task(self._run_job(job, body, attempt))
+        await self._write_job(job)
         return job
 
-    async def _run_job(self, job: "LocalJob", body: GenerationRequest) -> None:
+    async def _run_job(self, job: "LocalJob", body: GenerationRequest, attempt: str | None) -> None:
         record = job.record
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job))
         try:
@@ -571,10 +589,14 @@ class Ingress:
                                error={"code": "internal_error", "message": "internal error"})
         finally:
             heartbeat.cancel()
-            if record.get("webhook"):
-                await self._deliver(job)
-            self._jobs.pop(record["id"], None)
-            job.changed()
+            try:
+                if attempt is not None:
+                    await self._release(record["id"], attempt)
+                if record.get("webhook") and job.ended:  # not when the replica stops mid-job
+                    await self._deliver(job)
+            finally:
+                self._jobs.pop(record["id"], None)
+                job.changed()
 
     async def _update(self, job: "LocalJob", **changes) -> None:
         now = time.time()
@@ -582,7 +604,21 @@ class Ingress:
         job.pending.clear()
         job.record.update(changes, updated_at=now, heartbeat_at=now)
         job.changed()
-        await self._storage(self.storage.put_json, job_key(job.record["id"]), dict(job.record))
+        await self._write_job(job)
+
+    async def _write_job(self, job: "LocalJob") -> None:
+        """Store the job's record as it is now. Writes (heartbeat, progress, final state,
+        webhook outcome) go one at a time, each taking the record when it starts, so the
+        last one stored is the newest; a writer cancelled meanwhile (the heartbeat when the
+        job ends) still lets its write finish before the next begins."""
+        async with job.write_lock:
+            write = asyncio.ensure_future(
+                self._storage(self.storage.put_json, job_key(job.record["id"]), dict(job.record)))
+            try:
+                await asyncio.shield(write)
+            except asyncio.CancelledError:
+                await asyncio.wait({write})
+                raise
 
     async def _flush_progress(self, job: "LocalJob") -> None:
         """Progress reaches storage at most once a second (SSE on this replica sees every
@@ -608,7 +644,7 @@ class Ingress:
             attempts=self.args.webhook_max_attempts, backoff_s=self.args.webhook_backoff_s,
             check=lambda url: check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private))
         record["webhook"].update({k: v for k, v in outcome.items() if k != "url"})
-        await self._storage(self.storage.put_json, job_key(record["id"]), dict(record))
+        await self._write_job(job)
 
     async def _job_view(self, request: Request | None, record: dict) -> dict:
         """The API view of a job record (with its result once it succeeded)."""
@@ -674,7 +710,7 @@ class Ingress:
                 local = self._jobs.get(generation_id)
                 current = local.record if local is not None else (await self._load_job(generation_id) or record)
                 view = await self._job_view(request, {**current, **(local.pending if local else {})})
-                done = view["status"] in ("succeeded", "failed", "canceled")
+                done = view["status"] in FINAL_STATUSES
                 if view != last:
                     yield f"event: {'done' if done else 'progress'}\ndata: {json.dumps(view)}\n\n"
                     last, quiet = view, 0.0

@@ -101,7 +101,7 @@ async def deliver(url: str, payload: dict, *, event: str, secret: str, delivery_
             outcome["attempts"] = attempt + 1
             try:
                 if check is not None:
-                    check(url)
+                    await asyncio.to_thread(check, url)  # it resolves the host: off the event loop
                 response = await client.post(url, content=body, headers={
                     "Content-Type": "application/json",
                     "X-InstantID-Event": event,

@@ -176,6 +176,7 @@ def test_webhook_gets_one_signed_post_after_retries(client, photo):
         deadline = time.monotonic() + 60
         while len(receiver.requests) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
+        time.sleep(2)  # retries come 0.1 s apart here: room for a third POST, which must not come
     finally:
         receiver.close()
     assert len(receiver.requests) == 2  # a 500 first, then accepted: nothing more
@@ -194,10 +195,18 @@ def test_webhook_targets_off_the_allowlist_are_refused(client, photo):
         assert response.status_code == 422 and response.json()["error"]["field"] == "webhook_url", url
 
 
-def test_idempotent_async_submissions_are_one_job(client, photo):
+def test_idempotent_async_submissions_are_one_job(client, photo, storage_dir):
     headers = {"Prefer": "respond-async", "Idempotency-Key": "async-1"}
     first = client.post("/v1/generations", json={"face_images": [photo], **SMALL}, headers=headers)
     second = client.post("/v1/generations", json={"face_images": [photo], **SMALL}, headers=headers)
     assert first.status_code == second.status_code == 202
     assert first.json()["id"] == second.json()["id"]
+    changed = client.post("/v1/generations", json={"face_images": [photo], **SMALL, "seed": 5}, headers=headers)
+    assert changed.status_code == 422 and changed.json()["error"]["field"] == "Idempotency-Key"
+    # a synchronous retry of the same request waits for the job's result instead of rendering again
+    retry = client.post("/v1/generations", json={"face_images": [photo], **SMALL},
+                        headers={"Idempotency-Key": "async-1"})
+    assert retry.status_code == 200 and retry.json()["id"] == first.json()["id"], retry.text
     assert wait_for(client, first.json()["id"])["status"] == "succeeded"
+    renders = storage_dir / "generations" / first.json()["id"] / "renders"
+    assert len(list(renders.iterdir())) == 1
