@@ -111,7 +111,14 @@ def test_bucket_lifecycle_rules_enforce_the_retention_and_are_valid_s3_requests(
     for bucket, configuration in rules.items():
         report = ParamValidator().validate({"Bucket": bucket, "LifecycleConfiguration": configuration}, shape)
         assert not report.has_errors(), report.generate_report()
-    outputs = {r["ID"]: r for r in rules[args.storage.removeprefix("s3://").split("/")[0]]["Rules"]}
-    assert outputs["instantid-faces"]["Expiration"]["Days"] * 86400 >= args.retention.faces_s
-    assert outputs["instantid-faces"]["Filter"]["Prefix"].endswith("faces/")
+    bucket, _, prefix = args.storage.removeprefix("s3://").partition("/")
+    outputs = {r["ID"]: r for r in rules[bucket]["Rules"]}
+    days = lambda seconds: -(-seconds // 86400)  # noqa: E731 - whole days, rounded up
+    for rule, folder, seconds in (("instantid-faces", "faces/", args.retention.faces_s),
+                                  ("instantid-generations", "generations/", args.retention.results_s),
+                                  ("instantid-jobs", "jobs/", args.retention.results_s)):
+        assert outputs[rule]["Filter"]["Prefix"] == f"{prefix}/{folder}"
+        assert outputs[rule]["Expiration"]["Days"] == days(seconds), rule
     assert set(args.input_buckets) <= set(rules)  # uploaded photos expire too
+    for name in args.input_buckets:
+        assert [r["Expiration"]["Days"] for r in rules[name]["Rules"]] == [days(args.retention.uploads_s)]

@@ -89,7 +89,8 @@ def test_daily_image_quota(limited_url):
 
 def objects(s3_server) -> dict[str, bytes]:
     s3 = s3_server.client()
-    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix="svc/").get("Contents", [])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="svc/")
+    listed = [item for page in pages for item in page.get("Contents", [])]
     return {item["Key"]: s3.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read() for item in listed}
 
 

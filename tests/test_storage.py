@@ -1,4 +1,6 @@
 import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -70,3 +72,14 @@ def test_put_if_absent_is_atomic_in_both_stores(tmp_path, s3_server, monkeypatch
         assert store.put_if_absent("locks/a.json", b"second") is False
         assert store.get("locks/a.json") == b"first"
         assert store.list_keys("locks") == ["locks/a.json"]
+        # racing claims of a fresh key: exactly one wins, and its bytes are what is stored
+        start = threading.Barrier(8)
+
+        def claim(n: int) -> bool:
+            start.wait()
+            return store.put_if_absent("locks/race.json", f"claim {n}".encode())
+
+        with ThreadPoolExecutor(8) as pool:
+            won = list(pool.map(claim, range(8)))
+        assert won.count(True) == 1
+        assert store.get("locks/race.json") == f"claim {won.index(True)}".encode()
