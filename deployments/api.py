@@ -30,6 +30,12 @@ class GenerationRequest(GenerationParams):
     webhook_url: str | None = Field(None, max_length=2048, description="Receives one signed POST when the job "
                                                                        "ends (implies async).")
 
+    def with_defaults(self, defaults: dict) -> "GenerationRequest":
+        """This request with ``defaults`` (e.g. a few-step preset's steps, guidance and
+        scheduler) in place of the fields the client left out."""
+        unset = {name: value for name, value in defaults.items() if name not in self.model_fields_set}
+        return self.model_copy(update=unset) if unset else self
+
     def generation_params(self, **overrides) -> GenerationParams:
         values = self.model_dump(include=set(GenerationParams.model_fields))
         values.update(overrides)

@@ -20,6 +20,7 @@ from ray import serve
 
 from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter
 from pipeline.face import FaceInfo
+from pipeline.optimize import Optimizations
 from pipeline.params import invalid_parameter_from_errors
 from pipeline.s3 import S3Location, s3_client
 from pipeline.schedulers import SCHEDULERS
@@ -255,6 +256,9 @@ class Ingress:
                                     presign_endpoint_url=self.args.presign_endpoint_url)
         self._inputs = None
         self._jobs: dict[str, LocalJob] = {}  # async jobs this replica is running
+        # what the Generator's speed settings imply (a few-step preset's steps, guidance and
+        # scheduler) stands in for what a request leaves out
+        self.param_defaults = Optimizations.parse(self.args.optimizations).param_defaults()
         BodyLimit.max_bytes = self.args.limits.max_body_bytes
 
     # ------------------------------------------------------------------ helpers
@@ -419,6 +423,7 @@ class Ingress:
         job to follow at ``GET /v1/generations/{id}`` (and ``/events``)."""
         started = time.monotonic()
         owner = self._owner(request)
+        body = body.with_defaults(self.param_defaults)
         self._check_limits(body)
         run_async = body.run_async or body.webhook_url is not None or "respond-async" in request.headers.get(
             "prefer", "").lower()

@@ -367,3 +367,17 @@ def test_published_size_writer_loads(monkeypatch, tmp_path, face):
     loaded = InstantIDPipeline.from_weights(root, load_face=False)
     assert loaded.sdxl.unet.dtype == torch.float32  # stored in fp16, loaded as asked
     assert loaded(face, "x", seed=1, width=64, height=64, num_inference_steps=1).images[0].size == (64, 64)
+
+
+def test_served_requests_take_the_few_step_preset_for_what_they_leave_out(tmp_path):
+    """The ingress applies the Generator's preset the way the CLI does: explicit fields win."""
+    from deployments.api import GenerationRequest
+
+    lora = tmp_path / "lightning.safetensors"
+    lora.write_bytes(b"")
+    defaults = Optimizations.parse(f"few_step=lightning:{lora}").param_defaults()
+    plain = GenerationRequest(face_id="f_" + "a" * 22).with_defaults(defaults)
+    assert (plain.num_inference_steps, plain.guidance_scale, plain.scheduler) == (4, 0.0, "euler_trailing")
+    chosen = GenerationRequest(face_id="f_" + "a" * 22, num_inference_steps=8).with_defaults(defaults)
+    assert (chosen.num_inference_steps, chosen.guidance_scale) == (8, 0.0)
+    assert GenerationRequest(face_id="f_" + "a" * 22).with_defaults({}).num_inference_steps == 30
