@@ -221,16 +221,23 @@ class FaceAnalyzer:
         if len(fields) != len(images):
             raise InvalidParameter("fields", "one name per image")
         results: list[FaceInfo | InstantIDError | None] = [None] * len(images)
+        prepared = []  # decoding and resizing need no lock: (index, field, picture size, bgr)
         found = []  # (index, picture size, bgr, bbox, kps, score)
+        for index, (image, field) in enumerate(zip(images, fields)):
+            try:
+                picture, bgr = self._prepare(image, field, reference_resize)
+                prepared.append((index, field, picture.size, bgr))
+            except InstantIDError as error:
+                results[index] = error
         with self._lock:
-            for index, (image, field) in enumerate(zip(images, fields)):
+            for index, field, size, bgr in prepared:
                 try:
-                    picture, bgr = self._prepare(image, field, reference_resize)
-                    found.append((index, picture.size, bgr, *self._detect(bgr, field)))
+                    found.append((index, size, bgr, *self._detect(bgr, field)))
                 except InstantIDError as error:
-                    if errors == "raise":
-                        raise
                     results[index] = error
+            failed = [result for result in results if result is not None]
+            if failed and errors == "raise":
+                raise failed[0]  # the first photo that fails, in order
             if found:
                 from insightface.utils import face_align
 
