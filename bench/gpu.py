@@ -303,8 +303,6 @@ def free(device) -> None:
 def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, batches: list[int], repeats: int,
             warmup: int, budget_s: float, compile_backend: str, compile_mode: str, device_name: str = "auto",
             skip: tuple[str, ...] = ()) -> tuple[Results, Results]:
-    import torch
-
     from pipeline.optimize import Optimizations, vae_upcasts
     from pipeline.pipeline import RenderOptions, resolve_device
 

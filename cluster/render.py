@@ -18,7 +18,6 @@ command again renders only rows without a final marker (``error`` rows are retri
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ import numpy as np
 from deployments.storage import ObjectNotFound, open_storage
 from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, NoFaceDetected
 from pipeline.images import ImageLimits
-from pipeline.params import GenerationParams, invalid_parameter_from
+from pipeline.params import GenerationParams, invalid_parameter_from, seed_from
 from pipeline.s3 import S3Location, s3_client
 
 FINAL = ("ok", "no_face", "bad_image")  # a rerun does not touch these; "error" rows are retried
@@ -101,7 +100,7 @@ def _listish(value) -> list[str]:
 
 def default_seed(row_id: str) -> int:
     """A row without a seed gets one from its id: reruns make the same images."""
-    return int.from_bytes(hashlib.sha256(row_id.encode()).digest()[:8], "big") >> 1
+    return seed_from(row_id)
 
 
 def plan_row(raw: dict) -> dict:

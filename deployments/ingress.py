@@ -21,7 +21,7 @@ from ray import serve
 from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter
 from pipeline.face import FaceInfo
 from pipeline.optimize import Optimizations
-from pipeline.params import invalid_parameter_from_errors
+from pipeline.params import invalid_parameter_from_errors, seed_from
 from pipeline.s3 import S3Location, s3_client
 from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
@@ -41,8 +41,7 @@ from .api import (
 from .auth import LOCAL_OWNER, KeyRing, bearer_token
 from .config import AppArgs
 from .jobs import FaceJob, GenerationJob, OutputSpec
-from .postprocess import record_key
-from .storage import LocalStorage, ObjectNotFound, open_storage
+from .storage import LocalStorage, ObjectNotFound, cancel_key, erase_generation, job_key, open_storage, record_key
 from .webhooks import check_target, deliver, key_secret
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -79,6 +78,15 @@ STATUS = {
 }
 
 
+def public_error(error: InstantIDError) -> tuple[int, str, str]:
+    """How a typed pipeline error is shown to clients, in a response or a failed job: its
+    HTTP status, stable code and message (an unexpected one says no more than that)."""
+    status = STATUS.get(error.code, 500)
+    if status == 500:
+        return 500, "internal_error", "internal error"
+    return status, error.code, str(error)
+
+
 class HTTPProblem(Exception):
     """An error response decided here: status, stable code, message, optional field."""
 
@@ -111,10 +119,8 @@ async def _problem(request: Request, error: HTTPProblem) -> JSONResponse:
 
 @app.exception_handler(InstantIDError)
 async def _pipeline_error(request: Request, error: InstantIDError) -> JSONResponse:
-    status = STATUS.get(error.code, 500)
-    message = str(error) if status < 500 or status == 503 else "internal error"
-    return error_response(status, error.code if status != 500 else "internal_error", message,
-                          getattr(error, "field", None))
+    status, code, message = public_error(error)
+    return error_response(status, code, message, getattr(error, "field", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -185,14 +191,6 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
-
-
-def job_key(generation_id: str) -> str:
-    return f"jobs/{generation_id}.json"
-
-
-def cancel_key(generation_id: str) -> str:
-    return f"jobs/{generation_id}.cancel"
 
 
 FINAL_STATUSES = ("succeeded", "failed", "canceled")
@@ -446,8 +444,7 @@ class Ingress:
             if record is not None:
                 return self._replay(request, record)
             if body.seed is None:  # a re-render after a lost attempt makes the same images
-                body = body.model_copy(update={"seed": int.from_bytes(hashlib.sha256(generation_id.encode())
-                                                                      .digest()[:8], "big") >> 1})
+                body = body.model_copy(update={"seed": seed_from(generation_id)})
         try:
             await self._admit(owner, body.num_images)
             if run_async:  # the job holds the claim (if any) until it ends
@@ -584,11 +581,9 @@ class Ingress:
             await self._update(job, status="failed", stage="done",
                                error={"code": problem.code, "message": problem.message, "field": problem.field})
         except InstantIDError as error:
-            code = error.code if STATUS.get(error.code, 500) < 500 or error.code == "storage_unavailable" else \
-                "internal_error"
+            _, code, message = public_error(error)
             await self._update(job, status="failed", stage="done",
-                               error={"code": code, "message": str(error) if code != "internal_error" else
-                                      "internal error", "field": getattr(error, "field", None)})
+                               error={"code": code, "message": message, "field": getattr(error, "field", None)})
         except Exception:  # noqa: BLE001 - a job ends in a state, always
             await self._update(job, status="failed", stage="done",
                                error={"code": "internal_error", "message": "internal error"})
@@ -832,11 +827,7 @@ class Ingress:
         if local is not None:
             local.cancel()
             await asyncio.wait({local.task}, timeout=30)
-        keys = await self._storage(self.storage.list_keys, f"generations/{generation_id}")
-        for key in sorted(keys, key=lambda k: k.endswith("record.json")):  # the record last
-            await self._storage(self.storage.delete, key)
-        for key in (job_key(generation_id), cancel_key(generation_id)):
-            await self._storage(self.storage.delete, key)
+        await self._storage(erase_generation, self.storage, generation_id)
         return Response(status_code=204)
 
     @app.post("/v1/faces", response_model=FaceResponse, status_code=201, responses=ERRORS)

@@ -13,7 +13,7 @@ import time
 
 from ray import serve
 
-from .storage import ObjectNotFound, Storage, open_storage
+from .storage import ObjectNotFound, Storage, erase_generation, open_storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,18 +26,16 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
         if key.endswith(".json") and _expired(storage, key, now):
             storage.delete(key)
             deleted["faces"] += 1
-    records = [k for k in storage.list_keys("generations") if k.endswith("/record.json")]
-    for key in records:
-        if _expired(storage, key, now):
-            prefix = key.rsplit("/", 1)[0]
-            for item in sorted(storage.list_keys(prefix), key=lambda k: k.endswith("record.json")):
-                storage.delete(item)
-            deleted["generations"] += 1
     for key in storage.list_keys("jobs"):
         if key.endswith(".json") and _expired(storage, key, now):
             storage.delete(key)
             storage.delete(key.removesuffix(".json") + ".cancel")
             deleted["jobs"] += 1
+    records = [k for k in storage.list_keys("generations") if k.endswith("/record.json")]
+    for key in records:
+        if _expired(storage, key, now):
+            erase_generation(storage, key.split("/")[1])
+            deleted["generations"] += 1
     return deleted
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from ray import serve
 
 from .jobs import OutputSpec, RenderedImages, StoredImages
-from .storage import ObjectNotFound, open_storage
+from .storage import ObjectNotFound, open_storage, record_key
 
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 
@@ -23,10 +23,6 @@ def encode(array, fmt: str, quality: int) -> bytes:
     options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
     Image.fromarray(array).save(buffer, format=pil_format, **options)
     return buffer.getvalue()
-
-
-def record_key(generation_id: str) -> str:
-    return f"generations/{generation_id}/record.json"
 
 
 @serve.deployment(name="Postprocessor", max_ongoing_requests=16)
@@ -44,12 +40,13 @@ class Postprocessor:
 
     def _store(self, rendered: RenderedImages, spec: OutputSpec) -> StoredImages:
         started = time.perf_counter()
-        try:  # an earlier attempt (same Idempotency-Key) completed first: its result stands
-            existing = self.storage.get_json(record_key(rendered.id))
-            urls = [self.storage.url(key, spec.url_expiry_s) for key in existing["keys"]]
-            return StoredImages(existing, urls, dict(rendered.timings_ms), replayed=True)
-        except ObjectNotFound:
-            pass
+        if spec.record.get("request_hash") is not None:  # an Idempotency-Key: an earlier attempt may
+            try:                                          # have completed first, and its result stands
+                existing = self.storage.get_json(record_key(rendered.id))
+                urls = [self.storage.url(key, spec.url_expiry_s) for key in existing["keys"]]
+                return StoredImages(existing, urls, dict(rendered.timings_ms), replayed=True)
+            except ObjectNotFound:
+                pass
         _, content_type = FORMATS[spec.format]
         extension = "jpg" if spec.format == "jpeg" else spec.format
         keys, urls = [], []

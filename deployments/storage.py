@@ -47,6 +47,30 @@ def check_key(key: str) -> str:
     return key
 
 
+def record_key(generation_id: str) -> str:
+    """A finished generation's record (written last: its presence marks it complete)."""
+    return f"generations/{generation_id}/record.json"
+
+
+def job_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}.json"
+
+
+def cancel_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}.cancel"
+
+
+def erase_generation(storage: "Storage", generation_id: str) -> None:
+    """Delete every stored piece of a generation: images and render log, then its record
+    (last, so an interrupted erase leaves the record to find and erase again), its job
+    record and a pending cancel marker."""
+    keys = storage.list_keys(f"generations/{generation_id}")
+    for key in sorted(keys, key=lambda k: k == record_key(generation_id)):
+        storage.delete(key)
+    storage.delete(job_key(generation_id))
+    storage.delete(cancel_key(generation_id))
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None: ...
 

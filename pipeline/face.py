@@ -223,16 +223,16 @@ class FaceAnalyzer:
         results: list[FaceInfo | InstantIDError | None] = [None] * len(images)
         prepared = []  # decoding and resizing need no lock: (index, field, picture size, bgr)
         found = []  # (index, picture size, bgr, bbox, kps, score)
-        for index, (image, field) in enumerate(zip(images, fields)):
+        for index, (image, name) in enumerate(zip(images, fields)):
             try:
-                picture, bgr = self._prepare(image, field, reference_resize)
-                prepared.append((index, field, picture.size, bgr))
+                picture, bgr = self._prepare(image, name, reference_resize)
+                prepared.append((index, name, picture.size, bgr))
             except InstantIDError as error:
                 results[index] = error
         with self._lock:
-            for index, field, size, bgr in prepared:
+            for index, name, size, bgr in prepared:
                 try:
-                    found.append((index, size, bgr, *self._detect(bgr, field)))
+                    found.append((index, size, bgr, *self._detect(bgr, name)))
                 except InstantIDError as error:
                     results[index] = error
             failed = [result for result in results if result is not None]

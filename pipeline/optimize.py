@@ -208,8 +208,6 @@ def resolve_load_settings(
     """The dtype and face providers to load with, given the call's own ``dtype`` and
     ``providers`` arguments and the settings (which may not contradict each other), then
     :func:`check_optimizations`."""
-    import torch
-
     from .pipeline import resolve_dtype
 
     if opts.dtype != "auto":

@@ -3,6 +3,7 @@ and the HTTP API, so every entry point accepts and refuses the same things."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Any
 
@@ -76,6 +77,12 @@ class GenerationParams(BaseModel):
         if self.seed is None:
             return [secrets.randbits(63) for _ in range(self.num_images)]
         return [(self.seed + k) % (MAX_SEED + 1) for k in range(self.num_images)]
+
+
+def seed_from(text: str) -> int:
+    """A seed (63 bits) made from a text, e.g. a generation or row id: the same text, the
+    same images, however often it is rendered again."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
 def parse_params(model: type[BaseModel] = GenerationParams, /, **values: Any):

@@ -7,7 +7,7 @@ from pipeline.errors import InvalidParameter
 from pipeline.params import MAX_SEED, GenerationParams
 from pipeline.pipeline import Cancelled, InstantIDPipeline, RenderItem, RenderOptions, window_keeps
 from pipeline.schedulers import SCHEDULERS
-from tests.conftest import face_photo, pixels
+from tests.conftest import pixels
 
 SMALL = dict(width=64, height=64, num_inference_steps=3)
 
