@@ -30,7 +30,7 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     face = FaceEmbedder.options(**options.get("FaceEmbedder", {})).bind(
         args.weights, args.face_providers, args.weights_cache, args.s3_endpoint_url,
         {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_image_pixels,
-         "max_side": limits.max_image_side},
+         "max_side": limits.max_image_side}, args.optimizations,
     )
     postprocessor = Postprocessor.options(**options.get("Postprocessor", {})).bind(
         args.storage, args.url_signing_key, args.s3_endpoint_url, args.presign_endpoint_url

@@ -7,8 +7,10 @@ import time
 
 from ray import serve
 
+from pipeline.errors import InvalidParameter
 from pipeline.face import FaceAnalyzer, FaceInfo
 from pipeline.images import ImageLimits, load_image
+from pipeline.optimize import Optimizations, face_provider_list
 from pipeline.weights import resolve_weights
 
 from . import metrics
@@ -18,9 +20,15 @@ from .jobs import FaceJob
 @serve.deployment(name="FaceEmbedder", max_ongoing_requests=16)
 class FaceEmbedder:
     def __init__(self, weights: str, providers: str = "auto", cache: str | None = None,
-                 s3_endpoint: str | None = None, limits: dict | None = None) -> None:
+                 s3_endpoint: str | None = None, limits: dict | None = None, optimizations: str | None = None) -> None:
+        speed = Optimizations.parse(optimizations)  # the face stage's part: face_providers, face_batch
+        if speed.face_providers != "auto":
+            if providers != "auto":
+                raise InvalidParameter("face_providers", "give face providers either as face_providers or in "
+                                                         "optimizations, not both")
+            providers = face_provider_list(speed.face_providers)
         paths = resolve_weights(weights, components=("antelopev2",), cache_dir=cache, s3_endpoint=s3_endpoint)
-        self.analyzer = FaceAnalyzer(paths.antelopev2, providers=providers)
+        self.analyzer = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=speed.face_batch)
         self.limits = ImageLimits(**(limits or {}))
 
     def reconfigure(self, config: dict) -> None:

@@ -381,3 +381,14 @@ def test_served_requests_take_the_few_step_preset_for_what_they_leave_out(tmp_pa
     chosen = GenerationRequest(face_id="f_" + "a" * 22, num_inference_steps=8).with_defaults(defaults)
     assert (chosen.num_inference_steps, chosen.guidance_scale) == (8, 0.0)
     assert GenerationRequest(face_id="f_" + "a" * 22).with_defaults({}).num_inference_steps == 30
+
+
+def test_the_served_face_stage_takes_its_speed_settings(weights_dir):
+    """The app's `optimizations` reach the FaceEmbedder too (face_batch, face_providers)."""
+    from deployments.face import FaceEmbedder
+
+    embedder = FaceEmbedder.func_or_class(str(weights_dir), optimizations="face_batch,face_providers=cpu")
+    assert embedder.analyzer.batch_recognition is True
+    assert embedder.ready()["providers"] == ["CPUExecutionProvider"]
+    with pytest.raises(InvalidParameter, match="face_providers"):
+        FaceEmbedder.func_or_class(str(weights_dir), providers="cpu", optimizations="face_providers=cpu")
