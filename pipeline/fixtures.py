@@ -138,44 +138,53 @@ def _text_encoders(tokenizer):
     return CLIPTextModel(config(False)).eval(), CLIPTextModelWithProjection(config(True)).eval()
 
 
-def _unet():
+# SDXL's UNet topology (three levels: DownBlock2D then two CrossAttnDownBlock2D, two
+# resnets per down block, so nine down residuals; transformer depth rising per level, the
+# mid block as deep as the last level) at tiny widths. SDXL: channels 320/640/1280, heads
+# 5/10/20 (of 64), transformer depths 1/2/10; here channels 32/64/64, heads of 16.
+FIXTURE_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=(1, 1, 2),
+    cross_attention_dim=CROSS_ATTENTION_DIM,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH_2,
+    norm_num_groups=32,
+)
+# SDXL's VAE has four levels (128/256/512/512 channels, two resnets per level).
+FIXTURE_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=128,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+
+
+def _unet(**overrides):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=CROSS_ATTENTION_DIM,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_WIDTH_2,
-        norm_num_groups=32,
-    ).eval()
+    return UNet2DConditionModel(**{**FIXTURE_UNET, **overrides}).eval()
 
 
 def _vae():
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=128,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    ).eval()
+    return AutoencoderKL(**FIXTURE_VAE).eval()
 
 
 def _scheduler():

@@ -165,6 +165,8 @@ class InstantIDPipeline:
         self.optimizations = optimizations or Optimizations()
         self.applied: list[tuple[str, float]] = []  # what apply_optimizations did, seconds each
         self.num_face_tokens = int(image_proj.latents.shape[1])
+        weight = next(sdxl.unet.parameters())  # fixed at assembly (diffusers' .device/.dtype walk every module)
+        self._device, self._dtype = weight.device, weight.dtype
         self._lock = threading.Lock()
         self._loras: dict[str, str] = {}
         self._fused = self.optimizations.fuse_qkv  # whether fused projections are in use (see _activate_lora)
@@ -230,11 +232,11 @@ class InstantIDPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.sdxl.unet.device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.sdxl.unet.dtype
+        return self._dtype
 
     @property
     def vae_scale_factor(self) -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.fixtures import write_fixtures
+from tests.conftest import DATA
 
 LAYOUT = [
     "sdxl/model_index.json",
@@ -50,6 +51,35 @@ def test_ip_adapter_uses_the_published_key_scheme(weights_dir):
     indices = sorted({int(k.split(".")[0]) for k in state["ip_adapter"]})
     assert all(i % 2 == 1 for i in indices)  # cross-attention processors are at odd positions
     assert all(k.endswith((".to_k_ip.weight", ".to_v_ip.weight")) for k in state["ip_adapter"])
+
+
+def test_models_follow_the_sdxl_topology_at_tiny_widths(weights_dir):
+    """The published SDXL UNet's levels, block types, blocks per level and rising transformer
+    depths; IdentityNet made from that UNet (nine down residuals, as SDXL's); a four-level
+    VAE; an adapter with one face K/V pair per cross-attention layer of this UNet."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from pipeline.adapter import cross_attention_layers
+
+    published = json.loads((DATA / "sdxl_unet_config.json").read_text())
+    unet = UNet2DConditionModel.from_pretrained(weights_dir / "sdxl" / "unet")
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "mid_block_type", "addition_embed_type",
+                "use_linear_projection"):
+        assert unet.config[key] == published[key] or list(unet.config[key]) == published[key], key
+    depths = list(unet.config.transformer_layers_per_block)
+    assert len(depths) == 3 and depths[1] < depths[2] and max(unet.config.block_out_channels) <= 64
+    assert unet.mid_block.attentions[0].transformer_blocks.__len__() == depths[-1]  # as deep as the last level
+    controlnet = ControlNetModel.from_pretrained(weights_dir / "instantid" / "ControlNetModel")
+    assert len(controlnet.controlnet_down_blocks) == 9
+    assert list(controlnet.config.down_block_types) == published["down_block_types"]
+    assert list(controlnet.config.transformer_layers_per_block) == depths
+    vae = AutoencoderKL.from_pretrained(weights_dir / "sdxl" / "vae")
+    assert len(vae.config.down_block_types) == len(vae.config.up_block_types) == 4
+    state = torch.load(weights_dir / "instantid" / "ip-adapter.bin", weights_only=True)["ip_adapter"]
+    positions = [position for position, _, _ in cross_attention_layers(unet)]
+    # two transformers per down level, one in the mid block, three per up level (levels 1 and 2)
+    assert len(positions) == 2 * depths[1] + 2 * depths[2] + depths[2] + 3 * depths[2] + 3 * depths[1]
+    assert set(state) == {f"{p}.{kind}.weight" for p in positions for kind in ("to_k_ip", "to_v_ip")}
 
 
 def test_face_models_have_the_signatures_insightface_routes_on(weights_dir):

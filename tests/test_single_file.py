@@ -148,17 +148,17 @@ def _randomised(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("shape", ["unet", "vae"])
 def test_other_geometries_round_trip(shape, tmp_path):
-    """More levels and layers than the fixture SDXL (indices come from the config), and
-    channel changes inside blocks (skip_connection / nin_shortcut)."""
+    """Other levels, layers and block orders than the fixture SDXL (indices come from the
+    config), and channel changes inside blocks (skip_connection / nin_shortcut)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(0)
     if shape == "unet":
         model = UNet2DConditionModel(
-            sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=24,
+            sample_size=8, block_out_channels=(32, 64, 64, 32), layers_per_block=3,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+            attention_head_dim=(2, 4, 4, 2), transformer_layers_per_block=(2, 1, 3, 1), cross_attention_dim=24,
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 16, norm_num_groups=32,
         )
