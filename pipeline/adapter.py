@@ -9,8 +9,9 @@
   ``K_face = to_k_ip(face tokens)``, ``V_face = to_v_ip(face tokens)``, where the face
   tokens are the last ``num_tokens`` of ``encoder_hidden_states``. diffusers' own
   IP-Adapter processor takes one scale per adapter; here ``ip_adapter_scale`` may be
-  one value per sample of the batch, and an optional face-region mask may limit
-  where face attention applies. Both use SDPA and keep nothing between calls.
+  one value per sample of the batch, and an optional face-region mask
+  (:class:`FaceRegionMask`, at each level's real token grid) may limit where face
+  attention applies. Both use SDPA and keep nothing between calls.
 * Fused projections (an opt-in speed setting, :mod:`pipeline.optimize`): when
   ``attn.fused_projections`` is set (diffusers' ``Attention.fuse_projections``), the
   processors take q|k|v (self-attention) or k|v (cross-attention) from one matrix product
@@ -25,7 +26,6 @@ order.
 from __future__ import annotations
 
 import inspect
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -187,13 +187,52 @@ def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor | float:
     return value.reshape(batch, 1, 1)
 
 
-def _mask_for(mask: torch.Tensor, sequence: int, like: torch.Tensor) -> torch.Tensor:
-    """Resize a (B, 1, H, W) output-resolution mask to a (B, sequence, 1) token mask."""
-    height, width = mask.shape[-2:]
-    factor = math.sqrt(height * width / sequence)
-    size = (max(1, round(height / factor)), max(1, round(width / factor)))
-    small = F.interpolate(mask.to(like.dtype), size=size, mode="bilinear", align_corners=False)
-    return small.flatten(2).transpose(1, 2)
+def token_grids(unet, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (rows, cols) of the feature map at each level of ``unet`` for latents of
+    ``latent_size`` (rows, cols), following its downsampling layers: SDXL's stride-2
+    convolution with padding 1 maps n to ceil(n / 2). The up levels reuse these grids
+    (diffusers upsamples to the size of the matching skip connection)."""
+    from torch.nn.modules.utils import _pair
+
+    grids = [tuple(int(n) for n in latent_size)]
+    for block in unet.down_blocks:
+        for down in getattr(block, "downsamplers", None) or []:
+            layer = down.conv  # a Conv2d, or an AvgPool2d when the block does not use a convolution
+            extra = 1 if getattr(down, "use_conv", False) and down.padding == 0 else 0  # padded right/bottom by one
+            kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride), _pair(layer.padding)
+            grids.append(tuple((n + extra + 2 * p - k) // s + 1
+                               for n, k, s, p in zip(grids[-1], kernel, stride, padding)))
+    return grids
+
+
+class FaceRegionMask:
+    """A face-region mask at each token grid of the UNet: the output-resolution mask
+    (B, 1, H, W) resized once per grid to (B, rows * cols, 1), looked up by sequence length.
+
+    The grids come from the real feature-map shapes (:func:`token_grids`), never from
+    sqrt(area / tokens): with SDXL's three levels that guess is wrong for about one size in
+    ten (384x264: 9x12 tokens at the third level, where the guess gives 9x13). diffusers'
+    ``IPAdapterMaskProcessor.downsample`` does not fit for the same reason: it guesses the
+    grid from the mask's aspect ratio and the token count, then pads or crops the flattened
+    mask to the token count, which shifts rows when the guess is off."""
+
+    def __init__(self, mask: torch.Tensor, grids: list[tuple[int, int]]) -> None:
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            raise ValueError(f"ip_adapter_mask must be (batch, 1, height, width), got {tuple(mask.shape)}")
+        self.grids = list(dict.fromkeys(tuple(g) for g in grids))
+        self._by_sequence: dict[int, torch.Tensor] = {}
+        for rows, cols in self.grids:
+            if rows * cols in self._by_sequence:
+                raise ValueError(f"ip_adapter_mask: two token grids of {rows * cols} tokens in {self.grids}")
+            small = F.interpolate(mask, size=(rows, cols), mode="bilinear", align_corners=False)
+            self._by_sequence[rows * cols] = small.flatten(2).transpose(1, 2)
+
+    def for_sequence(self, sequence: int) -> torch.Tensor:
+        """(B, sequence, 1) for the layer whose feature map has ``sequence`` tokens."""
+        try:
+            return self._by_sequence[sequence]
+        except KeyError:
+            raise ValueError(f"ip_adapter_mask: no token grid of {sequence} tokens (grids {self.grids})") from None
 
 
 class AttnProcessor:
@@ -208,7 +247,7 @@ class AttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         ip_adapter_scale=None,
-        ip_adapter_mask: torch.Tensor | None = None,
+        ip_adapter_mask: FaceRegionMask | None = None,
     ) -> torch.Tensor:
         return _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, None)
 
@@ -245,7 +284,7 @@ class IdentityAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         ip_adapter_scale=None,
-        ip_adapter_mask: torch.Tensor | None = None,
+        ip_adapter_mask: FaceRegionMask | None = None,
     ) -> torch.Tensor:
         return _attention(
             attn, hidden_states, encoder_hidden_states, attention_mask, temb, (self, ip_adapter_scale, ip_adapter_mask)
@@ -297,7 +336,7 @@ def _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
         face = _sdpa(attn, query, *processor.face_key_value(face_tokens), None)
         face = face * _per_sample(scale, batch, face)
         if mask is not None:
-            face = face * _mask_for(mask, face.shape[1], face)
+            face = face * mask.for_sequence(face.shape[1]).to(face.dtype)
         out = out + face
     out = out.to(query.dtype)
 

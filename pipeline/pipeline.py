@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapter import AdapterWeightsError, install_adapter_processors, load_adapter_layers, load_image_proj, read_adapter_file
+from .adapter import (AdapterWeightsError, FaceRegionMask, install_adapter_processors, load_adapter_layers, load_image_proj,
+                      read_adapter_file, token_grids)
 from .errors import InstantIDError, InvalidParameter, InvalidWeights
 from .face import FaceAnalyzer, FaceInfo
 from .images import ImageInput
@@ -435,8 +436,8 @@ class InstantIDPipeline:
         timestep_cond = self._guidance_embedding(items)
         keeps = window_keeps(len(timesteps), options.control_guidance_start, options.control_guidance_end)
         attention_kwargs = {"ip_adapter_scale": ip_scale}
-        if mask is not None:
-            attention_kwargs["ip_adapter_mask"] = mask
+        if mask is not None:  # resized once per level, to each level's real token grid
+            attention_kwargs["ip_adapter_mask"] = FaceRegionMask(mask, token_grids(self.sdxl.unet, latents.shape[-2:]))
         control = _ControlInputs(face_tokens, condition, added, cn_scale, mask)
         if cond_only:
             control = control.second_half()

@@ -10,6 +10,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from pipeline.adapter import (
     AdapterWeightsError,
     AttnProcessor,
+    FaceRegionMask,
     IdentityAttnProcessor,
     ResamplerConfig,
     adapter_key_layout,
@@ -18,6 +19,7 @@ from pipeline.adapter import (
     load_adapter_layers,
     load_image_proj,
     read_adapter_file,
+    token_grids,
 )
 from tests.conftest import DATA
 
@@ -144,13 +146,36 @@ def test_decoupled_attention_equals_the_formula_with_one_scale_per_sample():
 def test_face_mask_limits_face_attention_to_its_region():
     attn, processor = make_attention()
     hidden, ehs = torch.randn(1, 16, 32), torch.randn(1, 11, 16)  # 16 tokens = a 4x4 map
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., :16, :] = 1.0  # top half
+    pixels = torch.zeros(1, 1, 32, 32)
+    pixels[..., :16, :] = 1.0  # top half
+    mask = FaceRegionMask(pixels, [(8, 8), (4, 4), (2, 2)])
     masked = processor(attn, hidden, ehs, ip_adapter_scale=1.0, ip_adapter_mask=mask)
     full = processor(attn, hidden, ehs, ip_adapter_scale=1.0)
     none = processor(attn, hidden, ehs, ip_adapter_scale=0.0)
     assert torch.allclose(masked[:, :8], full[:, :8], atol=1e-6)
     assert torch.allclose(masked[:, 8:], none[:, 8:], atol=1e-6)
+    with pytest.raises(ValueError, match="no token grid of 12 tokens"):
+        processor(attn, torch.randn(1, 12, 32), torch.randn(1, 11, 16), ip_adapter_mask=mask)
+
+
+def test_token_grids_follow_the_unets_downsampling():
+    """SDXL's UNet (on the meta device, no memory): a stride-2 convolution with padding 1
+    maps n to ceil(n / 2); the grids are those of the feature maps the UNet really makes."""
+    config = json.loads((DATA / "sdxl_unet_config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    assert token_grids(unet, (33, 48)) == [(33, 48), (17, 24), (9, 12)]  # 264x384 pixels
+    assert token_grids(unet, (128, 128)) == [(128, 128), (64, 64), (32, 32)]
+    tiny = UNet2DConditionModel.from_config({**config, "block_out_channels": [32, 32, 32], "attention_head_dim": 2,
+                                             "transformer_layers_per_block": 1, "cross_attention_dim": 8})
+    sizes = []
+    hook = tiny.down_blocks[2].register_forward_pre_hook(lambda module, args, kwargs: sizes.append(
+        tuple(args[0].shape[-2:]) if args else tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True)
+    with torch.no_grad():
+        tiny(torch.zeros(1, 4, 7, 9), 1, encoder_hidden_states=torch.zeros(1, 2, 8),
+             added_cond_kwargs={"text_embeds": torch.zeros(1, 1280), "time_ids": torch.zeros(1, 6)})
+    hook.remove()
+    assert sizes == [token_grids(tiny, (7, 9))[2]] == [(2, 3)]
 
 
 def test_loader_names_missing_and_misshapen_keys(weights_dir):

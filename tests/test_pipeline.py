@@ -206,3 +206,63 @@ def test_lora_loads_applies_scales_and_switches_off(weights_dir, tmp_path, face)
     assert max_diff(plain, own(face, "x", seed=4, **SMALL).images[0]) == 0
     with pytest.raises(InvalidParameter, match="lora"):
         own(face, "x", lora=str(tmp_path / "missing.safetensors"), **SMALL)
+
+
+class CrossAttentionCalls:
+    """Each UNet cross-attention call (its module, inputs and keyword arguments) with the
+    real token grid of its layer (the spatial shape entering its Transformer2DModel)."""
+
+    def __init__(self, unet):
+        self.calls, self.grids, self.handles = [], {}, []
+        for name, module in unet.named_modules():
+            if type(module).__name__ == "Transformer2DModel":
+                self.handles.append(module.register_forward_pre_hook(self._grid(name)))
+            if name.endswith("attn2"):
+                self.handles.append(module.register_forward_pre_hook(self._call(name), with_kwargs=True))
+
+    def _grid(self, name):
+        def hook(module, args):
+            self.grids[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    def _call(self, name):
+        def hook(module, args, kwargs):
+            owner = name.split(".transformer_blocks.")[0]
+            self.calls.append((module, args[0].clone(), dict(kwargs), self.grids[owner]))
+        return hook
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+# square; landscape and portrait; latent sides odd at the first level (33, 7, 9) and at the
+# second (17: 384x264 has token grids 33x48, 17x24, 9x12)
+@pytest.mark.parametrize("width,height", [(64, 64), (96, 64), (64, 96), (384, 264), (264, 384), (72, 56)])
+def test_face_region_mask_follows_the_real_token_grid_of_every_level(pipe, face, width, height):
+    options = RenderOptions(width=width, height=height, num_inference_steps=1, enhance_face_region=True)
+    box = (0.15 * width, 0.15 * height, 0.45 * width, 0.5 * height)
+    with CrossAttentionCalls(pipe.sdxl.unet) as recorded:
+        images, _ = pipe.render([item(face, options, face_box=box)], options)
+    assert images[0].size == (width, height)
+    grids = {grid for *_, grid in recorded.calls}
+    assert len(grids) == 2  # the cross-attention levels of SDXL's UNet (1 and 2)
+    x1, y1, x2, y2 = box
+    checked = 0
+    for attn, hidden, kwargs, (rows, cols) in recorded.calls:
+        assert hidden.shape[1] == rows * cols
+        with torch.no_grad():  # the face-attention part of this layer's output, per token
+            face_part = attn(hidden, **kwargs) - attn(hidden, **{**kwargs, "ip_adapter_scale": 0.0})
+        face_part = face_part.abs().amax(-1).view(-1, rows, cols)
+        cell_w, cell_h = width / cols, height / rows
+        x = (torch.arange(cols) + 0.5) * cell_w
+        y = (torch.arange(rows) + 0.5) * cell_h
+        outside = ((x < x1 - cell_w) | (x > x2 + cell_w))[None, :] | ((y < y1 - cell_h) | (y > y2 + cell_h))[:, None]
+        assert torch.all(face_part[:, outside] == 0), (rows, cols)  # cells a cell or more away from the box
+        checked += int(outside.sum())
+        centre = int((y1 + y2) / 2 / cell_h), int((x1 + x2) / 2 / cell_w)
+        assert torch.all(face_part[:, centre[0], centre[1]] > 0), (rows, cols)
+    assert checked > 0
