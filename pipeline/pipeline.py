@@ -390,7 +390,10 @@ class InstantIDPipeline:
                 raise InvalidParameter(f"items[{k}].kps", "must be 5 (x, y) keypoints")
 
     def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
-        device, dtype, cfg = self.device, self.dtype, options.do_cfg
+        device, dtype = self.device, self.dtype
+        # a guidance-distilled UNet takes the guidance as an embedding instead of an
+        # unconditional branch (diffusers' SDXL pipelines do the same)
+        cfg = options.do_cfg and self.sdxl.unet.config.time_cond_proj_dim is None
         # IdentityNet on the conditional half only (opt-in; changes the result): the
         # unconditional half gets zero residuals, as diffusers' guess_mode does
         cond_only = cfg and self.optimizations.identitynet_cond_only
@@ -532,7 +535,9 @@ class InstantIDPipeline:
         return noise * scheduler.init_noise_sigma
 
     def _guidance_embedding(self, items: list[RenderItem]) -> torch.Tensor | None:
-        """Guidance-distilled UNets (LCM) take the guidance scale as an embedding."""
+        """Guidance-distilled UNets (``time_cond_proj_dim`` set, e.g. LCM-distilled SDXL) take
+        each image's guidance scale as an embedding, one row per image: they run without
+        the unconditional branch (see :meth:`_render`)."""
         dim = self.sdxl.unet.config.time_cond_proj_dim
         if dim is None:
             return None

@@ -266,3 +266,42 @@ def test_face_region_mask_follows_the_real_token_grid_of_every_level(pipe, face,
         centre = int((y1 + y2) / 2 / cell_h), int((x1 + x2) / 2 / cell_w)
         assert torch.all(face_part[:, centre[0], centre[1]] > 0), (rows, cols)
     assert checked > 0
+
+
+@pytest.fixture(scope="module")
+def distilled(weights_dir, tmp_path_factory):
+    """The fixture pipeline with a guidance-distilled UNet (``time_cond_proj_dim`` set, as
+    LCM-distilled SDXL UNets publish it): the same weights plus a guidance projection."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("distilled")
+    shutil.copytree(weights_dir / "sdxl", root / "sdxl")
+    for name in ("instantid", "antelopev2"):
+        (root / name).symlink_to(weights_dir / name, target_is_directory=True)
+    plain = UNet2DConditionModel.from_pretrained(weights_dir / "sdxl" / "unet")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**plain.config, "time_cond_proj_dim": 32})
+    missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("time_embedding.cond_proj") for k in missing)
+    unet.save_pretrained(root / "sdxl" / "unet")
+    return InstantIDPipeline.from_weights(root, load_face=False)
+
+
+def test_a_guidance_distilled_unet_gets_each_images_guidance_as_an_embedding(distilled, face):
+    """As diffusers' SDXL pipelines do: the guidance goes in as an embedding (guidance - 1)
+    and there is no unconditional branch; every image keeps its own guidance in a batch."""
+    options = RenderOptions(width=64, height=64, num_inference_steps=2, do_cfg=True)
+    items = [item(face, options, seed=1, guidance_scale=5.0), item(face, options, seed=2, guidance_scale=3.0)]
+    with Recorder(distilled.sdxl.unet) as unet:
+        batched, _ = distilled.render(items, options)
+    call = unet.calls[0]
+    assert call["sample"].shape[0] == call["timestep_cond"].shape[0] == len(items)
+    expected = distilled.sdxl.get_guidance_scale_embedding(torch.tensor([4.0, 2.0]), embedding_dim=32)
+    assert torch.allclose(call["timestep_cond"], expected)
+    for k, single in enumerate(items):
+        alone, _ = distilled.render([single], options)
+        assert max_diff(alone[0], batched[k]) <= 1, k
+    other, _ = distilled.render([item(face, options, seed=1, guidance_scale=3.0)], options)
+    assert max_diff(other[0], batched[0]) > 1  # the guidance reaches the UNet
