@@ -64,17 +64,7 @@ LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("+compile", {"compile": "regional"}),
 )
 
-TINY_UNET = dict(
-    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), cross_attention_dim=96,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=6 * 8 + 64, norm_num_groups=32,
-)
-TINY_VAE = dict(block_out_channels=(16, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8, sample_size=128,
-                latent_channels=4, scaling_factor=0.13025, force_upcast=True)
-TINY_RESAMPLER = dict(embed_dims=512, hidden_dims=128, output_dims=96, depth=4, heads=2, num_queries=16, ffn_ratio=4)
+TINY_RESAMPLER = dict(embed_dims=512, hidden_dims=128, depth=4, heads=2, num_queries=16, ffn_ratio=4)
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 
@@ -105,7 +95,10 @@ def published_arch() -> Arch:
 
 
 def tiny_arch() -> Arch:
-    return Arch("tiny", dict(TINY_UNET), dict(TINY_VAE), dict(TINY_RESAMPLER))
+    """The fixture weights' architecture (SDXL's topology at tiny widths)."""
+    from pipeline.fixtures import CROSS_ATTENTION_DIM, FIXTURE_UNET, FIXTURE_VAE
+
+    return Arch("tiny", dict(FIXTURE_UNET), dict(FIXTURE_VAE), dict(TINY_RESAMPLER, output_dims=CROSS_ATTENTION_DIM))
 
 
 def _embeddings_pipeline_class():
@@ -130,15 +123,14 @@ def _embeddings_pipeline_class():
 
 
 def build_pipeline(arch: Arch, device, opts, seed: int = 0):
-    """The architecture with random weights (the same for a given seed), ``opts`` applied
-    exactly as ``from_weights`` applies them."""
+    """The architecture with random weights (the same for a given seed), assembled and
+    ``opts`` applied by ``InstantIDPipeline.from_components``, as ``from_weights`` does."""
     import torch
-    from diffusers import (AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline,
-                           UNet2DConditionModel)
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from pipeline.adapter import adapter_key_layout, image_proj_to_published, install_adapter_processors
-    from pipeline.optimize import apply_optimizations, resolve_load_settings
+    from pipeline.adapter import cross_attention_layers, image_proj_to_published
+    from pipeline.optimize import resolve_load_settings
 
     dtype, _ = resolve_load_settings(opts, device, "auto", "auto")
     torch.manual_seed(seed)
@@ -151,21 +143,22 @@ def build_pipeline(arch: Arch, device, opts, seed: int = 0):
         for param in controlnet.parameters():
             if param.dim() > 0 and not param.is_meta and not param.any():
                 param.normal_(0.0, 0.02)
-    adapters = install_adapter_processors(unet, num_tokens=arch.resampler["num_queries"])
+    # the adapter file's contents, in the published key scheme (face K/V per cross-attention position)
+    ip_adapter = {}
+    for position, _name, attn in cross_attention_layers(unet):
+        hidden, cross = attn.to_k.out_features, attn.to_k.in_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip_adapter[f"{position}.{kind}.weight"] = torch.randn(hidden, cross, device=device) * cross**-0.5
+    adapter = {"image_proj": image_proj_to_published(resampler.state_dict(), arch.resampler["depth"]),
+               "ip_adapter": ip_adapter}
     if arch.layout is not None:  # the published key scheme, exactly
-        assert adapter_key_layout(adapters) == {k: tuple(v) for k, v in arch.layout["ip_adapter"].items()}
-        published = image_proj_to_published(resampler.state_dict(), arch.resampler["depth"])
-        assert {k: tuple(v.shape) for k, v in published.items()} == {k: tuple(v) for k, v in
-                                                                        arch.layout["image_proj"].items()}
-    for module in (unet, controlnet, vae, resampler):
+        for group in ("image_proj", "ip_adapter"):
+            assert {k: tuple(v.shape) for k, v in adapter[group].items()} == {k: tuple(v) for k, v in
+                                                                             arch.layout[group].items()}, group
+    for module in (unet, controlnet, vae):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    sdxl = StableDiffusionXLControlNetPipeline(
-        vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
-        controlnet=controlnet, scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), add_watermarker=False,
-    )
-    pipe = _embeddings_pipeline_class()(sdxl, resampler, None, opts)
-    pipe.applied = apply_optimizations(pipe, opts)
-    return pipe
+    parts = {"unet": unet, "vae": vae, "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER)}
+    return _embeddings_pipeline_class().from_components(parts, adapter, controlnet=controlnet, optimizations=opts)
 
 
 def make_items(pipe, batch: int, width: int, height: int, guidance: float):
@@ -303,7 +296,7 @@ def free(device) -> None:
 def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, batches: list[int], repeats: int,
             warmup: int, budget_s: float, compile_backend: str, compile_mode: str, device_name: str = "auto",
             skip: tuple[str, ...] = ()) -> tuple[Results, Results]:
-    from pipeline.optimize import Optimizations, vae_upcasts
+    from pipeline.optimize import Optimizations
     from pipeline.pipeline import RenderOptions, resolve_device
 
     started_all = time.perf_counter()
@@ -369,7 +362,7 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
             timing["compile_s"] = None  # nothing compiles: the first call's extra time is in first_call_s
         results.add(
             **common, note=note,
-            vae_decode_dtype="float32" if vae_upcasts(opts, pipe.sdxl.vae) else str(pipe.sdxl.vae.dtype).removeprefix(
+            vae_decode_dtype="float32" if pipe.settings.vae_upcast else str(pipe.sdxl.vae.dtype).removeprefix(
                 "torch."),
             **timing, flops_per_image_t=per_image / 1e12 if per_image else None, achieved_tflops=achieved,
             peak_bf16_tflops=peak, share_of_peak_pct=achieved / peak * 100 if achieved and peak else None,
@@ -385,9 +378,10 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
     if not over_budget():
         probe = make_items(pipe, 1, size, size, 5.0)
         cond = RenderOptions(width=size, height=size, num_inference_steps=steps, do_cfg=True)
-        pipe.optimizations = pipe.optimizations.model_copy(update={"identitynet_cond_only": True})
+        reference_settings = pipe.settings  # the same eager model, IdentityNet on the conditional half
+        pipe.settings = replace(reference_settings, identitynet_cond_only=True)
         flops[(steps, True, True)] = count_flops(pipe, probe, cond)
-        pipe.optimizations = settings(0)
+        pipe.settings = reference_settings
     measure(pipe, "reference", fast_steps, False, 1)
     del pipe
     free(device)

@@ -15,13 +15,23 @@ rest, in this order, in one place:
 4. ``fuse_qkv``         fused q|k|v (self-attention) and k|v (cross-attention) projections
                         in the UNet and IdentityNet, and fused face k|v in the adapter
 5. ``channels_last``    UNet, IdentityNet and VAE weights in NHWC
-6. ``compile``          ``torch.compile`` of the repeated transformer blocks ("regional")
-                        or of the UNet and IdentityNet forwards ("full"); last, so that it
-                        compiles what the steps above produced
+6. ``compile``          ``torch.compile`` of the repeated transformer blocks ("regional",
+                        diffusers' ``compile_repeated_blocks``) or of the UNet and
+                        IdentityNet forwards ("full"); last, so that it compiles what the
+                        steps above produced
 
-Switches read while rendering: ``identitynet_cond_only`` (changes the result: IdentityNet
-on the conditional half only, zero residuals for the unconditional half, as diffusers'
-``guess_mode`` does), ``vae_decode``. Face stage: ``face_providers``, ``face_batch``.
+What the render loop needs of them is resolved once, at assembly, into
+:class:`RenderSettings`: ``identitynet_cond_only`` (changes the result: IdentityNet on the
+conditional half only, zero residuals for the unconditional half, as diffusers'
+``guess_mode`` does), whether the VAE decodes upcast (``vae_decode``), whether projections
+are fused and whether the models are compiled. Face stage: ``face_providers``,
+``face_batch``.
+
+LoRAs per request: a LoRA lives on the unfused projections. Without ``compile``, a fused
+pipeline bypasses its fused layers while a request LoRA is active. With ``compile`` and
+``fuse_qkv`` together the fused state is fixed at load (switching it would recompile every
+block), so request LoRAs are refused (``InvalidParameter`` on ``lora``): a server that
+serves LoRAs leaves ``fuse_qkv`` off (``few_step`` LoRAs are merged at load and are fine).
 
 Already the default and kept: SDPA (``F.scaled_dot_product_attention``) in every
 attention layer, the adapter's included; IdentityNet not called outside
@@ -31,6 +41,7 @@ attention layer, the adapter's included; IdentityNet not called outside
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,8 +51,6 @@ from .errors import InvalidParameter, WeightsNotFound
 
 if TYPE_CHECKING:
     import torch
-
-    from .pipeline import InstantIDPipeline
 
 DTypeName = Literal["auto", "fp32", "fp16", "bf16"]
 FewStepKind = Literal["lcm", "lightning", "hyper"]
@@ -208,7 +217,7 @@ def resolve_load_settings(
     """The dtype and face providers to load with, given the call's own ``dtype`` and
     ``providers`` arguments and the settings (which may not contradict each other), then
     :func:`check_optimizations`."""
-    from .pipeline import resolve_dtype
+    from .devices import resolve_dtype
 
     if opts.dtype != "auto":
         if not (isinstance(dtype, str) and dtype == "auto") and resolve_dtype(dtype) != resolve_dtype(opts.dtype):
@@ -275,10 +284,11 @@ def vae_upcasts(opts: Optimizations, vae) -> bool:
 # ---------------------------------------------------------------------- application
 
 
-def apply_optimizations(pipe: "InstantIDPipeline", opts: Optimizations) -> list[tuple[str, float]]:
-    """Apply ``opts`` to a loaded pipeline, in the documented order. Returns what was done,
-    with seconds each (compilation itself happens at the first call of each shape: see
-    :meth:`InstantIDPipeline.warmup`)."""
+def apply_optimizations(sdxl, opts: Optimizations) -> list[tuple[str, float]]:
+    """Apply ``opts`` to the models of a loaded SDXL ControlNet pipeline (UNet with the
+    adapter's processors installed, IdentityNet as its ``controlnet``, VAE), in the
+    documented order. Returns what was done, with seconds each (compilation itself happens
+    at the first call of each shape: see :meth:`InstantIDPipeline.warmup`)."""
     applied: list[tuple[str, float]] = []
 
     def step(name: str, fn) -> None:
@@ -286,11 +296,10 @@ def apply_optimizations(pipe: "InstantIDPipeline", opts: Optimizations) -> list[
         fn()
         applied.append((name, round(time.perf_counter() - started, 3)))
 
-    sdxl = pipe.sdxl
     if opts.few_step is not None:
-        step(f"few_step:{opts.few_step.kind}", lambda: _fuse_few_step_lora(pipe, opts.few_step))
+        step(f"few_step:{opts.few_step.kind}", lambda: _fuse_few_step_lora(sdxl, opts.few_step))
     if opts.vae_fp16_fix is not None:
-        step("vae_fp16_fix", lambda: _swap_vae(pipe, opts.vae_fp16_fix))
+        step("vae_fp16_fix", lambda: _swap_vae(sdxl, opts.vae_fp16_fix))
     if opts.vae_tiling:
         step("vae_tiling", sdxl.vae.enable_tiling)
     if opts.fuse_qkv:
@@ -302,6 +311,32 @@ def apply_optimizations(pipe: "InstantIDPipeline", opts: Optimizations) -> list[
     return applied
 
 
+@dataclass(frozen=True)
+class RenderSettings:
+    """What the render loop needs of the speed settings, resolved once when the pipeline
+    is assembled (after :func:`apply_optimizations`)."""
+
+    identitynet_cond_only: bool  # under CFG, IdentityNet on the conditional half only
+    vae_upcast: bool  # decode in fp32 rather than in the VAE's own dtype
+    fused_projections: bool  # fused attention projections exist (fuse_qkv)
+    compiled: bool  # torch.compile is on: the models' attributes must not change after load
+
+    @property
+    def lora_allowed(self) -> bool:
+        """A request LoRA lives on the unfused projections: with fused projections that
+        are compiled in, using one would switch them off and recompile every block."""
+        return not (self.fused_projections and self.compiled)
+
+
+def render_settings(opts: Optimizations, sdxl) -> RenderSettings:
+    return RenderSettings(
+        identitynet_cond_only=opts.identitynet_cond_only,
+        vae_upcast=vae_upcasts(opts, sdxl.vae),
+        fused_projections=opts.fuse_qkv,
+        compiled=opts.compile != "off",
+    )
+
+
 def to_channels_last(*models) -> None:
     """NHWC weights: cuDNN then picks its channels-last convolution kernels (inputs follow
     the weights' layout)."""
@@ -311,8 +346,7 @@ def to_channels_last(*models) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-def _fuse_few_step_lora(pipe: "InstantIDPipeline", few_step: FewStep) -> None:
-    sdxl = pipe.sdxl
+def _fuse_few_step_lora(sdxl, few_step: FewStep) -> None:
     try:
         sdxl.load_lora_weights(few_step.lora, adapter_name="few_step")
     except Exception as error:  # diffusers/peft raise many kinds for a bad file
@@ -321,14 +355,15 @@ def _fuse_few_step_lora(pipe: "InstantIDPipeline", few_step: FewStep) -> None:
     sdxl.unload_lora_weights()  # the merged weights stay; no LoRA layers are left to run
 
 
-def _swap_vae(pipe: "InstantIDPipeline", folder: str) -> None:
+def _swap_vae(sdxl, folder: str) -> None:
     from diffusers import AutoencoderKL
 
+    weight = next(sdxl.unet.parameters())
     try:
-        vae = AutoencoderKL.from_pretrained(folder, dtype=pipe.dtype)
+        vae = AutoencoderKL.from_pretrained(folder, dtype=weight.dtype)
     except Exception as error:
         raise InvalidParameter("vae_fp16_fix", f"cannot load a VAE from {folder}: {error}") from None
-    pipe.sdxl.register_modules(vae=vae.to(pipe.device).eval().requires_grad_(False))
+    sdxl.register_modules(vae=vae.to(weight.device).eval().requires_grad_(False))
 
 
 def fuse_projections(unet, controlnet) -> int:
@@ -365,18 +400,30 @@ def set_fused_projections(unet, controlnet, on: bool) -> None:
 
 
 def regional_blocks(model) -> list:
-    """The repeated transformer blocks of a UNet or IdentityNet (the "regions")."""
-    return [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    """The repeated transformer blocks of a UNet or IdentityNet (the "regions"): the
+    classes the UNet declares as ``_repeated_blocks`` (diffusers' ``BasicTransformerBlock``)."""
+    from diffusers import UNet2DConditionModel
+
+    names = set(UNet2DConditionModel._repeated_blocks)
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def compile_models(unet, controlnet, opts: Optimizations) -> None:
+    """``regional``: diffusers' ``compile_repeated_blocks`` (``torch.compile`` of each
+    repeated transformer block, compiled once and reused by every block of the same
+    shapes). diffusers 0.42 declares ``_repeated_blocks`` on the UNet but not on
+    ``ControlNetModel``, whose blocks are the same class: they are compiled the same way.
+    ``full``: the UNet and IdentityNet forwards."""
     kwargs: dict[str, Any] = {"backend": opts.compile_backend}
     if opts.compile_backend == "inductor" and opts.compile_mode != "default":
         kwargs["mode"] = opts.compile_mode
     if opts.compile == "regional":
         for model in (unet, controlnet):
-            for block in regional_blocks(model):
-                block.compile(**kwargs)
+            if getattr(type(model), "_repeated_blocks", None):
+                model.compile_repeated_blocks(**kwargs)
+            else:
+                for block in regional_blocks(model):
+                    block.compile(**kwargs)
     else:
         unet.compile(**kwargs)
         controlnet.compile(**kwargs)

@@ -28,13 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapter import (AdapterWeightsError, FaceRegionMask, install_adapter_processors, load_adapter_layers, load_image_proj,
-                      read_adapter_file, token_grids)
+from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, install_adapter_processors,
+                      load_adapter_layers, load_image_proj, read_adapter_file, token_grids)
+from .devices import resolve_device, resolve_dtype
 from .errors import InstantIDError, InvalidParameter, InvalidWeights
 from .face import FaceAnalyzer, FaceInfo
 from .images import ImageInput
 from .keypoints import Frame, draw_keypoints, reference_size
-from .optimize import Optimizations, apply_optimizations, resolve_load_settings, set_fused_projections, vae_upcasts
+from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
+                       resolve_load_settings, set_fused_projections)
 from .params import GenerationParams, parse_params
 from .schedulers import make_scheduler
 from .styles import apply_style
@@ -91,30 +93,6 @@ class GenerationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidParameter("device", "cuda was asked for but no CUDA device is usable")
-    return device
-
-
-def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that support it, else fp16."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device is None or device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise InvalidParameter("dtype", f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
-    return names[dtype]
-
-
 SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
@@ -150,6 +128,27 @@ def _load_single_file(path: Path, config: str, controlnet, dtype: torch.dtype):
     return sdxl
 
 
+def _controlnet_pipeline(sdxl, controlnet):
+    """An SDXL ControlNet pipeline from one, from another SDXL pipeline, or from a dict of
+    parts, with ``controlnet`` (when given) as its ControlNet."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    if isinstance(sdxl, StableDiffusionXLControlNetPipeline) and controlnet is None:
+        return sdxl
+    parts = dict(sdxl) if isinstance(sdxl, dict) else dict(getattr(sdxl, "components", {}))
+    if not parts:
+        raise InvalidParameter("sdxl", "expected an SDXL pipeline or a dict of its parts")
+    controlnet = controlnet if controlnet is not None else parts.get("controlnet")
+    if controlnet is None:
+        raise InvalidParameter("controlnet", "the IdentityNet (a ControlNetModel) is needed")
+    for name in ("unet", "vae", "scheduler"):
+        if parts.get(name) is None:
+            raise InvalidParameter(f"sdxl.{name}", "is needed")
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+    return StableDiffusionXLControlNetPipeline(**{name: parts.get(name) for name in names}, controlnet=controlnet,
+                                               add_watermarker=False)
+
+
 def window_keeps(num_steps: int, start: float, end: float) -> list[bool]:
     """Whether IdentityNet runs at each step (diffusers' rule for control_guidance_start/end)."""
     return [not (i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
@@ -159,18 +158,26 @@ class InstantIDPipeline:
     """Face photos + prompt -> identity-preserving SDXL images. See the module docstring."""
 
     def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None,
-                 optimizations: Optimizations | None = None) -> None:
+                 optimizations: Optimizations | None = None, *, applied: list[tuple[str, float]] | None = None,
+                 settings: RenderSettings | None = None) -> None:
+        """Wrap already assembled parts; :meth:`from_components` is the assembly (adapter
+        installed, speed settings applied). ``settings``: what the render loop needs of the
+        speed settings (default: resolved here from ``optimizations``)."""
         self.sdxl = sdxl
         self.image_proj = image_proj
         self.face = face
         self.optimizations = optimizations or Optimizations()
-        self.applied: list[tuple[str, float]] = []  # what apply_optimizations did, seconds each
+        self.applied = list(applied or [])  # what apply_optimizations did, seconds each
+        self.settings = settings or render_settings(self.optimizations, sdxl)
         self.num_face_tokens = int(image_proj.latents.shape[1])
         weight = next(sdxl.unet.parameters())  # fixed at assembly (diffusers' .device/.dtype walk every module)
         self._device, self._dtype = weight.device, weight.dtype
+        # a guidance-distilled UNet takes the guidance as an embedding instead of an
+        # unconditional branch (diffusers' SDXL pipelines do the same)
+        self._guidance_dim = sdxl.unet.config.time_cond_proj_dim
         self._lock = threading.Lock()
         self._loras: dict[str, str] = {}
-        self._fused = self.optimizations.fuse_qkv  # whether fused projections are in use (see _activate_lora)
+        self._fused = self.settings.fused_projections  # whether the fused projections are in use now
         cross = sdxl.unet.config.cross_attention_dim
         out_dims = image_proj.proj_out.out_features
         if out_dims != cross:
@@ -178,6 +185,46 @@ class InstantIDPipeline:
         self.sdxl.set_progress_bar_config(disable=True)
 
     # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_components(
+        cls,
+        sdxl,
+        adapter: dict,
+        *,
+        controlnet=None,
+        face: FaceAnalyzer | None = None,
+        optimizations: Optimizations | dict | str | None = None,
+    ) -> "InstantIDPipeline":
+        """Assemble InstantID from loaded components; every way of loading ends here.
+
+        ``sdxl``: a :class:`~diffusers.StableDiffusionXLControlNetPipeline` whose
+        ``controlnet`` is the IdentityNet; or another SDXL pipeline, or a dict of its parts
+        (``unet``, ``vae``, ``scheduler``, optionally the text encoders and tokenizers),
+        with the IdentityNet as ``controlnet``. ``adapter``: the ip-adapter file's contents
+        (``{"image_proj": ..., "ip_adapter": ...}`` as :func:`~pipeline.adapter.read_adapter_file`
+        returns them, published key scheme, loaded strictly). ``face``: the face stage, if
+        any. ``optimizations``: applied here, once; what the render loop needs of them is
+        resolved here too (:class:`~pipeline.optimize.RenderSettings`).
+
+        The models stay on the device and in the dtype they are in (move them first);
+        the Resampler and the adapter layers follow the UNet."""
+        opts = Optimizations.parse(optimizations)
+        sdxl = _controlnet_pipeline(sdxl, controlnet)
+        weight = next(sdxl.unet.parameters())
+        if opts.dtype != "auto" and resolve_dtype(opts.dtype) != weight.dtype:
+            raise InvalidParameter("dtype", f"the models are {weight.dtype} but optimizations ask for {opts.dtype}")
+        check_optimizations(opts, weight.device, weight.dtype)
+        for name in ("image_proj", "ip_adapter"):
+            if name not in adapter:
+                raise AdapterWeightsError(f"the adapter weights lack the group {name!r}")
+        image_proj = load_image_proj(adapter["image_proj"]).to(device=weight.device, dtype=weight.dtype)
+        layers = install_adapter_processors(sdxl.unet, num_tokens=int(adapter["image_proj"]["latents"].shape[1]))
+        load_adapter_layers(layers, adapter["ip_adapter"])
+        # IdentityNet's attention through the same SDPA processor (it knows fused projections)
+        sdxl.controlnet.set_attn_processor(AttnProcessor())
+        applied = apply_optimizations(sdxl, opts)
+        return cls(sdxl, image_proj, face, opts, applied=applied, settings=render_settings(opts, sdxl))
+
     @classmethod
     def from_weights(
         cls,
@@ -190,10 +237,11 @@ class InstantIDPipeline:
         optimizations: Optimizations | dict | str | None = None,
         **resolve_kwargs,
     ) -> "InstantIDPipeline":
-        """Load every component from a weights root (see :mod:`pipeline.weights`).
-        ``optimizations``: speed settings (:class:`~pipeline.optimize.Optimizations`, a dict
-        of its fields, or names as ``instantid generate --optimize`` takes them); a bad
-        combination is refused before any weights are read."""
+        """Load every component from a weights root (see :mod:`pipeline.weights`) and
+        assemble them with :meth:`from_components`. ``optimizations``: speed settings
+        (:class:`~pipeline.optimize.Optimizations`, a dict of its fields, or names as
+        ``instantid generate --optimize`` takes them); a bad combination is refused before
+        any weights are read."""
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
         opts = Optimizations.parse(optimizations)
@@ -215,15 +263,10 @@ class InstantIDPipeline:
                 str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
             )
         adapter = read_adapter_file(paths.ip_adapter)
-        image_proj = load_image_proj(adapter["image_proj"]).to(device=device, dtype=dtype)
-        layers = install_adapter_processors(sdxl.unet, num_tokens=int(adapter["image_proj"]["latents"].shape[1]))
-        load_adapter_layers(layers, adapter["ip_adapter"])
         sdxl.to(device)
         face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) if load_face \
             else None
-        pipe = cls(sdxl, image_proj, face, opts)
-        pipe.applied = apply_optimizations(pipe, opts)
-        return pipe
+        return cls.from_components(sdxl, adapter, face=face, optimizations=opts)
 
     @property
     def param_defaults(self) -> dict:
@@ -276,6 +319,7 @@ class InstantIDPipeline:
 
     def plan(self, spec: GenerationParams, face: FaceInfo) -> tuple[RenderOptions, list[RenderItem]]:
         """Turn validated parameters and an analysed face into render items."""
+        self.check_lora(spec.lora)
         width, height = self.output_size(spec, face)
         frame = Frame(face.image_size, (width, height))
         kps = frame.points(np.asarray(face.kps))
@@ -321,11 +365,21 @@ class InstantIDPipeline:
         return width, height
 
     # ------------------------------------------------------------------ LoRA
+    def check_lora(self, lora: str | None) -> None:
+        """Refuse a request LoRA this pipeline cannot use: with ``compile`` and ``fuse_qkv``
+        the fused projections are compiled in and stay on (a LoRA needs them off)."""
+        if lora is not None and not self.settings.lora_allowed:
+            raise InvalidParameter("lora", "this pipeline was loaded with compile and fuse_qkv: its fused projections "
+                                           "are compiled in, and a LoRA needs the unfused ones (load without "
+                                           "fuse_qkv to serve LoRAs)")
+
     def _activate_lora(self, lora: str | None, scale: float) -> None:
-        fused = self.optimizations.fuse_qkv and lora is None  # a LoRA lives on the unfused projections
-        if self.optimizations.fuse_qkv and fused != self._fused:
-            set_fused_projections(self.sdxl.unet, self.sdxl.controlnet, on=fused)
-            self._fused = fused
+        self.check_lora(lora)
+        if self.settings.fused_projections and not self.settings.compiled:
+            fused = lora is None  # a LoRA lives on the unfused projections
+            if fused != self._fused:
+                set_fused_projections(self.sdxl.unet, self.sdxl.controlnet, on=fused)
+                self._fused = fused
         if lora is None:
             if self._loras:
                 self.sdxl.disable_lora()
@@ -355,20 +409,36 @@ class InstantIDPipeline:
         with self._lock:
             return self._render(list(items), options, on_step)
 
-    def warmup(self, width: int, height: int, *, num_inference_steps: int = 2, batch: int = 1,
-               guidance_scale: float = 5.0, scheduler: str = "euler") -> float:
-        """Render ``batch`` throw-away images at this size and return the seconds taken.
-        With ``compile`` on, the first call at each new shape compiles (tens of seconds on
-        a GPU): call this once per size a server will render before taking traffic."""
+    def warmup(self, width: int, height: int, *, batch: int = 1, num_inference_steps: int = 2,
+               guidance_scale: float = 5.0, scheduler: str = "euler", enhance_face_region: bool = False) -> float:
+        """Render ``batch`` throw-away images of ``width`` x ``height`` through the path a
+        request takes (CFG at the default guidance, IdentityNet on, a face box, per-image
+        scales) and return the seconds taken. With ``compile`` on, the first call at each
+        new shape compiles (tens of seconds on a GPU): see :meth:`warmup_shapes`."""
         started = time.perf_counter()
-        centre = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.55], [0.42, 0.7], [0.58, 0.7]]) * [width, height]
+        layout = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.55], [0.42, 0.7], [0.58, 0.7]])
+        kps = layout * [width, height]
+        box = (0.3 * width, 0.3 * height, 0.7 * width, 0.8 * height)
         width_in = int(self.image_proj.proj_in.in_features)
-        items = [RenderItem(prompt="", negative_prompt=None, embedding=np.zeros(width_in, np.float32), kps=centre,
-                            seed=k, guidance_scale=guidance_scale) for k in range(batch)]
+        items = [RenderItem(prompt="a portrait", negative_prompt=None, embedding=np.zeros(width_in, np.float32),
+                            kps=kps, seed=k, guidance_scale=guidance_scale, face_box=box) for k in range(batch)]
         options = RenderOptions(width=width, height=height, num_inference_steps=num_inference_steps,
-                                scheduler=scheduler, do_cfg=guidance_scale > 1.0)
+                                scheduler=scheduler, do_cfg=guidance_scale > 1.0,
+                                enhance_face_region=enhance_face_region)
         self.render(items, options)
         return time.perf_counter() - started
+
+    def warmup_shapes(self, shapes: Sequence[Sequence[int]], **options) -> dict[tuple[int, int, int], float]:
+        """:meth:`warmup` for each ``(width, height, batch)`` a server will render (call it
+        before taking traffic); ``options`` as :meth:`warmup` takes them. Returns the
+        seconds per shape."""
+        checked = []
+        for k, shape in enumerate(shapes):
+            values = tuple(shape) if isinstance(shape, (list, tuple)) else ()
+            if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+                raise InvalidParameter(f"warmup_shapes[{k}]", f"expected (width, height, batch), got {shape!r}")
+            checked.append(values)
+        return {(w, h, b): self.warmup(w, h, batch=b, **options) for w, h, b in checked}
 
     def _check(self, items: Sequence[RenderItem], options: RenderOptions) -> None:
         if not items:
@@ -380,6 +450,7 @@ class InstantIDPipeline:
                 raise InvalidParameter(name, f"must be a positive multiple of {factor}, got {value}")
         if options.num_inference_steps < 1:
             raise InvalidParameter("num_inference_steps", "must be at least 1")
+        self.check_lora(options.lora)
         if not 0 <= options.control_guidance_start < options.control_guidance_end <= 1:
             raise InvalidParameter("control_guidance_start", "the IdentityNet window must satisfy 0 <= start < end <= 1")
         width = int(self.image_proj.proj_in.in_features)
@@ -391,12 +462,10 @@ class InstantIDPipeline:
 
     def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
         device, dtype = self.device, self.dtype
-        # a guidance-distilled UNet takes the guidance as an embedding instead of an
-        # unconditional branch (diffusers' SDXL pipelines do the same)
-        cfg = options.do_cfg and self.sdxl.unet.config.time_cond_proj_dim is None
+        cfg = options.do_cfg and self._guidance_dim is None  # a guidance-distilled UNet: see __init__
         # IdentityNet on the conditional half only (opt-in; changes the result): the
         # unconditional half gets zero residuals, as diffusers' guess_mode does
-        cond_only = cfg and self.optimizations.identitynet_cond_only
+        cond_only = cfg and self.settings.identitynet_cond_only
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         self._activate_lora(options.lora, options.lora_scale)
@@ -538,7 +607,7 @@ class InstantIDPipeline:
         """Guidance-distilled UNets (``time_cond_proj_dim`` set, e.g. LCM-distilled SDXL) take
         each image's guidance scale as an embedding, one row per image: they run without
         the unconditional branch (see :meth:`_render`)."""
-        dim = self.sdxl.unet.config.time_cond_proj_dim
+        dim = self._guidance_dim
         if dim is None:
             return None
         scales = torch.tensor([i.guidance_scale - 1.0 for i in items])
@@ -547,7 +616,7 @@ class InstantIDPipeline:
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
         vae = self.sdxl.vae
-        upcast = vae_upcasts(self.optimizations, vae)  # default: fp16 with a VAE that asks for it
+        upcast = self.settings.vae_upcast  # default: fp16 with a VAE that asks for it
         model_dtype = vae.dtype
         decode_dtype = torch.float32 if upcast else vae.dtype
         config = vae.config

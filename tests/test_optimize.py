@@ -184,12 +184,54 @@ def test_channels_last_keeps_the_images(pipe, face, weights_dir):
     assert max_diff(pipe(face, "x", seed=2, **SMALL).images[0], fast(face, "x", seed=2, **SMALL).images[0]) <= 1
 
 
-def test_regional_compile_compiles_the_transformer_blocks_and_keeps_the_images(pipe, face, weights_dir):
-    compiled = load(weights_dir, compile="regional", compile_backend="aot_eager")
+def test_regional_compile_warms_up_request_shapes_and_keeps_its_fused_state(pipe, face, weights_dir, tmp_path):
+    """diffusers' compile_repeated_blocks (UNet) and the same blocks of IdentityNet; a
+    warmed-up shape compiles nothing more at the first request; with fuse_qkv the fused
+    projections are compiled in, so a request LoRA (which needs them off) is refused."""
+    from torch._dynamo.utils import counters
+
+    from tests.test_pipeline import write_lora
+
+    compiled = load(weights_dir, compile="regional", compile_backend="aot_eager", fuse_qkv=True)
     blocks = regional_blocks(compiled.sdxl.unet) + regional_blocks(compiled.sdxl.controlnet)
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
-    assert compiled.warmup(64, 64, num_inference_steps=1) > 0
-    assert max_diff(pipe(face, "x", seed=3, **SMALL).images[0], compiled(face, "x", seed=3, **SMALL).images[0]) <= 1
+    seconds = compiled.warmup_shapes([(64, 64, 1)], num_inference_steps=1)
+    assert list(seconds) == [(64, 64, 1)] and seconds[64, 64, 1] > 0
+    graphs = counters["stats"]["unique_graphs"]
+    image = compiled(face, "x", seed=3, **SMALL).images[0]
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled at the first request
+    assert max_diff(pipe(face, "x", seed=3, **SMALL).images[0], image) <= 1
+    lora = str(write_lora(weights_dir, tmp_path))
+    with Calls(compiled.sdxl.unet) as unet, pytest.raises(InvalidParameter) as info:
+        compiled(face, "x", seed=3, lora=lora, **SMALL)
+    assert info.value.field == "lora" and "fuse_qkv" in str(info.value) and not unet.calls
+    assert all(m.fused_projections for m in compiled.sdxl.unet.modules() if isinstance(m, Attention))
+    compiled(face, "x", seed=3, num_images=2, width=64, height=64, num_inference_steps=1)
+    assert counters["stats"]["unique_graphs"] > graphs  # a batch size not warmed up does compile
+
+
+def describe(value):
+    """The shapes and dtypes of a call's tensors (nested in lists and dicts), not their values."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, dict):
+        return tuple(sorted((k, describe(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(describe(v) for v in value)
+    return type(value).__name__
+
+
+def test_warmup_takes_the_path_of_a_request(pipe, face):
+    with Calls(pipe.sdxl.unet) as unet, Calls(pipe.sdxl.controlnet) as control:
+        pipe.warmup_shapes([(64, 96, 2)], num_inference_steps=2)
+    warm = [describe(call) for call in unet.calls + control.calls]
+    with Calls(pipe.sdxl.unet) as unet, Calls(pipe.sdxl.controlnet) as control:
+        pipe(face, "a portrait", seed=1, num_images=2, width=64, height=96, num_inference_steps=2)
+    assert warm == [describe(call) for call in unet.calls + control.calls] and len(control.calls) == 2
+    for bad in ([64, 64], (64, 64, 0), (64.0, 64, 1), "64x64x1"):
+        with pytest.raises(InvalidParameter) as info:
+            pipe.warmup_shapes([(64, 64, 1), bad])
+        assert info.value.field == "warmup_shapes[1]"
 
 
 # ----------------------------------------------------------------------------- IdentityNet

@@ -305,3 +305,24 @@ def test_a_guidance_distilled_unet_gets_each_images_guidance_as_an_embedding(dis
         assert max_diff(alone[0], batched[k]) <= 1, k
     other, _ = distilled.render([item(face, options, seed=1, guidance_scale=3.0)], options)
     assert max_diff(other[0], batched[0]) > 1  # the guidance reaches the UNet
+
+
+def test_from_components_is_the_one_assembly(weights_dir, face, pipe):
+    """Loaded parts (an SDXL pipeline, the IdentityNet, the adapter file's contents) give
+    the pipeline from_weights gives; what is missing or contradicts is named."""
+    from diffusers import ControlNetModel, StableDiffusionXLPipeline
+
+    from pipeline.adapter import AdapterWeightsError, read_adapter_file
+
+    sdxl = StableDiffusionXLPipeline.from_pretrained(weights_dir / "sdxl")
+    controlnet = ControlNetModel.from_pretrained(weights_dir / "instantid" / "ControlNetModel")
+    adapter = read_adapter_file(weights_dir / "instantid" / "ip-adapter.bin")
+    for kwargs, field in ((dict(), "controlnet"), (dict(controlnet=controlnet, optimizations="bf16"), "dtype")):
+        with pytest.raises(InvalidParameter) as info:
+            InstantIDPipeline.from_components(sdxl, adapter, **kwargs)
+        assert info.value.field == field
+    with pytest.raises(AdapterWeightsError, match="ip_adapter"):
+        InstantIDPipeline.from_components(sdxl, {"image_proj": adapter["image_proj"]}, controlnet=controlnet)
+    assembled = InstantIDPipeline.from_components(sdxl, adapter, controlnet=controlnet)
+    assert assembled.sdxl.controlnet is controlnet and assembled.face is None
+    assert max_diff(assembled(face, "x", seed=5, **SMALL).images[0], pipe(face, "x", seed=5, **SMALL).images[0]) <= 1

@@ -1,0 +1,33 @@
+"""Which device and dtype the models run on: ``auto`` picks CUDA when it is usable, and fp32 on
+CPU, bf16 (else fp16) on a GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InvalidParameter
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device", "cuda was asked for but no CUDA device is usable")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """fp32 on CPU; bf16 on GPUs that support it, else fp16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device is None or device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPE_NAMES:
+        raise InvalidParameter("dtype", f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
+    return DTYPE_NAMES[dtype]
