@@ -7,7 +7,11 @@ Hugging Face hub, in the published layout::
     antelopev2/                 scrfd_10g_bnkps.onnx, glintr100.onnx (+ the pack's other models)
 
 Remote files are downloaded once into a local cache (one process downloads, the others
-on the node wait for it; sizes are verified) and everything is then read from disk.
+on the node wait for it) and everything is then read from disk. A cached S3 file is used
+again only while the object is the one it was downloaded from: its ETag (the S3 content
+tag) is recorded at download, outside the cached tree, and compared with the listing at
+every resolve, so a changed object is fetched again even when its size is unchanged. Hub
+downloads go through huggingface_hub's cache, which is keyed by revision and file ETag.
 Each component may also be given on its own (``sdxl=``, ``instantid=``, ``antelopev2=``)
 as a local path, an ``s3://`` URI or ``hf://owner/repo``.
 """
@@ -226,6 +230,11 @@ _HUB_PATTERNS = {
 # --------------------------------------------------------------------------- fetching
 
 
+def _etag(response: dict) -> str:
+    """An S3 ETag without its quotes ("" when the server gives none: then sizes decide)."""
+    return str(response.get("ETag") or "").strip('"')
+
+
 class _Fetcher:
     def __init__(self, cache: Path, s3_endpoint: str | None) -> None:
         self.cache = cache
@@ -247,49 +256,71 @@ class _Fetcher:
             self._client = s3_client(self.s3_endpoint)
         local = self.cache / "s3" / where.bucket / where.prefix
         try:
-            sizes = self._list(where)
+            objects = self._list(where)
         except (BotoCoreError, ClientError) as error:
             raise WeightsNotFound(str(where), "S3", f"listing failed: {error}") from None
-        if not sizes and where.prefix:  # the location may be one object (a checkpoint file)
+        if not objects and where.prefix:  # the location may be one object (a checkpoint file)
             try:
                 head = self._client.head_object(Bucket=where.bucket, Key=where.prefix)
             except (BotoCoreError, ClientError):
                 return local  # nothing there: the checks name what is missing
-            self._download(where.bucket, where.prefix, local, int(head["ContentLength"]))
+            self._download(where.bucket, where.prefix, local, int(head["ContentLength"]), _etag(head))
             return local
-        everything = set(sizes)
-        for relative, size in sorted(sizes.items()):
+        everything = set(objects)
+        for relative, (size, etag) in sorted(objects.items()):
             if keep(relative, everything):
-                self._download(where.bucket, where.key(relative), local / relative, size)
+                self._download(where.bucket, where.key(relative), local / relative, size, etag)
         return local
 
-    def _list(self, where: S3Location) -> dict[str, int]:
+    def _list(self, where: S3Location) -> dict[str, tuple[int, str]]:
+        """relative key -> (size, ETag) of every object under the prefix."""
         prefix = where.prefix + "/" if where.prefix else ""
-        sizes: dict[str, int] = {}
+        objects: dict[str, tuple[int, str]] = {}
         paginator = self._client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=where.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
                 relative = item["Key"][len(prefix) :]
                 if relative and not relative.endswith("/"):
-                    sizes[relative] = int(item["Size"])
-        return sizes
+                    objects[relative] = (int(item["Size"]), _etag(item))
+        return objects
 
-    def _download(self, bucket: str, key: str, target: Path, size: int) -> None:
+    def _etag_record(self, bucket: str, key: str) -> Path:
+        return self.cache / "s3-etags" / bucket / f"{key}.etag"
+
+    def _is_cached(self, target: Path, record: Path, size: int, etag: str) -> bool:
+        try:
+            return target.stat().st_size == size and record.read_text() == etag
+        except OSError:  # no file, or no record of what it was downloaded from
+            return False
+
+    def _download(self, bucket: str, key: str, target: Path, size: int, etag: str, attempts: int = 3) -> None:
         from filelock import FileLock
 
-        if target.is_file() and target.stat().st_size == size:
+        record = self._etag_record(bucket, key)
+        if self._is_cached(target, record, size, etag):
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
-            if target.is_file() and target.stat().st_size == size:
+            if self._is_cached(target, record, size, etag):
                 return  # another process finished it while we waited
             partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
             try:
-                self._client.download_file(bucket, key, str(partial))
-                got = partial.stat().st_size
-                if got != size:
-                    raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"downloaded {got} bytes, expected {size}")
-                os.replace(partial, target)
+                for _ in range(attempts):
+                    self._client.download_file(bucket, key, str(partial))
+                    head = self._client.head_object(Bucket=bucket, Key=key)
+                    now = (int(head["ContentLength"]), _etag(head))
+                    if now != (size, etag):  # replaced while it was listed or fetched: fetch what is there now
+                        size, etag = now
+                        continue
+                    got = partial.stat().st_size
+                    if got != size:
+                        raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"downloaded {got} bytes, expected {size}")
+                    record.unlink(missing_ok=True)  # no record says "fetch again", whatever happens next
+                    os.replace(partial, target)
+                    record.parent.mkdir(parents=True, exist_ok=True)
+                    record.write_text(etag)
+                    return
+                raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"it changed during each of {attempts} downloads")
             finally:
                 partial.unlink(missing_ok=True)
 

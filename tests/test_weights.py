@@ -145,3 +145,23 @@ def test_wrong_credentials_are_reported_not_raised_raw(s3_weights, s3_env, tmp_p
     with pytest.raises(WeightsNotFound, match="listing failed"):
         resolve_weights(s3_weights, cache_dir=tmp_path)
     assert not os.listdir(tmp_path) or not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_changed_object_of_the_same_size_is_fetched_again(s3_server, s3_env, tmp_path):
+    """The cache compares content (the object's ETag, recorded at download), not only sizes."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="changing")
+    recogniser = "faces/glintr100.onnx"
+    for key, body in (("faces/scrfd_10g_bnkps.onnx", b"d" * 300), (recogniser, b"A" * 1000)):
+        client.put_object(Bucket="changing", Key=key, Body=body)
+    paths = resolve_weights(antelopev2="s3://changing/faces", components=("antelopev2",), cache_dir=tmp_path)
+    cached = paths.antelopev2 / "glintr100.onnx"
+    assert cached.read_bytes() == b"A" * 1000
+    detector = paths.antelopev2 / "scrfd_10g_bnkps.onnx"
+    stamp = detector.stat().st_mtime_ns
+    client.put_object(Bucket="changing", Key=recogniser, Body=b"B" * 1000)  # same size, other bytes
+    again = resolve_weights(antelopev2="s3://changing/faces", components=("antelopev2",), cache_dir=tmp_path)
+    assert again.antelopev2 == paths.antelopev2 and cached.read_bytes() == b"B" * 1000
+    assert detector.stat().st_mtime_ns == stamp  # an unchanged object is not fetched again
+    assert files_under(tmp_path / "s3") == {"changing/faces/glintr100.onnx": 1000,
+                                            "changing/faces/scrfd_10g_bnkps.onnx": 300}  # the cache holds the files only
