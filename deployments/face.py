@@ -8,8 +8,8 @@ import time
 from ray import serve
 
 from pipeline.errors import InvalidParameter
-from pipeline.face import FaceAnalyzer, FaceInfo
-from pipeline.images import ImageLimits, load_image
+from pipeline.face import FaceAnalyzer, FaceInfo, FaceRequest
+from pipeline.images import ImageLimits
 from pipeline.optimize import Optimizations, face_provider_list
 from pipeline.weights import resolve_weights
 
@@ -46,16 +46,20 @@ class FaceEmbedder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, jobs: list[FaceJob]) -> list[FaceInfo | BaseException]:
-        return await asyncio.to_thread(lambda: [self._analyze(job) for job in jobs])
+        return await asyncio.to_thread(self._analyze, jobs)
 
-    def _analyze(self, job: FaceJob) -> FaceInfo | BaseException:
+    def _analyze(self, jobs: list[FaceJob]) -> list[FaceInfo | BaseException]:
+        """The batch's requests together: detection per photo, one recognition call for
+        all their faces; a bad request gets its own error, the others their faces."""
         started = time.perf_counter()
+        requests = [FaceRequest(images=job.images, pose=job.pose, combine=job.combine, names=job.names or None)
+                    for job in jobs]
         try:
-            names = job.names or [f"face_images[{i}]" for i in range(len(job.images))]
-            images = [load_image(data, field=name, limits=self.limits) for data, name in zip(job.images, names)]
-            pose = load_image(job.pose, field="pose_image", limits=self.limits) if job.pose is not None else None
-            return self.analyzer.analyze_many(images, pose=pose, combine=job.combine, names=names)
-        except Exception as error:  # one bad request must not fail the others in its batch
-            return error
-        finally:
-            metrics.face_latency_ms().observe((time.perf_counter() - started) * 1000)
+            results: list[FaceInfo | BaseException] = list(self.analyzer.analyze_requests(requests,
+                                                                                          limits=self.limits))
+        except Exception as error:  # the models themselves failed: no request of the batch has a result
+            results = [error] * len(jobs)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        for _ in jobs:
+            metrics.face_latency_ms().observe(elapsed_ms)
+        return results

@@ -6,7 +6,9 @@ sizes when nothing is found, and combines several reference photos.
 
 :meth:`FaceAnalyzer.analyze_batch` detects each photo and then runs recognition once for
 all their faces (one ONNX Runtime call for the aligned crops), with the same results as
-:meth:`FaceAnalyzer.analyze` photo by photo.
+:meth:`FaceAnalyzer.analyze` photo by photo. :meth:`FaceAnalyzer.analyze_requests` does
+the same across several requests (:class:`FaceRequest`: photos, pose photo, combine mode),
+each request getting :meth:`FaceAnalyzer.analyze_many`'s result or its own error.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InstantIDError, InvalidParameter, NoFaceDetected, ProviderUnavailable, WeightsNotFound
-from .images import ImageInput, load_image
+from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
 from .keypoints import reference_size
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,28 @@ class FaceInfo:
             embedding=np.asarray(data["embedding"], dtype=np.float32),
             image_size=(int(data["image_size"][0]), int(data["image_size"][1])),
         )
+
+
+@dataclass(frozen=True)
+class FaceRequest:
+    """One identity to analyse (what :meth:`FaceAnalyzer.analyze_many` takes): its photos,
+    an optional pose photo for the keypoints, how to combine the embeddings, and the names
+    errors give the photos (default ``face_images[i]`` and ``pose_image``)."""
+
+    images: Sequence[ImageInput]
+    pose: ImageInput | None = None
+    combine: CombineMode = "mean"
+    names: Sequence[str] | None = None
+    pose_name: str = "pose_image"
+    field: str = "face_images"
+
+    def photo_names(self) -> list[str]:
+        if not self.images:
+            raise InvalidParameter(self.field, "at least one face photo is needed")
+        names = list(self.names) if self.names is not None else [f"{self.field}[{i}]" for i in range(len(self.images))]
+        if len(names) != len(self.images):
+            raise InvalidParameter("names", f"one name per photo: {len(names)} names for {len(self.images)} photos")
+        return names
 
 
 def combine_embeddings(embeddings: Sequence[np.ndarray], mode: CombineMode = "mean") -> np.ndarray:
@@ -211,45 +235,100 @@ class FaceAnalyzer:
         fields: Sequence[str] | None = None,
         reference_resize: bool = True,
         errors: Literal["raise", "return"] = "raise",
-    ) -> list[FaceInfo | InstantIDError]:
+    ) -> list[FaceInfo | Exception]:
         """:meth:`analyze` for several photos, with one recognition call for all their
         faces (the aligned crops go to the recogniser as one batch). Detection runs photo
         by photo (SCRFD's published export takes one image at a time). With
         ``errors="return"`` a photo that fails (no face, not an image) gives its error in
-        its place instead of failing the others."""
+        its place instead of failing the others; with ``"raise"`` the first failing photo,
+        in order, raises."""
         fields = list(fields) if fields is not None else [f"images[{i}]" for i in range(len(images))]
         if len(fields) != len(images):
             raise InvalidParameter("fields", "one name per image")
-        results: list[FaceInfo | InstantIDError | None] = [None] * len(images)
-        prepared = []  # decoding and resizing need no lock: (index, field, picture size, bgr)
-        found = []  # (index, picture size, bgr, bbox, kps, score)
-        for index, (image, name) in enumerate(zip(images, fields)):
+        results = self._analyze_photos([(image, name, True) for image, name in zip(images, fields)],
+                                       reference_resize=reference_resize)
+        failed = [result for result in results if isinstance(result, Exception)]
+        if failed and errors == "raise":
+            raise failed[0]
+        return results
+
+    def analyze_requests(self, requests: Sequence[FaceRequest], *,
+                         limits: ImageLimits = DEFAULT_LIMITS) -> list[FaceInfo | Exception]:
+        """:meth:`analyze_many` for several requests at once: every photo of every request
+        is detected (photo by photo), then ONE recognition call embeds the faces of all the
+        requests' identity photos (pose photos need only detection). Each request gets its
+        :class:`FaceInfo`, or the error :meth:`analyze_many` would have raised for it (its
+        first failing photo, in order); one bad request does not fail the others. Photos
+        are decoded under ``limits``."""
+        photos: list[tuple[ImageInput, str, bool]] = []
+        spans: list[tuple[int, int] | Exception] = []  # per request: its photos in ``photos``, or its error
+        for request in requests:
             try:
-                picture, bgr = self._prepare(image, name, reference_resize)
-                prepared.append((index, name, picture.size, bgr))
+                names = request.photo_names()
             except InstantIDError as error:
+                spans.append(error)
+                continue
+            start = len(photos)
+            photos += [(image, name, True) for image, name in zip(request.images, names)]
+            if request.pose is not None:
+                photos.append((request.pose, request.pose_name, False))
+            spans.append((start, len(photos)))
+        results = self._analyze_photos(photos, limits=limits)
+        out: list[FaceInfo | Exception] = []
+        for request, span in zip(requests, spans):
+            if isinstance(span, Exception):
+                out.append(span)
+                continue
+            mine = results[span[0] : span[1]]
+            failed = [result for result in mine if isinstance(result, Exception)]
+            if failed:
+                out.append(failed[0])
+                continue
+            faces = mine[: len(request.images)]
+            layout = mine[-1] if request.pose is not None else faces[0]
+            try:
+                out.append(_identity(faces, layout, request.combine))
+            except InstantIDError as error:  # e.g. an unknown combine mode
+                out.append(error)
+        return out
+
+    def _analyze_photos(self, photos: Sequence[tuple[ImageInput, str, bool]], *, reference_resize: bool = True,
+                        limits: ImageLimits = DEFAULT_LIMITS) -> list[FaceInfo | Exception]:
+        """Per ``(photo, field name, recognise)``: its largest face, or the error it failed
+        with (decoding, detection). Decoding and resizing need no lock; detection runs
+        photo by photo; the faces of the photos to recognise go to the recogniser in one
+        call (the others get an empty embedding)."""
+        results: list[FaceInfo | Exception | None] = [None] * len(photos)
+        prepared = []  # (index, field, picture size, bgr)
+        for index, (image, name, _) in enumerate(photos):
+            try:
+                picture, bgr = self._prepare(image, name, reference_resize, limits)
+                prepared.append((index, name, picture.size, bgr))
+            except Exception as error:  # this photo's error, not its batch's
                 results[index] = error
+        found = []  # (index, picture size, bgr, bbox, kps, score)
         with self._lock:
             for index, name, size, bgr in prepared:
                 try:
                     found.append((index, size, bgr, *self._detect(bgr, name)))
-                except InstantIDError as error:
+                except Exception as error:
                     results[index] = error
-            failed = [result for result in results if result is not None]
-            if failed and errors == "raise":
-                raise failed[0]  # the first photo that fails, in order
-            if found:
+            recognise = [face for face in found if photos[face[0]][2]]
+            embeddings = np.zeros((0, 0), np.float32)
+            if recognise:
                 from insightface.utils import face_align
 
                 side = self._recognizer.input_size[0]
-                crops = [face_align.norm_crop(bgr, landmark=kps, image_size=side) for _, _, bgr, _, kps, _ in found]
+                crops = [face_align.norm_crop(bgr, landmark=kps, image_size=side) for _, _, bgr, _, kps, _ in recognise]
                 embeddings = np.asarray(self._recognizer.get_feat(crops), dtype=np.float32)
-        for row, (index, size, _, bbox, kps, score) in enumerate(found):
-            results[index] = _face_info(bbox, kps, score, embeddings[row].reshape(-1), size)
+        rows = {face[0]: row for row, face in enumerate(recognise)}
+        for index, size, _, bbox, kps, score in found:
+            embedding = embeddings[rows[index]] if index in rows else np.zeros(0, np.float32)
+            results[index] = _face_info(bbox, kps, score, embedding, size)
         return results  # type: ignore[return-value]
 
-    def _prepare(self, image: ImageInput, field: str, reference_resize: bool):
-        picture = load_image(image, field=field)
+    def _prepare(self, image: ImageInput, field: str, reference_resize: bool, limits: ImageLimits = DEFAULT_LIMITS):
+        picture = load_image(image, field=field, limits=limits)
         if reference_resize:
             size = reference_size(*picture.size)
             if size != picture.size:
@@ -281,22 +360,28 @@ class FaceAnalyzer:
         """One identity from several photos: combined embedding; keypoints and box from
         the first photo, or from ``pose`` (another photo) when given. ``names`` name the
         photos in error messages (default ``face_images[i]``)."""
-        if not images:
-            raise InvalidParameter(field, "at least one face photo is needed")
-        names = list(names) if names is not None else [f"{field}[{i}]" for i in range(len(images))]
+        request = FaceRequest(images=list(images), pose=pose, combine=combine, names=names, pose_name=pose_name,
+                              field=field)
+        names = request.photo_names()
         if self.batch_recognition:
-            faces = self.analyze_batch(images, fields=names)
+            faces = self.analyze_batch(request.images, fields=names)
         else:
-            faces = [self.analyze(img, field=name) for img, name in zip(images, names)]
+            faces = [self.analyze(img, field=name) for img, name in zip(request.images, names)]
         layout = self.analyze(pose, field=pose_name) if pose is not None else faces[0]
-        embedding = combine_embeddings([f.embedding for f in faces], combine) if len(faces) > 1 else faces[0].embedding
-        return FaceInfo(
-            bbox=layout.bbox,
-            kps=layout.kps,
-            det_score=faces[0].det_score,
-            embedding=embedding,
-            image_size=layout.image_size,
-        )
+        return _identity(faces, layout, combine)
+
+
+def _identity(faces: Sequence[FaceInfo], layout: FaceInfo, combine: CombineMode) -> FaceInfo:
+    """One identity: the photos' combined embedding; keypoints, box and picture size from
+    ``layout`` (the first photo or the pose photo); the first photo's detection score."""
+    embedding = combine_embeddings([f.embedding for f in faces], combine) if len(faces) > 1 else faces[0].embedding
+    return FaceInfo(
+        bbox=layout.bbox,
+        kps=layout.kps,
+        det_score=faces[0].det_score,
+        embedding=embedding,
+        image_size=layout.image_size,
+    )
 
 
 def _face_info(bbox, kps, score, embedding: np.ndarray, image_size: tuple[int, int]) -> FaceInfo:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import InvalidParameter, NoFaceDetected, ProviderUnavailable, WeightsNotFound
-from pipeline.face import FaceAnalyzer, combine_embeddings, select_providers
+from pipeline.face import FaceAnalyzer, FaceRequest, combine_embeddings, select_providers
 from tests.conftest import face_photo
 
 
@@ -113,3 +113,72 @@ def test_several_photos_and_a_separate_pose(analyzer):
 def test_missing_models_are_named(tmp_path):
     with pytest.raises(WeightsNotFound, match="scrfd_10g_bnkps.onnx"):
         FaceAnalyzer(tmp_path)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def outcome(fn):
+    try:
+        return fn()
+    except Exception as error:  # the error is the outcome being compared
+        return error
+
+
+def assert_same(expected, got) -> None:
+    if isinstance(expected, Exception):
+        assert type(got) is type(expected) and str(got) == str(expected)
+        assert getattr(got, "field", None) == getattr(expected, "field", None)
+    else:
+        assert (got.bbox, got.kps, got.image_size, got.det_score) == (expected.bbox, expected.kps,
+                                                                       expected.image_size, expected.det_score)
+        assert np.allclose(got.embedding, expected.embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_several_requests_together_equal_each_alone_with_one_recognition_call(analyzer, monkeypatch):
+    one, two = face_photo(), face_photo(color=(255, 240, 170))
+    pose = face_photo(size=(512, 256), blobs=((400, 128, 60),))
+    black = Image.new("RGB", (200, 200))
+    requests = [
+        FaceRequest([one, two], pose=pose),  # several photos and a pose photo
+        FaceRequest([black], names=["mine[0]"]),  # no face
+        FaceRequest([two, one], combine="norm_mean"),
+        FaceRequest([b"not an image", one]),  # not an image
+        FaceRequest([]),  # no photo
+        FaceRequest([one, two], combine="median"),  # unknown combine mode
+        FaceRequest([one], pose=black, pose_name="their_pose"),  # a pose photo without a face
+        FaceRequest([png(two)]),  # encoded bytes, as served requests send them
+    ]
+    alone = [outcome(lambda r=r: analyzer.analyze_many(r.images, pose=r.pose, combine=r.combine, names=r.names,
+                                                        pose_name=r.pose_name)) for r in requests]
+    runs = []
+    session = analyzer._recognizer.session
+    original = session.run
+    monkeypatch.setattr(session, "run", lambda *a, **k: runs.append(a[1]) or original(*a, **k))
+    together = analyzer.analyze_requests(requests)
+    assert len(runs) == 1  # one recognition call for the faces of every request
+    assert [type(r).__name__ for r in together] == ["FaceInfo", "NoFaceDetected", "FaceInfo", "InvalidImage",
+                                                    "InvalidParameter", "InvalidParameter", "NoFaceDetected",
+                                                    "FaceInfo"]
+    for expected, got in zip(alone, together):
+        assert_same(expected, got)
+    assert together[1].field == "mine[0]" and together[6].field == "their_pose"
+
+
+def test_the_served_face_stage_analyses_its_batch_together(weights_dir, analyzer):
+    """FaceEmbedder's batch method: each request its own result or error."""
+    from deployments.face import FaceEmbedder, FaceJob
+
+    embedder = FaceEmbedder.func_or_class(str(weights_dir))
+    good = FaceJob(images=[png(face_photo()), png(face_photo(color=(255, 240, 170)))])
+    posed = FaceJob(images=[png(face_photo())], pose=png(face_photo(size=(512, 256), blobs=((400, 128, 60),))))
+    faceless = FaceJob(images=[png(Image.new("RGB", (64, 64)))])
+    results = embedder._analyze([good, FaceJob(images=[b"junk"]), posed, faceless])
+    assert_same(analyzer.analyze_many([face_photo(), face_photo(color=(255, 240, 170))]), results[0])
+    assert results[1].code == "invalid_image" and results[1].field == "face_images[0]"
+    assert_same(analyzer.analyze_many([face_photo()], pose=face_photo(size=(512, 256), blobs=((400, 128, 60),))),
+                results[2])
+    assert isinstance(results[3], NoFaceDetected)

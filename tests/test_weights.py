@@ -163,5 +163,6 @@ def test_a_changed_object_of_the_same_size_is_fetched_again(s3_server, s3_env, t
     again = resolve_weights(antelopev2="s3://changing/faces", components=("antelopev2",), cache_dir=tmp_path)
     assert again.antelopev2 == paths.antelopev2 and cached.read_bytes() == b"B" * 1000
     assert detector.stat().st_mtime_ns == stamp  # an unchanged object is not fetched again
+    # the cached tree holds the files only (the ETags are kept beside it)
     assert files_under(tmp_path / "s3") == {"changing/faces/glintr100.onnx": 1000,
-                                            "changing/faces/scrfd_10g_bnkps.onnx": 300}  # the cache holds the files only
+                                            "changing/faces/scrfd_10g_bnkps.onnx": 300}
