@@ -120,7 +120,9 @@ class Optimizations(BaseModel):
                                                        "finite in fp16 (e.g. sdxl-vae-fp16-fix).")
     few_step: FewStep | None = None
     face_providers: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
-    face_batch: bool = Field(False, description="One recognition call for all the photos of a request.")
+    face_batch: bool = Field(False, description="One recognition call for all the photos of a request "
+                                                "(analyze_many; the served face stage always makes one call "
+                                                "for all the requests of a batch).")
 
     @field_validator("few_step", mode="before")
     @classmethod

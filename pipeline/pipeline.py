@@ -12,8 +12,13 @@ decoupled-attention processors and the face stage, and runs its own denoising lo
 * Every image has its own seed, prompt and scales, so an image is the same whether it is
   rendered alone or inside a batch.
 
-Speed settings are opt-in (:class:`~pipeline.optimize.Optimizations`, given to
-:meth:`InstantIDPipeline.from_weights`); the defaults are the faithful path.
+* A guidance-distilled UNet (``time_cond_proj_dim`` set) gets each image's guidance as an
+  embedding and no unconditional branch, as diffusers' SDXL pipelines do.
+
+:meth:`InstantIDPipeline.from_components` assembles the pipeline from loaded parts (and
+:meth:`InstantIDPipeline.from_weights` loads the parts, then calls it). Speed settings are
+opt-in (:class:`~pipeline.optimize.Optimizations`); they are applied there, once, and what
+the render loop needs of them is resolved there too. The defaults are the faithful path.
 """
 
 from __future__ import annotations
