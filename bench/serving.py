@@ -71,7 +71,7 @@ class ServeSession:
         from ray import serve
 
         from deployments.app import build_app
-        from deployments.config import AppArgs
+        from service.config import AppArgs
         from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
 
         if self._args is None:  # validated once: defaults drawn at random (signing keys) stay put

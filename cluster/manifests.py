@@ -43,6 +43,11 @@ def _container(name: str, resources: dict, extra_env: list[dict] | None = None) 
     env = [
         {"name": "INSTANTID_API_KEY_SHA256", "valueFrom": {"secretKeyRef": {"name": "instantid-api-keys",
                                                                            "key": "sha256"}}},
+        # the same signing keys on every node and across redeploys (links, webhook secrets)
+        {"name": "INSTANTID_URL_SIGNING_KEY", "valueFrom": {"secretKeyRef": {"name": "instantid-signing-keys",
+                                                                            "key": "url"}}},
+        {"name": "INSTANTID_WEBHOOK_SIGNING_KEY", "valueFrom": {"secretKeyRef": {"name": "instantid-signing-keys",
+                                                                                "key": "webhook"}}},
         {"name": "INSTANTID_CACHE", "value": "/cache/instantid"},
     ] + (extra_env or [])
     return {
@@ -158,7 +163,7 @@ def _days(seconds: int) -> int:
 
 def lifecycle_rules(serve_config: dict) -> dict[str, dict]:
     """Bucket -> S3 lifecycle configuration enforcing the app's retention at the store."""
-    from deployments.config import AppArgs
+    from service.config import AppArgs
 
     application = next(a for a in serve_config["applications"] if a["name"] == "instantid")
     args = AppArgs.model_validate(application["args"])

@@ -20,27 +20,28 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import secrets
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from deployments.storage import ObjectNotFound, open_storage
-from pipeline.errors import ImageTooLarge, InstantIDError, InvalidImage, NoFaceDetected
+from pipeline.errors import ImageTooLarge, InvalidImage, NoFaceDetected
 from pipeline.images import ImageLimits
 from pipeline.params import GenerationParams, invalid_parameter_from, seed_from
 from pipeline.s3 import S3Location, s3_client
+from service.batching import RenderRequest, render_requests
+from service.errors import public_error
+from service.lookup import load_face
+from service.storage import open_storage
+from service.store import FORMATS, store_result
 
 FINAL = ("ok", "no_face", "bad_image")  # a rerun does not touch these; "error" rows are retried
 ROW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MARKER = re.compile(r"^rows/(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)\.(?P<status>ok|no_face|bad_image|error)\.json$")
-OUTPUT_FIELDS = ("output_format", "quality")
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -122,7 +123,7 @@ def plan_row(raw: dict) -> dict:
             return {**job, "status": "error", "message": "face_images: give face_images or face_id (exactly one)"}
         job["output_format"] = str(raw.get("output_format") or "png")
         job["quality"] = int(raw.get("quality") or 90)
-        if job["output_format"] not in EXTENSIONS:
+        if job["output_format"] not in FORMATS:
             return {**job, "status": "error", "message": f"output_format: unknown format {job['output_format']!r}"}
         values = {k: v for k, v in raw.items() if k in GenerationParams.model_fields and v is not None}
         values.setdefault("seed", default_seed(row_id))
@@ -142,7 +143,7 @@ class FaceStage:
     """Actor: fetches the photos and analyses the face of each pending row."""
 
     def __init__(self, weights: str, providers: str, cache: str | None, face_store: str | None,
-                 limits: dict | None = None) -> None:
+                 face_owner: str | None = None, limits: dict | None = None) -> None:
         from pipeline.face import FaceAnalyzer
         from pipeline.weights import resolve_weights
 
@@ -150,6 +151,7 @@ class FaceStage:
         self.analyzer = FaceAnalyzer(paths.antelopev2, providers=providers)
         self.limits = ImageLimits(**(limits or {}))
         self.faces = open_storage(face_store) if face_store else None
+        self.face_owner = face_owner
         self.s3 = None
 
     def _fetch(self, uri: str, field: str) -> bytes:
@@ -168,7 +170,7 @@ class FaceStage:
             raise RuntimeError(f"{field}: S3 unavailable ({error})") from None
 
     def __call__(self, batch):
-        from pipeline.face import FaceInfo
+        from service.records import StoredFace
 
         batch = batch.reset_index(drop=True)
         for i in range(len(batch)):
@@ -176,24 +178,24 @@ class FaceStage:
                 continue
             try:
                 if batch.at[i, "face_id"]:
-                    if self.faces is None:
-                        raise ValueError("face_id needs --face-store (the service's storage)")
-                    face = FaceInfo.from_dict(self.faces.get_json(f"faces/{batch.at[i, 'face_id']}.json")["face"])
+                    if self.faces is None or self.face_owner is None:
+                        raise ValueError("face_id needs --face-store (the service's storage) and --api-key-sha256 "
+                                         "(the key the face was registered with)")
+                    # the API's rules: the key's own, unexpired faces only
+                    face = load_face(self.faces, batch.at[i, "face_id"], self.face_owner).face.to_info()
                 else:
                     refs = json.loads(batch.at[i, "face_refs"])
                     names = [f"face_images[{k}]" for k in range(len(refs))]
                     images = [self._fetch(ref, name) for ref, name in zip(refs, names)]
                     pose = self._fetch(batch.at[i, "pose_ref"], "pose_image") if batch.at[i, "pose_ref"] else None
                     face = self.analyzer.analyze_many(images, pose=pose, names=names)
-                batch.at[i, "face"] = json.dumps(face.to_dict(with_embedding=True))
+                batch.at[i, "face"] = StoredFace.of(face).model_dump_json()
             except NoFaceDetected as error:
                 batch.at[i, "status"], batch.at[i, "message"] = "no_face", str(error)
             except (InvalidImage, ImageTooLarge) as error:
                 batch.at[i, "status"], batch.at[i, "message"] = "bad_image", str(error)
-            except ObjectNotFound:
-                batch.at[i, "status"], batch.at[i, "message"] = "error", f"face_id: no face {batch.at[i, 'face_id']}"
             except Exception as error:  # noqa: BLE001 - one row's failure never stops the job
-                batch.at[i, "status"], batch.at[i, "message"] = "error", f"{type(error).__name__}: {error}"
+                batch.at[i, "status"], batch.at[i, "message"] = "error", _message(error)
         return batch
 
 
@@ -208,70 +210,59 @@ class DiffusionStage:
         self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False)
 
     def __call__(self, batch):
-        from pipeline.face import FaceInfo
+        from service.records import StoredFace
 
         batch = batch.reset_index(drop=True)
-        groups = defaultdict(list)
-        for i in range(len(batch)):
-            if batch.at[i, "status"] != "pending":
+        rows = [i for i in range(len(batch)) if batch.at[i, "status"] == "pending"]
+        requests = [RenderRequest(batch.at[i, "id"], GenerationParams.model_validate_json(batch.at[i, "spec"]),
+                                  StoredFace.model_validate_json(batch.at[i, "face"]).to_info()) for i in rows]
+        for i, outcome in zip(rows, render_requests(self.pipe, requests)):
+            if isinstance(outcome, BaseException):
+                batch.at[i, "status"], batch.at[i, "message"] = "error", _message(outcome)
                 continue
-            try:
-                spec = GenerationParams.model_validate_json(batch.at[i, "spec"])
-                options, items = self.pipe.plan(spec, FaceInfo.from_dict(json.loads(batch.at[i, "face"])))
-                groups[options].append((i, items))
-            except InstantIDError as error:
-                batch.at[i, "status"], batch.at[i, "message"] = "error", str(error)
-        for options, members in groups.items():
-            items = [item for _, row_items in members for item in row_items]
-            try:
-                images, timings = self.pipe.render(items, options)
-            except Exception as error:  # noqa: BLE001
-                for i, _ in members:
-                    batch.at[i, "status"], batch.at[i, "message"] = "error", f"{type(error).__name__}: {error}"
-                continue
-            offset = 0
-            for i, row_items in members:
-                mine = images[offset: offset + len(row_items)]
-                offset += len(row_items)
-                batch.at[i, "pixels"] = b"".join(np.asarray(image, dtype=np.uint8).tobytes() for image in mine)
-                batch.at[i, "count"] = len(mine)
-                batch.at[i, "seeds"] = json.dumps([item.seed for item in row_items])
-                batch.at[i, "width"], batch.at[i, "height"] = options.width, options.height
+            batch.at[i, "pixels"] = b"".join(image.tobytes() for image in outcome.images)
+            batch.at[i, "count"] = len(outcome.images)
+            batch.at[i, "seeds"] = json.dumps(outcome.seeds)
+            batch.at[i, "width"], batch.at[i, "height"] = outcome.width, outcome.height
         return batch
 
 
-def upload(batch, out: str, run_id: str, s3_endpoint: str | None):
-    """Task: encodes and stores each rendered row, then writes its marker (once)."""
-    from deployments.postprocess import encode
+def _message(error: BaseException) -> str:
+    """A row's error message: a typed error as the API shows it, anything else by its type."""
+    shown = public_error(error)
+    return shown.message if shown.code != "internal_error" else f"{type(error).__name__}: {error}"
 
+
+def upload(batch, out: str, run_id: str, s3_endpoint: str | None):
+    """Task: stores each rendered row (:func:`service.store.store_result`: the images, then
+    its ``ok`` marker, created once); a failed row gets its ``error`` marker."""
     store = open_storage(out, endpoint_url=s3_endpoint)
     batch = batch.reset_index(drop=True)
     results = []
     for i in range(len(batch)):
         row = {k: batch.at[i, k] for k in ("id", "row", "status", "message", "width", "height")}
         row = {k: (int(v) if isinstance(v, np.integer) else v) for k, v in row.items()}
-        keys: list[str] = []
+        row.update(images=[], seeds=[], run=run_id)
         try:
             if row["status"] == "pending":
-                fmt = batch.at[i, "output_format"]
                 shape = (int(batch.at[i, "count"]), row["height"], row["width"], 3)
-                for k, array in enumerate(np.frombuffer(batch.at[i, "pixels"], dtype=np.uint8).reshape(shape)):
-                    key = f"images/{row['id']}/{k}.{EXTENSIONS[fmt]}"
-                    store.put(key, encode(array, fmt, int(batch.at[i, "quality"])), f"image/{fmt}")
-                    keys.append(key)
-                row["status"] = "ok"
+                images = list(np.frombuffer(batch.at[i, "pixels"], dtype=np.uint8).reshape(shape))
+                row.update(status="ok", seeds=json.loads(batch.at[i, "seeds"]), finished_at=time.time())
+                stored = store_result(store, images, prefix=f"images/{row['id']}", fmt=batch.at[i, "output_format"],
+                                      quality=int(batch.at[i, "quality"]), record_key=f"rows/{row['id']}.ok.json",
+                                      record=row, keys_field="images")
+                row = stored.record if stored.fresh else {**row, "status": "duplicate"}
+                store.delete(f"rows/{row['id']}.error.json")
         except Exception as error:  # noqa: BLE001
-            row["status"], row["message"] = "error", f"upload: {type(error).__name__}: {error}"
-        row.update(images=keys, seeds=json.loads(batch.at[i, "seeds"]) if keys else [], run=run_id,
-                   finished_at=time.time())
-        marker = f"rows/{row['id']}.{row['status']}.json"
-        document = json.dumps(row).encode()
-        if row["status"] in FINAL:
-            if not store.put_if_absent(marker, document):
-                row["status"] = "duplicate"  # another run already finished this row: nothing new
-            store.delete(f"rows/{row['id']}.error.json")
-        else:
-            store.put(marker, document, "application/json")
+            row.update(status="error", message=f"upload: {type(error).__name__}: {error}", images=[], seeds=[])
+        if row["status"] != "duplicate":
+            row.setdefault("finished_at", time.time())
+            marker = f"rows/{row['id']}.{row['status']}.json"
+            if row["status"] in FINAL:
+                if row["status"] != "ok" and not store.put_if_absent(marker, json.dumps(row).encode()):
+                    row["status"] = "duplicate"  # another run already finished this row: nothing new
+            else:
+                store.put(marker, json.dumps(row).encode(), "application/json")
         results.append({"id": row["id"], "status": row["status"], "report": json.dumps(row)})
     import pandas as pd
 
@@ -319,7 +310,8 @@ def _parquet_bytes(table) -> bytes:
     return buffer.getvalue()
 
 
-def run(manifest: str, weights: str, out: str, *, face_store: str | None = None, cache: str | None = None,
+def run(manifest: str, weights: str, out: str, *, face_store: str | None = None, face_owner: str | None = None,
+        cache: str | None = None,
         device: str = "auto", dtype: str = "auto", providers: str = "auto", face_gpus: float = 0.0,
         diffusion_gpus: float = 0.0, face_accelerator: str | None = None,
         diffusion_accelerator: str | None = None, face_actors: tuple[int, int] = (1, 1),
@@ -356,7 +348,7 @@ def run(manifest: str, weights: str, out: str, *, face_store: str | None = None,
         ds = ds.map_batches(FaceStage, batch_format="pandas", batch_size=8, compute=ActorPoolStrategy(
             min_size=face_actors[0], max_size=face_actors[1]),
             fn_constructor_kwargs={"weights": weights, "providers": providers, "cache": cache,
-                                   "face_store": face_store}, **face_options)
+                                   "face_store": face_store, "face_owner": face_owner}, **face_options)
         ds = ds.map_batches(DiffusionStage, batch_format="pandas", batch_size=batch_images,
                             compute=ActorPoolStrategy(min_size=diffusion_actors[0], max_size=diffusion_actors[1]),
                             fn_constructor_kwargs={"weights": weights, "device": device, "dtype": dtype,
@@ -419,16 +411,3 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="rows", unit="row", file=sys.stderr, dynamic_ncols=True)
-
-
-def connect_ray() -> None:
-    """Join the cluster the job was submitted to (``ray job submit`` sets RAY_ADDRESS), or
-    start a local Ray pinned to loopback."""
-    import ray
-
-    from deployments.ray_setup import init_loopback_ray, runtime_env
-
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env(), log_to_driver=False)
-    else:
-        init_loopback_ray(num_cpus=max(os.cpu_count() or 1, 4))

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.params import GenerationParams
+from service.records import Face, JobError, JobStatus, OutputFormat, Progress
 
 IMAGE_REF = (
     "An image: a data: URL (data:image/png;base64,...), plain base64, or an s3://bucket/key URI "
@@ -23,7 +24,7 @@ class GenerationRequest(GenerationParams):
     face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
     pose_image: str | None = Field(None, description=f"Take the head pose from this photo. {IMAGE_REF}")
     face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
-    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     run_async: bool = Field(False, alias="async", description="Answer 202 with a job at once (as does the header "
                                                               "`Prefer: respond-async`).")
@@ -52,13 +53,6 @@ class FaceRequest(BaseModel):
     face_combine: Literal["mean", "norm_mean"] = "mean"
 
 
-class Face(BaseModel):
-    bbox: list[float] = Field(description="x1, y1, x2, y2 in the analysed photo's pixels.")
-    kps: list[list[float]] = Field(description="Eyes, nose, mouth corners (x, y).")
-    det_score: float
-    image_size: list[int] = Field(description="Width, height of the frame the box and keypoints are in.")
-
-
 class Image(BaseModel):
     url: str = Field(description="Where to fetch the image; expires (presigned).")
     seed: int
@@ -80,16 +74,11 @@ class FaceResponse(BaseModel):
     created_at: float
 
 
-class Progress(BaseModel):
-    step: int
-    total: int
-
-
 class Job(BaseModel):
     """``GET /v1/generations/{id}``: a generation, finished or not."""
 
     id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    status: JobStatus
     stage: str | None = Field(None, description="queued, face, rendering, storing, done")
     progress: Progress | None = None
     created_at: float | None = None
@@ -98,7 +87,7 @@ class Job(BaseModel):
     face: Face | None = None
     batch_size: int | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
-    error: "ErrorDetail | None" = None
+    error: JobError | None = None
 
 
 class FaceAnalysis(BaseModel):
@@ -107,14 +96,8 @@ class FaceAnalysis(BaseModel):
     face: Face
 
 
-class ErrorDetail(BaseModel):
-    code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_parameter, overloaded.")
-    message: str
-    field: str | None = None
-
-
 class ErrorResponse(BaseModel):
-    error: ErrorDetail
+    error: JobError
 
 
 class WebhookSecret(BaseModel):

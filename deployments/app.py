@@ -7,47 +7,50 @@ from typing import Any
 
 from ray.serve import Application
 
-from .config import AppArgs
+from service.config import AppArgs
+
 from .face import FaceEmbedder
 from .generator import Generator
 from .ingress import Ingress
 from .janitor import Janitor
 from .postprocess import Postprocessor
 from .ratelimit import RateLimiter
+from .runner import JobRunner
 
-DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor", "RateLimiter", "Janitor")
+DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor", "JobRunner", "RateLimiter", "Janitor")
 
 
 def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict] | None = None) -> Application:
     """Bind the deployments. ``deployment_options`` (by deployment name) are
     ``.options()`` overrides, in the shape of a Serve config's ``deployments`` entries."""
     args = AppArgs.model_validate(args)
+    args.signing_keys()  # refused here, at once, rather than in every replica
     options = deployment_options or {}
     unknown = set(options) - set(DEPLOYMENTS)
     if unknown:
         raise ValueError(f"unknown deployments {sorted(unknown)}; the app has {list(DEPLOYMENTS)}")
     limits = args.limits
-    face = FaceEmbedder.options(**options.get("FaceEmbedder", {})).bind(
+
+    def deployment(cls):
+        return cls.options(**options.get(cls.name, {}))
+
+    face = deployment(FaceEmbedder).bind(
         args.weights, args.face_providers, args.weights_cache, args.s3_endpoint_url,
         {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_image_pixels,
          "max_side": limits.max_image_side}, args.optimizations,
     )
-    postprocessor = Postprocessor.options(**options.get("Postprocessor", {})).bind(
-        args.storage, args.url_signing_key, args.s3_endpoint_url, args.presign_endpoint_url
-    )
-    generator = Generator.options(**options.get("Generator", {})).bind(
+    postprocessor = deployment(Postprocessor).bind(args.storage, args.s3_endpoint_url)
+    generator = deployment(Generator).bind(
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
-        limits.max_num_images, args.optimizations,
+        limits.max_num_images, args.optimizations, args.warmup_shapes,
     )
-    limiter = RateLimiter.options(**options.get("RateLimiter", {})).bind(
+    config = args.model_dump()
+    runner = deployment(JobRunner).bind(face, generator, config)
+    limiter = deployment(RateLimiter).bind(
         args.rate_limits.requests_per_minute, args.rate_limits.burst, args.rate_limits.images_per_day
     )
-    janitor = Janitor.options(**options.get("Janitor", {})).bind(
-        args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url
-    )
-    return Ingress.options(**options.get("Ingress", {})).bind(
-        face, generator, postprocessor, limiter, janitor, args.model_dump()
-    )
+    janitor = deployment(Janitor).bind(args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url)
+    return deployment(Ingress).bind(face, generator, runner, limiter, janitor, config)
 
 
 def app_builder(args: AppArgs) -> Application:

@@ -27,6 +27,8 @@ def _extend(commands) -> None:
     render.add_argument("--weights", required=True)
     render.add_argument("--out", required=True, help="a folder or s3://bucket/prefix")
     render.add_argument("--face-store", help="the service's storage, for rows that give a face_id")
+    render.add_argument("--api-key-sha256", help="with --face-store: the key (digest) the faces were registered "
+                                                 "with; only its own, unexpired faces are used, as by the API")
     render.add_argument("--face-actors", default="1-1", help="face actor pool size, MIN-MAX")
     render.add_argument("--diffusion-actors", default="1-1", help="diffusion actor pool size, MIN-MAX")
     render.add_argument("--batch-images", type=int, default=4, help="rows per diffusion batch")
@@ -79,14 +81,22 @@ def _render(args) -> int:
         raise InvalidParameter("--batch-images", "must be at least 1")
     import ray
 
-    from cluster.render import connect_ray, run
+    from cluster.render import run
 
-    connect_ray()
+    from .auth import owner_of
+    from .ray_setup import init_loopback_ray, runtime_env
+
+    if os.environ.get("RAY_ADDRESS"):  # the cluster the job was submitted to (`ray job submit` sets it)
+        ray.init(runtime_env=runtime_env(), log_to_driver=False)
+    else:  # a local Ray pinned to loopback
+        init_loopback_ray(num_cpus=max(os.cpu_count() or 1, 4))
     try:
         has_gpus = ray.cluster_resources().get("GPU", 0) > 0
         face_gpus = (0.25 if has_gpus else 0.0) if args.face_gpus == "auto" else float(args.face_gpus)
         diffusion_gpus = (1.0 if has_gpus else 0.0) if args.diffusion_gpus == "auto" else float(args.diffusion_gpus)
-        summary = run(args.manifest, args.weights, args.out, face_store=args.face_store, face_gpus=face_gpus,
+        owner = owner_of(args.api_key_sha256.strip().lower()) if args.api_key_sha256 else None
+        summary = run(args.manifest, args.weights, args.out, face_store=args.face_store, face_owner=owner,
+                      face_gpus=face_gpus,
                       diffusion_gpus=diffusion_gpus, face_accelerator=args.face_accelerator,
                       diffusion_accelerator=args.diffusion_accelerator, face_actors=face_actors,
                       diffusion_actors=diffusion_actors, batch_images=args.batch_images,

@@ -14,7 +14,7 @@ from pipeline.optimize import Optimizations, face_provider_list
 from pipeline.weights import resolve_weights
 
 from . import metrics
-from .jobs import FaceJob
+from .messages import FaceJob
 
 
 @serve.deployment(name="FaceEmbedder", max_ongoing_requests=16)

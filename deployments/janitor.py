@@ -13,7 +13,9 @@ import time
 
 from ray import serve
 
-from .storage import ObjectNotFound, Storage, erase_generation, open_storage
+from service.keys import erase_generation
+from service.records import Expiring
+from service.storage import ObjectNotFound, Storage, open_storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -26,22 +28,19 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
         if key.endswith(".json") and _expired(storage, key, now):
             storage.delete(key)
             deleted["faces"] += 1
-    for key in storage.list_keys("jobs"):
-        if key.endswith(".json") and _expired(storage, key, now):
-            storage.delete(key)
-            storage.delete(key.removesuffix(".json") + ".cancel")
-            deleted["jobs"] += 1
-    records = [k for k in storage.list_keys("generations") if k.endswith("/record.json")]
-    for key in records:
-        if _expired(storage, key, now):
-            erase_generation(storage, key.split("/")[1])
-            deleted["generations"] += 1
+    expired_jobs = [key.split("/")[1] for key in storage.list_keys("jobs")
+                    if key.endswith("/record.json") and _expired(storage, key, now)]
+    generations = {key.split("/")[1] for key in storage.list_keys("generations") if key.endswith("/record.json")
+                   and _expired(storage, key, now)}
+    for generation_id in sorted(generations | set(expired_jobs)):
+        erase_generation(storage, generation_id)  # images, record and job alike
+        deleted["generations" if generation_id in generations else "jobs"] += 1
     return deleted
 
 
 def _expired(storage: Storage, key: str, now: float) -> bool:
     try:
-        return storage.get_json(key).get("expires_at", float("inf")) < now
+        return Expiring.model_validate(storage.get_json(key)).expired(now)
     except (ObjectNotFound, ValueError):
         return False
 

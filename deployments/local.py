@@ -8,6 +8,8 @@ local storage by default, auth off unless keys are given.
 from __future__ import annotations
 
 import copy
+import os
+import secrets
 import signal
 import threading
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from service.config import AppArgs
+
 from .app import build_app
-from .config import AppArgs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "serve_config.yaml"
 
@@ -64,6 +67,10 @@ def local_args(application: dict[str, Any], **overrides: Any) -> AppArgs:
     for key in ("weights_cache", "input_buckets"):
         args.pop(key, None)
     args.update({k: v for k, v in overrides.items() if v is not None})
+    # one machine, one run: signing keys of this run unless the environment has lasting ones
+    for name in ("url_signing_key", "webhook_signing_key"):
+        if not os.environ.get(args.get(f"{name}_env") or AppArgs.model_fields[f"{name}_env"].default):
+            args.setdefault(name, secrets.token_hex(32))
     return AppArgs.model_validate(args)
 
 
@@ -108,8 +115,6 @@ def serve_locally(
     options = deployment_options(application, gpus=gpus, max_replicas=max_replicas, cpu_cap=0.5)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    import os
-
     init_loopback_ray(num_cpus=max(os.cpu_count() or 1, 4))
     try:
         serve.start(http_options={"host": host, "port": port})

@@ -16,6 +16,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before anything imports ray: loopback only
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Start-up timeouts of Ray's own actors, sized for a loaded 2-core machine (Serve's HTTP
+# proxy must answer its ready check within 5 s by default, else it is killed). Every Ray of
+# the suite inherits them: the session's, and those of the commands the tests start.
+for _name, _seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"),
+                        ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60"),
+                        ("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "30")):
+    os.environ.setdefault(_name, _seconds)
+# the app signs links and webhooks with keys from the environment (as production does)
+os.environ.setdefault("INSTANTID_URL_SIGNING_KEY", "test-url-signing-key-0123456789")
+os.environ.setdefault("INSTANTID_WEBHOOK_SIGNING_KEY", "test-webhook-signing-key-0123456789")
 
 DATA = Path(__file__).parent / "data"
 
@@ -150,7 +160,8 @@ def local_test_options(**generator) -> dict:
 
 @pytest.fixture(scope="session")
 def local_app(ray_runtime, weights_dir, tmp_path_factory):
-    """The app on a local-folder store: async jobs, webhooks to loopback, the web page."""
+    """The app on a local-folder store: async jobs, webhooks to loopback, the web page. Its
+    args and deployment options come along, for a test that redeploys it changed."""
     from ray import serve
 
     from deployments.app import build_app
@@ -161,10 +172,13 @@ def local_app(ray_runtime, weights_dir, tmp_path_factory):
         "weights": str(weights_dir), "storage": str(storage),
         "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
         "webhook_allowlist": ["127.0.0.1"], "webhook_allow_private": True, "webhook_backoff_s": 0.1,
-        "job_heartbeat_timeout_s": 4, "limits": {"max_steps": 150, "max_side": 512},
+        "job_lease_s": 4, "limits": {"max_steps": 150, "max_side": 512},
+        "loras": {"missing": "/nonexistent/lora.safetensors"},  # a job that fails in the render
     }
-    serve.run(build_app(args, local_test_options(graceful_shutdown_timeout_s=5)), name="local", route_prefix="/local")
-    return {"url": f"{url}/local", "storage": storage}
+    options = local_test_options(graceful_shutdown_timeout_s=5)
+    options["JobRunner"]["graceful_shutdown_timeout_s"] = 20
+    serve.run(build_app(args, options), name="local", route_prefix="/local")
+    return {"url": f"{url}/local", "storage": storage, "args": args, "options": options}
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +196,11 @@ def s3_app(ray_runtime, weights_dir, s3_server):
         "input_buckets": ["hardening-uploads"], "request_timeout_s": 120,
         "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
         "retention": {"faces_s": 600, "results_s": 600},
-        "limits": {"max_side": 512, "max_steps": 150, "max_image_bytes": 2 * 1024 * 1024},
+        "limits": {"max_side": 512, "max_steps": 150, "max_image_bytes": 2 * 1024 * 1024,
+                   "max_body_bytes": 4 * 1024 * 1024},
     }
-    serve.run(build_app(args, local_test_options(graceful_shutdown_timeout_s=5)), name="s3app", route_prefix="/s3app")
+    options = local_test_options(graceful_shutdown_timeout_s=5)
+    # requests sent together are batched together, even when they reach the Generator apart
+    options["Generator"]["user_config"]["batch_wait_timeout_s"] = 0.5
+    serve.run(build_app(args, options), name="s3app", route_prefix="/s3app")
     return {"url": f"{url}/s3app", "bucket": "hardening", "prefix": "svc", "app": "s3app"}

@@ -102,7 +102,7 @@ def test_bucket_lifecycle_rules_enforce_the_retention_and_are_valid_s3_requests(
     from botocore.session import get_session
     from botocore.validate import ParamValidator
 
-    from deployments.config import AppArgs
+    from service.config import AppArgs
 
     rules = json.loads((ROOT / "cluster" / "s3-lifecycle.json").read_text())
     args = AppArgs.model_validate(application_config(serve_config)["args"])

@@ -1,7 +1,9 @@
 import time
 
 from deployments.janitor import sweep
-from deployments.storage import LocalStorage
+from service.storage import LocalStorage
+
+OLD, NEW, JOB_OLD, JOB_NEW = (f"g_{name:_<22}" for name in ("old", "new", "jobold", "jobnew"))
 
 
 def test_sweep_deletes_only_what_outlived_its_retention(tmp_path):
@@ -9,14 +11,18 @@ def test_sweep_deletes_only_what_outlived_its_retention(tmp_path):
     now = time.time()
     store.put_json("faces/f_old.json", {"expires_at": now - 1, "face": {"embedding": [1.0]}})
     store.put_json("faces/f_new.json", {"expires_at": now + 3600})
-    store.put("generations/g_old/0.png", b"png")
-    store.put_json("generations/g_old/renders/r.json", {})
-    store.put_json("generations/g_old/record.json", {"expires_at": now - 1})
-    store.put("generations/g_new/0.png", b"png")
-    store.put_json("generations/g_new/record.json", {"expires_at": now + 3600})
-    store.put_json("jobs/g_old.json", {"expires_at": now - 1})
-    store.put_json("jobs/g_new.json", {"expires_at": now + 3600})
+    store.put("generations/" + OLD + "/0.png", b"png")
+    store.put_json("generations/" + OLD + "/renders/r.json", {})
+    store.put_json("generations/" + OLD + "/record.json", {"expires_at": now - 1})
+    store.put("generations/" + NEW + "/0.png", b"png")
+    store.put_json("generations/" + NEW + "/record.json", {"expires_at": now + 3600})
+    for job, expires in ((JOB_OLD, now - 1), (JOB_NEW, now + 3600)):  # a job: its record, input and lease
+        store.put_json(f"jobs/{job}/record.json", {"expires_at": expires})
+        store.put_json(f"jobs/{job}/input.json", {"params": {}})
+        store.put_json(f"jobs/active/{job}.json", {"holder": None})
     assert sweep(store) == {"faces": 1, "generations": 1, "jobs": 1}
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "faces/f_new.json", "generations/g_new/0.png", "generations/g_new/record.json", "jobs/g_new.json"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+                  and ".locks" not in p.parts) == sorted([
+        "faces/f_new.json", f"generations/{NEW}/0.png", f"generations/{NEW}/record.json",
+        f"jobs/{JOB_NEW}/input.json", f"jobs/{JOB_NEW}/record.json", f"jobs/active/{JOB_NEW}.json"])
     assert sweep(store) == {"faces": 0, "generations": 0, "jobs": 0}

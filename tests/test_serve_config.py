@@ -6,7 +6,7 @@ import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import DEPLOYMENTS
-from deployments.config import AppArgs
+from service.config import AppArgs
 from deployments.local import application_config, deployment_options, load_serve_config
 
 

@@ -1,5 +1,6 @@
 """The Serve application through real HTTP: a real Ray, the real app on fixture weights,
-SeaweedFS as its object store."""
+SeaweedFS as its object store (the session's shared S3 app; a one-slot app for overload and
+timeouts)."""
 
 from __future__ import annotations
 
@@ -14,67 +15,33 @@ import pytest
 from PIL import Image
 
 from deployments.app import build_app
-from deployments.auth import new_key
-from deployments.local import application_config, deployment_options, load_serve_config
-from tests.conftest import data_url, face_photo
+from tests.conftest import DIGEST_A, DIGEST_B, KEY_A, KEY_B, data_url, face_photo, local_test_options
 from tests.test_images import png_with_declared_size
 
-KEY_A, DIGEST_A = new_key()
-KEY_B, DIGEST_B = new_key()
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 
 
-def production_options(**generator_overrides) -> dict:
-    options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
-    for key, value in generator_overrides.items():
-        if key == "user_config":
-            options["Generator"]["user_config"].update(value)
-        else:
-            options["Generator"][key] = value
-    return options
-
-
-def app_args(weights_dir, s3_server, **extra) -> dict:
-    args = {
-        "weights": str(weights_dir),
-        "storage": "s3://outputs/tests",
-        "s3_endpoint_url": s3_server.endpoint,
-        "input_buckets": ["uploads"],
-        "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
-        "url_expiry_s": 600,
-        "limits": {"max_body_bytes": 4 * 1024 * 1024, "max_image_bytes": 1024 * 1024, "max_num_images": 4},
-    }
-    args.update(extra)
-    return args
+@pytest.fixture(scope="module")
+def s3_env(s3_server, s3_app):
+    s3_server.client().create_bucket(Bucket="private")
+    return {**s3_app, "server": s3_server}
 
 
 @pytest.fixture(scope="module")
-def s3_env(s3_server):
-    client = s3_server.client()
-    for bucket in ("outputs", "uploads", "private"):
-        client.create_bucket(Bucket=bucket)
-    return s3_server
+def app_url(s3_app):
+    return s3_app["url"]
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_serve, weights_dir, s3_env):
+def tight_url(ray_serve, weights_dir, s3_server, s3_app):
+    """An app with one render slot and a one-deep queue, for overload and timeouts."""
     from ray import serve
 
-    options = production_options(user_config={"batch_wait_timeout_s": 0.5})
-    serve.run(build_app(app_args(weights_dir, s3_env), options), name="main", route_prefix="/")
-    yield ray_serve
-    serve.delete("main", _blocking=False)
-
-
-@pytest.fixture(scope="module")
-def tight_url(ray_serve, weights_dir, s3_env, app_url):
-    """The same app with a one-deep queue and a short timeout, for overload and timeouts."""
-    from ray import serve
-
-    options = production_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5,
-                                 user_config={"max_batch_images": 1, "batch_wait_timeout_s": 0.0})
-    args = app_args(weights_dir, s3_env, request_timeout_s=4.0,
-                    limits={"max_num_images": 1, "max_steps": 150, "max_side": 512})
+    options = local_test_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5)
+    options["Generator"]["user_config"].update(max_batch_images=1, batch_wait_timeout_s=0.0)
+    args = {"weights": str(weights_dir), "storage": "s3://hardening/tight", "s3_endpoint_url": s3_server.endpoint,
+            "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
+            "limits": {"max_num_images": 1, "max_steps": 150, "max_side": 512}}
     serve.run(build_app(args, options), name="tight", route_prefix="/tight")
     yield f"{ray_serve}/tight"
     serve.delete("tight", _blocking=False)
@@ -122,8 +89,10 @@ def assert_error(response: httpx.Response, status: int, code: str, field: str | 
 def test_health_lists_every_stage_and_docs_are_served(client):
     response = client.get("/healthz")
     assert response.status_code == 200, response.text
-    assert [s["stage"] for s in response.json()["stages"]] == ["face", "generator", "postprocessor", "ratelimiter",
-                                                                "janitor"]
+    stages = response.json()["stages"]
+    assert [s["stage"] for s in stages] == ["face", "generator", "postprocessor", "jobrunner", "ratelimiter",
+                                            "janitor"]
+    assert all(s["status"] == "HEALTHY" and s["replicas"]["RUNNING"] >= 1 for s in stages), stages
     assert client.get("/docs").status_code == 200
     schema = client.get("/openapi.json").json()
     assert {"/v1/generations", "/v1/faces", "/v1/faces/{face_id}"} <= set(schema["paths"])
@@ -137,7 +106,7 @@ def test_generation_is_stored_in_s3_and_fetched_through_its_presigned_url(client
     assert set(body["face"]) == {"bbox", "kps", "det_score", "image_size"}
     assert {"face", "denoise", "total"} <= set(body["timings_ms"])
     for item in body["images"]:
-        assert item["url"].startswith(s3_env.endpoint) and "X-Amz-Signature" in item["url"]
+        assert item["url"].startswith(s3_env["server"].endpoint) and "X-Amz-Signature" in item["url"]
         image = fetch_image(item["url"])
         assert image.format == "PNG" and image.size == (64, 64) == (item["width"], item["height"])
     # an unsigned URL to the same object is refused by the store
@@ -155,13 +124,14 @@ def test_output_formats(client, photo, fmt, pil):
 def test_s3_face_reference_from_an_allowed_bucket(client, s3_env):
     buffer = io.BytesIO()
     face_photo().save(buffer, format="PNG")
-    s3_env.client().put_object(Bucket="uploads", Key="selfies/me.png", Body=buffer.getvalue())
-    s3_env.client().put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
-    ok = generate(client, {"face_images": ["s3://uploads/selfies/me.png"], "seed": 3, **SMALL})
+    s3 = s3_env["server"].client()
+    s3.put_object(Bucket="hardening-uploads", Key="selfies/me.png", Body=buffer.getvalue())
+    s3.put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
+    ok = generate(client, {"face_images": ["s3://hardening-uploads/selfies/me.png"], "seed": 3, **SMALL})
     assert ok.status_code == 200, ok.text
     assert_error(generate(client, {"face_images": ["s3://private/me.png"], **SMALL}), 422, "invalid_parameter",
                  "face_images[0]")
-    assert_error(generate(client, {"face_images": ["s3://uploads/missing.png"], **SMALL}), 422,
+    assert_error(generate(client, {"face_images": ["s3://hardening-uploads/missing.png"], **SMALL}), 422,
                  "invalid_parameter", "face_images[0]")
     assert_error(generate(client, {"face_images": ["http://127.0.0.1:1/me.png"], **SMALL}), 422,
                  "invalid_parameter", "face_images[0]")
@@ -192,7 +162,8 @@ def test_generation_records_can_be_read_again_and_deleted(client, photo, s3_env)
     fetch_image(again.json()["images"][0]["url"])
     assert client.delete(f"/v1/generations/{body['id']}", headers=auth()).status_code == 204
     assert_error(client.get(f"/v1/generations/{body['id']}", headers=auth()), 404, "not_found")
-    listed = s3_env.client().list_objects_v2(Bucket="outputs", Prefix=f"tests/generations/{body['id']}")
+    listed = s3_env["server"].client().list_objects_v2(Bucket=s3_env["bucket"],
+                                                       Prefix=f"{s3_env['prefix']}/generations/{body['id']}")
     assert listed.get("KeyCount", 0) == 0
 
 
@@ -239,7 +210,7 @@ def test_undecodable_or_non_image_data_is_400(client):
 def test_oversized_bodies_images_and_pixel_counts_are_413(client):
     huge_body = {"face_images": ["A" * (5 * 1024 * 1024)]}
     assert_error(generate(client, huge_body), 413, "payload_too_large")
-    big_image = b64(b"\x89PNG" + b"\0" * (1024 * 1024 + 10))
+    big_image = b64(b"\x89PNG" + b"\0" * (2 * 1024 * 1024 + 10))
     assert_error(generate(client, {"face_images": [big_image], **SMALL}), 413, "image_too_large", "face_images[0]")
     bomb = b64(png_with_declared_size(100_000, 100_000))
     assert_error(generate(client, {"face_images": [bomb], **SMALL}), 413, "image_too_large", "face_images[0]")
@@ -300,10 +271,10 @@ def test_concurrent_compatible_requests_are_batched_and_equal_unbatched_results(
 
 
 def test_overload_is_503_with_retry_after(tight_url, photo):
+    """Eight requests at once to one render slot and a one-deep queue: some are turned away
+    at once; what was admitted succeeds (the app's request timeout is minutes)."""
     async def burst():
-        async with httpx.AsyncClient(base_url=tight_url, timeout=120, headers=auth()) as c:
-            # the smallest render: what is admitted (one running, one queued) ends far inside the
-            # app's 4 s request timeout even on a loaded machine; the rest must be turned away
+        async with httpx.AsyncClient(base_url=tight_url, timeout=300, headers=auth()) as c:
             body = {"face_images": [photo], "width": 64, "height": 64, "num_inference_steps": 2}
             return await asyncio.gather(*(c.post("/v1/generations", json={**body, "seed": i}) for i in range(8)))
 
@@ -318,15 +289,16 @@ def test_overload_is_503_with_retry_after(tight_url, photo):
 
 
 def test_timeout_is_504_and_frees_the_replica(tight_url, photo):
-    with httpx.Client(base_url=tight_url, timeout=120, headers=auth()) as c:
+    """``Prefer: wait=1`` on a render that takes far longer (150 steps at 512x512): the 504 is
+    certain, and the abandoned render stops at its next step, so the one-slot app answers
+    the next request (503 while its slot is still taken)."""
+    with httpx.Client(base_url=tight_url, timeout=300, headers=auth()) as c:
         slow = {"face_images": [photo], "width": 512, "height": 512, "num_inference_steps": 150, "seed": 1}
-        assert_error(c.post("/v1/generations", json=slow), 504, "timeout")
-        # the abandoned render stops at its next step, so the one-slot service answers again
-        # (503 while its slot is still taken; a 504 would mean a slow machine, not a busy replica)
-        deadline = time.monotonic() + 120
+        assert_error(c.post("/v1/generations", json=slow, headers={"Prefer": "wait=1"}), 504, "timeout")
+        deadline = time.monotonic() + 240
         while True:
             response = c.post("/v1/generations", json={"face_images": [photo], **SMALL})
-            if response.status_code not in (503, 504) or time.monotonic() > deadline:
+            if response.status_code != 503 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert response.status_code == 200, response.text
@@ -370,7 +342,8 @@ def test_application_metrics_are_exported_with_serves(client, photo):
 
 
 def render_log(s3_env, generation_id: str) -> list[str]:
-    listed = s3_env.client().list_objects_v2(Bucket="outputs", Prefix=f"tests/generations/{generation_id}/renders/")
+    listed = s3_env["server"].client().list_objects_v2(
+        Bucket=s3_env["bucket"], Prefix=f"{s3_env['prefix']}/generations/{generation_id}/renders/")
     return [item["Key"] for item in listed.get("Contents", [])]
 
 

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from deployments.storage import LocalStorage, ObjectNotFound, S3Storage, StorageUnavailable, check_key, open_storage
+from service.storage import LocalStorage, ObjectNotFound, S3Storage, StorageUnavailable, check_key, open_storage
 from pipeline.errors import InvalidParameter
 from pipeline.s3 import S3Location
 
@@ -83,3 +83,30 @@ def test_put_if_absent_is_atomic_in_both_stores(tmp_path, s3_server, monkeypatch
             won = list(pool.map(claim, range(8)))
         assert won.count(True) == 1
         assert store.get("locks/race.json") == f"claim {won.index(True)}".encode()
+
+
+def test_put_if_match_replaces_only_the_version_read_in_both_stores(tmp_path, s3_server, monkeypatch):
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3_server.client().create_bucket(Bucket="leases")
+    for store in (LocalStorage(tmp_path / "s", signing_key=b"k"), open_storage("s3://leases/x")):
+        assert store.put_if_match("lease/none.json", b"x", "any-version") is None  # nothing to replace
+        store.put("lease/a.json", b"v1")
+        data, version = store.get_versioned("lease/a.json")
+        assert data == b"v1"
+        newer = store.put_if_match("lease/a.json", b"v2", version)
+        assert newer is not None and newer != version and store.get_versioned("lease/a.json") == (b"v2", newer)
+        assert store.put_if_match("lease/a.json", b"stale", version) is None  # read before v2: refused
+        assert store.get("lease/a.json") == b"v2"
+        # racing replacements of one version (e.g. takeovers of one expired lease): exactly one wins
+        _, version = store.get_versioned("lease/a.json")
+        start = threading.Barrier(8)
+
+        def replace(n: int):
+            start.wait()
+            return store.put_if_match("lease/a.json", f"taker {n}".encode(), version)
+
+        with ThreadPoolExecutor(8) as pool:
+            won = [n for n, result in enumerate(pool.map(replace, range(8))) if result is not None]
+        assert len(won) == 1 and store.get("lease/a.json") == f"taker {won[0]}".encode()
+        assert store.list_keys("lease") == ["lease/a.json"]  # no lock files or temporaries listed

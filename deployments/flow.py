@@ -1,0 +1,68 @@
+"""Face -> render -> store: the work behind a generation, the same for a synchronous
+request (the ingress) and an async job (the job runner)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from pipeline.face import FaceInfo
+from pipeline.params import GenerationParams
+from service.batching import RenderRequest
+from service.errors import Unavailable
+from service.lookup import load_face
+from service.records import Face, GenerationRecord, OutputSpec
+from service.storage import Storage
+
+from .calls import call, stream
+from service.config import AppArgs
+from .messages import FaceJob, GenerationJob, StoredGeneration
+
+EventSink = Callable[[dict], None]
+
+
+class GenerationFlow:
+    def __init__(self, face, generator, args: AppArgs, storage: Storage) -> None:
+        self.face, self.generator, self.args, self.storage = face, generator, args, storage
+
+    async def analyze(self, job: FaceJob, deadline: float) -> FaceInfo:
+        return await call(self.face.embed.remote(job), deadline, "face analysis", retry_after_s=self.args.retry_after_s)
+
+    async def registered_face(self, face_id: str, owner: str, pose: Face | None = None) -> FaceInfo:
+        """A registered face, with the head pose of another photo when one was analysed."""
+        import asyncio
+
+        record = await asyncio.to_thread(load_face, self.storage, face_id, owner)
+        info = record.face.to_info()
+        if pose is not None:
+            posed = pose.model_dump()
+            info = FaceInfo(tuple(posed["bbox"]), tuple(tuple(p) for p in posed["kps"]), info.det_score,
+                            info.embedding, tuple(posed["image_size"]))
+        return info
+
+    async def render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
+                     output: OutputSpec, request_hash: str | None, deadline: float,
+                     on_event: EventSink | None = None) -> StoredGeneration:
+        """Render and store (the Generator hands the images to the Postprocessor, which
+        creates the record once they are stored). A Generator replica that dies under the
+        render is retried once, as the proxy would retry it."""
+        notify = on_event or (lambda event: None)
+        notify({"stage": "rendering", "step": 0, "total": params.num_inference_steps})
+        lora = self.args.loras.get(params.lora) if params.lora else None
+        record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
+                                  created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
+        job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face), output,
+                            record)
+        for attempt in range(2):
+            try:
+                response = self.generator.options(stream=True).generate.remote(job)
+                async for event in stream(response, deadline, "generation", retry_after_s=self.args.retry_after_s):
+                    if event["type"] == "result":
+                        return event["result"]
+                    notify({"stage": event.get("stage", "rendering"),
+                            **{k: event[k] for k in ("step", "total") if k in event}})
+                raise Unavailable("the generation ended without a result", self.args.retry_after_s)
+            except Unavailable:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")

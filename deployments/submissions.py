@@ -1,0 +1,112 @@
+"""What ``POST /v1/generations`` does besides rendering: the generation's id (one per
+``Idempotency-Key``), the face it renders (analysed or registered), handing an async
+request to the job runners as a durable job, and finding an earlier attempt's result."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+import time
+
+from pipeline.errors import InvalidParameter
+from pipeline.face import FaceInfo
+from pipeline.params import GenerationParams
+from service import claims
+from service.errors import Reported, Timeout
+from service.jobs import JobStore
+from service.lookup import load_face
+from service.records import GenerationRecord, JobInput, JobRecord, OutputSpec, StoredFace, WebhookState
+
+from .api import GenerationRequest
+from .flow import GenerationFlow
+from .inputs import ImageInputs
+
+
+def generation_id(owner: str, key: str | None, body: GenerationRequest) -> tuple[str, str | None]:
+    """A new id, or (with an Idempotency-Key) the one id of this owner's key, and the hash
+    of the request that key stands for."""
+    if key is None:
+        return "g_" + secrets.token_urlsafe(16), None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidParameter("Idempotency-Key", "must be 1 to 255 printable characters")
+    digest = hashlib.sha256(f"{owner}\n{key}".encode()).digest()
+    return "g_" + base64.urlsafe_b64encode(digest).decode()[:22], \
+        hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+
+
+class Submissions:
+    def __init__(self, flow: GenerationFlow, inputs: ImageInputs, jobs: JobStore, runner, results_s: float,
+                 claim_s: float) -> None:
+        self.flow, self.inputs, self.jobs, self.runner = flow, inputs, jobs, runner
+        self.results_s, self.claim_s = results_s, claim_s
+        self._tasks: set[asyncio.Task] = set()
+
+    async def face(self, body: GenerationRequest, owner: str, deadline: float) -> FaceInfo:
+        """The face to render: analysed from the photos, or registered (with the head pose
+        of ``pose_image`` when given)."""
+        if body.face_id is None:
+            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+            return await self.flow.analyze(job, deadline)
+        return await self.flow.registered_face(body.face_id, owner, await self._pose(body, deadline))
+
+    async def _pose(self, body: GenerationRequest, deadline: float):
+        if not body.pose_image:
+            return None
+        posed = await self.flow.analyze(await self.inputs.face_job([body.pose_image], None, "mean"), deadline)
+        return StoredFace.of(posed).public()
+
+    async def start_job(self, generation_id: str, owner: str, body: GenerationRequest, params: GenerationParams,
+                        request_hash: str | None, deadline: float) -> JobRecord:
+        """Analyse the face now (bad photos are a 4xx at once), store the job, and hand it
+        to the job runners. A registered face stays a reference (read when the job runs);
+        an analysed one is kept in the job's input until the job ends."""
+        job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality))
+        if body.face_id is not None:
+            await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner)  # 404/403 now
+            job_input.face_id, job_input.pose = body.face_id, await self._pose(body, deadline)
+        else:
+            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+            job_input.face = StoredFace.of(await self.flow.analyze(job, deadline))
+        now = time.time()
+        record = JobRecord(id=generation_id, owner=owner, created_at=now, updated_at=now,
+                           expires_at=now + self.results_s, request_hash=request_hash,
+                           webhook=WebhookState(url=body.webhook_url) if body.webhook_url else None)
+        if not await asyncio.to_thread(self.jobs.create, record, job_input):  # the same key, concurrently
+            return await asyncio.to_thread(self.jobs.record, generation_id) or record
+        task = asyncio.get_running_loop().create_task(self._submit(generation_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def _submit(self, generation_id: str) -> None:
+        try:  # the runner's request lasts as long as the job; should it be lost, a sweep resubmits the job
+            await self.runner.run.remote(generation_id)
+        except Exception:  # noqa: BLE001
+            pass
+
+    async def earlier_result(self, generation_id: str, request_hash: str, attempt: str,
+                             deadline: float) -> GenerationRecord | None:
+        """The stored result of an earlier attempt with this key (waiting for it while it
+        runs: a job, or another synchronous attempt holding the claim); None once this
+        attempt holds the claim and must render."""
+        job = await asyncio.to_thread(self.jobs.record, generation_id)
+        if job is not None:
+            if job.request_hash != request_hash:
+                raise claims.mismatch()
+            job = await self.job_end(generation_id, deadline)
+            if job is not None and job.error is not None:
+                raise Reported(job.error.code, job.error.message, job.error.field)
+        return await claims.claim(self.flow.storage, generation_id, request_hash, attempt, hold_s=self.claim_s,
+                                  deadline=deadline)
+
+    async def job_end(self, generation_id: str, deadline: float) -> JobRecord | None:
+        """The job's record once it has ended (None: erased meanwhile)."""
+        while True:
+            job = await asyncio.to_thread(self.jobs.record, generation_id)
+            if job is None or job.ended:
+                return job
+            if time.monotonic() > deadline:
+                raise Timeout(f"generation {generation_id!r} is still running")
+            await asyncio.sleep(0.25)

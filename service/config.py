@@ -1,0 +1,125 @@
+"""The application's typed configuration: the arguments of the one app builder
+(:func:`deployments.app.build_app`), used by ``serve_config.yaml``, by ``instantid serve``,
+by the cluster manifests and by the tests. Plain pydantic (no Ray)."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from pipeline.errors import InvalidParameter
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    disabled: bool = Field(False, description="Serve without API keys. Only for a local, single-user setup.")
+    api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of accepted keys.")
+    api_keys_env: str = Field("INSTANTID_API_KEY_SHA256", description="Env var with more digests, comma-separated.")
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(48 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(12 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    max_image_side: int = Field(12_000, gt=0)
+    max_face_images: int = Field(4, ge=1)
+    max_num_images: int = Field(4, ge=1)
+    max_side: int = Field(1536, ge=64)
+    max_steps: int = Field(60, ge=1)
+
+
+class RateLimits(BaseModel):
+    """Per API key, the same across every ingress replica (unset: unlimited)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int | None = Field(None, ge=1, description="Generation/face requests per minute.")
+    burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: the per-minute rate).")
+    images_per_day: int | None = Field(None, ge=1, description="Images per UTC day.")
+
+
+class Retention(BaseModel):
+    """How long what the service stores is kept (also set as bucket lifecycle rules)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    faces_s: int = Field(30 * 24 * 3600, ge=1, description="Registered faces (biometric: embeddings).")
+    results_s: int = Field(7 * 24 * 3600, ge=1, description="Generated images, their records and job records.")
+    uploads_s: int = Field(24 * 3600, ge=1, description="Photos clients upload to the input buckets (bucket "
+                                                          "lifecycle rule only: the service stores no photos).")
+    sweep_interval_s: float = Field(3600.0, gt=0, description="How often expired data is deleted.")
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`deployments.app.app_builder`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: str = Field(description="Weights root: a folder, s3://bucket/prefix, or 'hub'.")
+    weights_cache: str | None = Field(None, description="Local cache for remote weights.")
+    storage: str = Field("out/storage", description="Outputs and records: a folder or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL).")
+    presign_endpoint_url: str | None = Field(None, description="Endpoint clients use for presigned URLs.")
+    url_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    public_url: str | None = Field(None, description="Base URL clients reach the API at (for links in webhooks).")
+    url_signing_key_env: str = Field("INSTANTID_URL_SIGNING_KEY", description="Env var holding the HMAC key of "
+                                     "local-storage links (the same on every replica, kept across redeploys).")
+    url_signing_key: SecretStr | None = Field(None, description="The key itself instead of the env var (a local, "
+                                              "single-machine setup: `instantid serve` makes one).")
+    input_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// image references may name.")
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: Limits = Field(default_factory=Limits)
+    request_timeout_s: float = Field(300.0, gt=0)
+    retry_after_s: int = Field(5, ge=1, description="Retry-After sent with 503 when overloaded.")
+    device: str = "auto"
+    dtype: str = "auto"
+    face_providers: str = "auto"
+    optimizations: str | None = Field(None, description="Generator speed settings, as `instantid generate --optimize` "
+                                                         "takes them (e.g. 'fast' or 'bf16,fuse_qkv'); default: "
+                                                         "the faithful path.")
+    loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
+    retention: Retention = Field(default_factory=Retention)
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    job_lease_s: float = Field(30.0, ge=1, description="A job runner renews its lease on a job this often (x3); "
+                                                         "a job whose lease expired is taken over by another.")
+    warmup_shapes: list[tuple[int, int, int]] = Field(
+        default_factory=lambda: [(1024, 1024, 1)],
+        description="(width, height, batch) the Generator renders once before it takes traffic when `compile` is "
+                    "on, so no request pays for compiling.")
+    webhook_signing_key_env: str = Field("INSTANTID_WEBHOOK_SIGNING_KEY", description="Env var holding the master "
+                                         "key the per-API-key webhook secrets derive from.")
+    webhook_signing_key: SecretStr | None = Field(None, description="The key itself instead of the env var.")
+    webhook_allowlist: list[str] = Field(default_factory=list, description="Webhook hosts ('api.example.com', "
+                                                                           "'*.example.com').")
+    webhook_allow_private: bool = Field(False, description="Allow http and private/loopback targets (tests only).")
+    webhook_max_attempts: int = Field(5, ge=1, le=20)
+    webhook_backoff_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _auth_is_explicit(self) -> "AppArgs":
+        if not self.auth.disabled and not self.auth.api_key_sha256 and not self.auth.api_keys_env:
+            raise ValueError("auth: give api_key_sha256 or api_keys_env, or set auth.disabled explicitly")
+        return self
+
+    def signing_keys(self) -> "SigningKeys":
+        """The URL and webhook signing keys: from their env vars, or given in the args.
+        There is no random default: every replica, now and after a redeploy, must sign
+        with the same keys, or links and webhook secrets would break."""
+        keys = []
+        for name, env, given in (("url_signing_key", self.url_signing_key_env, self.url_signing_key),
+                                 ("webhook_signing_key", self.webhook_signing_key_env, self.webhook_signing_key)):
+            value = os.environ.get(env) or (given.get_secret_value() if given is not None else "")
+            if len(value) < 16:
+                raise InvalidParameter(name, f"set the env var {env} to a secret of at least 16 characters (the "
+                                             "same on every node; e.g. `openssl rand -hex 32`)")
+            keys.append(value)
+        return SigningKeys(url=keys[0], webhook=keys[1])
+
+
+class SigningKeys(BaseModel):
+    url: str
+    webhook: str

@@ -1,0 +1,85 @@
+"""Where everything the service stores lives: the one storage key layout, and erasing a
+generation. Every key is made here, from validated ids (never from user text).
+
+    faces/<face_id>.json                 a registered face (embedding, keypoints, owner)
+    generations/<id>/<k>.<ext>           the images of a generation
+    generations/<id>/record.json         its record, written last: its presence marks it complete
+    generations/<id>/renders/<n>.json    one entry per render that was stored (how often it really ran)
+    generations/<id>/claim.json          the Idempotency-Key claim of the attempt rendering it
+    jobs/<id>/record.json                an async job: status, progress, error, webhook outcome
+    jobs/<id>/input.json                 what the job renders (parameters and face); erased when it ends
+    jobs/<id>/cancel.json                a cancel asked for on any replica
+    jobs/active/<id>.json                the lease of a job not finished yet (who runs it, until when)
+
+Everything under ``jobs/`` and ``generations/`` expires with ``retention.results_s``, faces
+with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .storage import Storage
+
+FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
+GENERATION_ID = re.compile(r"^g_[A-Za-z0-9_-]{22}$")
+ACTIVE_PREFIX = "jobs/active"
+
+
+def face_key(face_id: str) -> str:
+    return f"faces/{face_id}.json"
+
+
+def generation_prefix(generation_id: str) -> str:
+    return f"generations/{generation_id}"
+
+
+def record_key(generation_id: str) -> str:
+    """A finished generation's record (written last: its presence marks it complete)."""
+    return f"generations/{generation_id}/record.json"
+
+
+def claim_key(generation_id: str) -> str:
+    return f"generations/{generation_id}/claim.json"
+
+
+def render_log_prefix(generation_id: str) -> str:
+    return f"generations/{generation_id}/renders"
+
+
+def job_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}/record.json"
+
+
+def job_input_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}/input.json"
+
+
+def cancel_key(generation_id: str) -> str:
+    return f"jobs/{generation_id}/cancel.json"
+
+
+def lease_key(generation_id: str) -> str:
+    return f"{ACTIVE_PREFIX}/{generation_id}.json"
+
+
+def active_job_ids(storage: Storage) -> list[str]:
+    """Ids of the jobs that hold a lease (not finished yet), from one listing."""
+    ids = []
+    for key in storage.list_keys(ACTIVE_PREFIX):
+        name = key.rsplit("/", 1)[-1].removesuffix(".json")
+        if GENERATION_ID.match(name):
+            ids.append(name)
+    return ids
+
+
+def erase_generation(storage: Storage, generation_id: str) -> None:
+    """Delete every stored piece of a generation: images and render log, then its record
+    (last, so an interrupted erase leaves the record to find and erase again), then its
+    job (input, cancel marker, lease, record)."""
+    keys = storage.list_keys(generation_prefix(generation_id))
+    for key in sorted(keys, key=lambda k: k == record_key(generation_id)):
+        storage.delete(key)
+    for key in (job_input_key(generation_id), cancel_key(generation_id), lease_key(generation_id),
+                job_key(generation_id)):
+        storage.delete(key)

@@ -1,0 +1,165 @@
+"""What the service stores, as typed records: faces, generations and jobs. The ingress,
+the job runner, the Postprocessor, the Janitor and the offline renderer all read and
+write these models (JSON in storage), never untyped dicts.
+
+:class:`Face` is the one public face model: the HTTP API shows it, records keep it; a
+stored face adds the embedding (:class:`StoredFace`), which no response ever carries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.face import FaceInfo
+from pipeline.params import GenerationParams
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "canceled")
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class _Record(BaseModel):
+    # a newer writer may add fields; "no expiry" (inf) is written as JSON's Infinity
+    model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
+
+
+class Face(_Record):
+    bbox: list[float] = Field(description="x1, y1, x2, y2 in the analysed photo's pixels.")
+    kps: list[list[float]] = Field(description="Eyes, nose, mouth corners (x, y).")
+    det_score: float
+    image_size: list[int] = Field(description="Width, height of the frame the box and keypoints are in.")
+
+    @classmethod
+    def of(cls, info: FaceInfo) -> "Face":
+        return cls(**_geometry(info)).public()
+
+    def public(self) -> "Face":
+        """As responses show it: coordinates to 0.01 px, the score to 4 places."""
+        return Face(bbox=[round(v, 2) for v in self.bbox], kps=[[round(x, 2), round(y, 2)] for x, y in self.kps],
+                    det_score=round(self.det_score, 4), image_size=list(self.image_size))
+
+
+class StoredFace(Face):
+    """A face with its identity embedding, exactly as analysed (what renders need: a job
+    rendered from it makes the same bytes as a render from the analysis itself). Never in
+    a response."""
+
+    embedding: list[float]
+
+    @classmethod
+    def of(cls, info: FaceInfo) -> "StoredFace":
+        return cls(**_geometry(info), embedding=[float(v) for v in np.asarray(info.embedding).ravel()])
+
+    def to_info(self) -> FaceInfo:
+        return FaceInfo(bbox=tuple(self.bbox), kps=tuple((x, y) for x, y in self.kps), det_score=self.det_score,
+                        embedding=np.asarray(self.embedding, dtype=np.float32),
+                        image_size=(self.image_size[0], self.image_size[1]))
+
+
+def _geometry(info: FaceInfo) -> dict:
+    return {"bbox": [float(v) for v in info.bbox], "kps": [[float(x), float(y)] for x, y in info.kps],
+            "det_score": float(info.det_score), "image_size": [int(v) for v in info.image_size]}
+
+
+class Expiring(_Record):
+    """Any stored record: it is kept until ``expires_at`` (its retention)."""
+
+    expires_at: float = float("inf")
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at < (time.time() if now is None else now)
+
+
+class _Owned(Expiring):
+    owner: str
+    created_at: float = Field(default_factory=time.time)
+
+
+class FaceRecord(_Owned):
+    """``faces/<face_id>.json``: a registered face."""
+
+    face_id: str
+    face: StoredFace
+
+
+class OutputSpec(_Record):
+    """How a generation's images are encoded."""
+
+    format: OutputFormat = "png"
+    quality: int = Field(90, ge=1, le=100)
+
+
+class GenerationRecord(_Owned):
+    """``generations/<id>/record.json``: a stored generation (written last)."""
+
+    id: str
+    face: Face
+    request_hash: str | None = None
+    keys: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    batch_size: int = 0
+
+
+class JobError(_Record):
+    code: str = Field(description="Stable machine-readable code, e.g. no_face, invalid_parameter, overloaded.")
+    message: str
+    field: str | None = None
+
+
+class Progress(_Record):
+    step: int
+    total: int
+
+
+class WebhookState(_Record):
+    url: str
+    delivered: bool | None = None  # None: not attempted yet
+    attempts: int = 0
+    last_status: int | None = None
+    last_error: str | None = None
+
+
+class JobRecord(_Owned):
+    """``jobs/<id>/record.json``: an async generation while it runs and after."""
+
+    id: str
+    status: JobStatus = "queued"
+    stage: str | None = "queued"
+    progress: Progress | None = None
+    updated_at: float = Field(default_factory=time.time)
+    error: JobError | None = None
+    request_hash: str | None = None
+    webhook: WebhookState | None = None
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+    attempts: int = 0  # how many runners started it (more than one: taken over)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class JobInput(_Record):
+    """``jobs/<id>/input.json``: everything a runner needs to render the job, on any
+    replica, as often as it is taken over (the seed is fixed: the same bytes each time).
+    A registered face is named by id (read when the job runs); an analysed one is kept
+    here until the job ends."""
+
+    params: GenerationParams
+    face: StoredFace | None = None
+    face_id: str | None = None
+    pose: Face | None = None  # head pose from another photo, for a registered face
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+class Lease(_Record):
+    """``jobs/active/<id>.json``: exists while a job is not finished; ``holder`` runs it
+    until ``expires_at`` unless it renews the lease."""
+
+    holder: str | None = None
+    expires_at: float = 0.0

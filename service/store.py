@@ -1,0 +1,75 @@
+"""The one store step, for the served API (the Postprocessor) and ``instantid render``
+alike: encode the images, put them under their keys with their content types, then create
+the record that marks the result complete.
+
+It is idempotent: keys are fixed by the id and the images of a rerun are the same bytes,
+and the record is created atomically (create-if-absent). When an earlier attempt (a
+takeover, a retry) already stored the result, its record stands and nothing is logged
+twice.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .keys import render_log_prefix
+from .storage import ObjectNotFound, Storage, json_bytes
+
+# output format -> (PIL format, content type, file extension)
+FORMATS = {"png": ("PNG", "image/png", "png"), "jpeg": ("JPEG", "image/jpeg", "jpg"),
+           "webp": ("WEBP", "image/webp", "webp")}
+CONTENT_TYPES = {ext: content_type for _, content_type, ext in FORMATS.values()} | {"json": "application/json"}
+
+
+def encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
+    pil_format = FORMATS[fmt][0]
+    buffer = io.BytesIO()
+    options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
+    Image.fromarray(array).save(buffer, format=pil_format, **options)
+    return buffer.getvalue()
+
+
+def content_type_of(key: str) -> str:
+    return CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
+
+
+@dataclass
+class Stored:
+    """What the store step left: the record that stands (``record``), whether this call
+    wrote it (``fresh``: False when an earlier attempt had), and the encode/put time."""
+
+    record: dict
+    fresh: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt: str, quality: int,
+                 record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None) -> Stored:
+    """Put ``images`` at ``<prefix>/<k>.<ext>``, then create ``record`` (their keys in
+    ``keys_field``) at ``record_key`` unless it exists. ``log_renders``: a generation id
+    whose render log gets one entry when this call's record is the one that stands."""
+    started = time.perf_counter()
+    try:
+        return Stored(storage.get_json(record_key), fresh=False)
+    except ObjectNotFound:
+        pass
+    _, content_type, extension = FORMATS[fmt]
+    keys = []
+    for k, array in enumerate(images):
+        key = f"{prefix}/{k}.{extension}"
+        storage.put(key, encode(array, fmt, quality), content_type)
+        keys.append(key)
+    record = {**record, keys_field: keys}
+    if not storage.put_if_absent(record_key, json_bytes(record)):
+        return Stored(storage.get_json(record_key), fresh=False)  # an attempt racing this one won
+    timings = {"store": round((time.perf_counter() - started) * 1000, 2)}
+    if log_renders is not None:
+        storage.put_json(f"{render_log_prefix(log_renders)}/{secrets.token_hex(8)}.json",
+                         {"at": time.time(), "images": len(keys), "timings_ms": timings})
+    return Stored(record, fresh=True, timings_ms=timings)
