@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import statistics
 import threading
 import time
@@ -71,13 +72,15 @@ class ServeSession:
         from ray import serve
 
         from deployments.app import build_app
-        from service.config import AppArgs
         from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
+        from service.config import AppArgs
 
-        if self._args is None:  # validated once: defaults drawn at random (signing keys) stay put
+        if self._args is None:  # made once: the signing keys of this session stay put across redeploys
             # requests ask for one image each; max_num_images is also the Generator's smallest batch cap
             self._args = AppArgs.model_validate({"weights": self.weights, "storage": str(self.workdir / "storage"),
-                                                 "auth": {"disabled": True}, "limits": {"max_num_images": 1}})
+                                                 "auth": {"disabled": True}, "limits": {"max_num_images": 1},
+                                                 "url_signing_key": secrets.token_hex(32),
+                                                 "webhook_signing_key": secrets.token_hex(32)})
         options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
                                      cpu_cap=0.5)
         generator = options["Generator"]

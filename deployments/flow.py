@@ -32,7 +32,7 @@ class GenerationFlow:
         """A registered face, with the head pose of another photo when one was analysed."""
         import asyncio
 
-        record = await asyncio.to_thread(load_face, self.storage, face_id, owner)
+        record = await asyncio.to_thread(load_face, self.storage, face_id, owner, delete_expired=True)
         info = record.face.to_info()
         if pose is not None:
             posed = pose.model_dump()

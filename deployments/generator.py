@@ -58,7 +58,8 @@ class Generator:
             for width, height, batch in warmup_shapes or []:
                 seconds = self.pipe.warmup(width, height, batch=batch)
                 self.warmed.append({"width": width, "height": height, "batch": batch, "seconds": round(seconds, 2)})
-        self._rendering = 0  # groups being rendered now
+        self._rendering = 0  # batches being rendered now
+        self._waiting: set[int] = set()  # ids (id()) of the calls not in a rendering batch yet
 
     def reconfigure(self, config: dict) -> None:
         size = max(int(config.get("max_batch_images", 4)), self.min_batch_images)
@@ -71,7 +72,7 @@ class Generator:
 
     def status(self) -> dict:
         """What this replica is doing (for operators and tests)."""
-        return {"rendering": self._rendering}
+        return {"rendering": self._rendering, "waiting": len(self._waiting)}
 
     async def generate(self, job: GenerationJob):
         """Render ``job`` (batched with compatible others), then have it stored. A stream:
@@ -80,6 +81,7 @@ class Generator:
         Cancelling the stream stops the render at its next step when no other call
         shares its batch."""
         call = _Call(job, asyncio.get_running_loop())
+        self._waiting.add(id(call))
         batch = asyncio.ensure_future(self._generate_batch(call))
         try:
             while not batch.done():
@@ -101,6 +103,8 @@ class Generator:
             call.cancelled.set()  # the render stops at its next step if no other call shares it
             batch.cancel()
             raise
+        finally:
+            self._waiting.discard(id(call))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, batch_size_fn=_count_images)
     async def _generate_batch(self, calls: list[_Call]) -> list:
@@ -118,6 +122,7 @@ class Generator:
             metrics.images_generated().inc(report.images)
 
         self._rendering += 1
+        self._waiting.difference_update(id(call) for call in calls)
         try:
             return render_requests(self.pipe, [call.job.request for call in calls], on_step=on_step,
                                    stop=lambda indices: all(calls[i].cancelled.is_set() for i in indices),

@@ -45,8 +45,8 @@ problems.install(app)
 web.mount(app)
 
 
-def _off_loop(fn, *args):
-    return asyncio.to_thread(fn, *args)
+def _off_loop(fn, *args, **kwargs):
+    return asyncio.to_thread(fn, *args, **kwargs)
 
 
 def _preferences(header: str) -> dict:
@@ -209,11 +209,11 @@ class Ingress:
 
     @app.get("/v1/faces/{face_id}", response_model=FaceResponse, responses=ERRORS)
     async def get_face(self, face_id: str, owner: str = Depends(caller)):
-        return self.views.face(await _off_loop(load_face, self.storage, face_id, owner))
+        return self.views.face(await _off_loop(load_face, self.storage, face_id, owner, delete_expired=True))
 
     @app.delete("/v1/faces/{face_id}", status_code=204, responses=ERRORS)
     async def delete_face(self, face_id: str, owner: str = Depends(caller)):
-        await _off_loop(load_face, self.storage, face_id, owner)
+        await _off_loop(load_face, self.storage, face_id, owner, delete_expired=True)
         await _off_loop(self.storage.delete, face_key(face_id))
         return Response(status_code=204)
 

@@ -64,7 +64,7 @@ class Submissions:
         an analysed one is kept in the job's input until the job ends."""
         job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality))
         if body.face_id is not None:
-            await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner)  # 404/403 now
+            await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
             job_input.face_id, job_input.pose = body.face_id, await self._pose(body, deadline)
         else:
             job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)

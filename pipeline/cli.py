@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .face import FaceSummary
 from .errors import ImageTooLarge, InstantIDError, InvalidImage, InvalidParameter, NoFaceDetected, WeightsNotFound
 
 EXIT_ERROR, EXIT_INVALID, EXIT_NO_FACE, EXIT_WEIGHTS = 1, 2, 3, 4
@@ -217,7 +218,7 @@ def _generate(args) -> int:
         "images": outputs,
         "width": result.width,
         "height": result.height,
-        "face": face.to_dict(),
+        "face": FaceSummary.of(face).model_dump(),
         "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
     }
     if optimizations.enabled():

@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InstantIDError, InvalidParameter, NoFaceDetected, ProviderUnavailable, WeightsNotFound
 from .images import DEFAULT_LIMITS, ImageInput, ImageLimits, load_image
@@ -51,26 +52,33 @@ class FaceInfo:
         x1, y1, x2, y2 = self.bbox
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
-    def to_dict(self, *, with_embedding: bool = False) -> dict:
-        out = {
-            "bbox": [round(v, 2) for v in self.bbox],
-            "kps": [[round(x, 2), round(y, 2)] for x, y in self.kps],
-            "det_score": round(float(self.det_score), 4),
-            "image_size": list(self.image_size),
-        }
-        if with_embedding:
-            out["embedding"] = [float(v) for v in self.embedding]
-        return out
+
+class FaceSummary(BaseModel):
+    """Where a face is and how sure the detector was: what the CLI reports, the HTTP API
+    shows and the service's records keep (the one public face model; it never carries the
+    embedding)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    bbox: list[float] = Field(description="x1, y1, x2, y2 in the analysed photo's pixels.")
+    kps: list[list[float]] = Field(description="Eyes, nose, mouth corners (x, y).")
+    det_score: float
+    image_size: list[int] = Field(description="Width, height of the frame the box and keypoints are in.")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FaceInfo":
-        return cls(
-            bbox=tuple(float(v) for v in data["bbox"]),
-            kps=tuple((float(x), float(y)) for x, y in data["kps"]),
-            det_score=float(data["det_score"]),
-            embedding=np.asarray(data["embedding"], dtype=np.float32),
-            image_size=(int(data["image_size"][0]), int(data["image_size"][1])),
-        )
+    def of(cls, info: FaceInfo) -> "FaceSummary":
+        return FaceSummary(**face_geometry(info)).public()
+
+    def public(self) -> "FaceSummary":
+        """As it is shown: coordinates to 0.01 px, the score to 4 places."""
+        return FaceSummary(bbox=[round(v, 2) for v in self.bbox], kps=[[round(x, 2), round(y, 2)] for x, y in self.kps],
+                           det_score=round(self.det_score, 4), image_size=list(self.image_size))
+
+
+def face_geometry(info: FaceInfo) -> dict:
+    """A face's box, keypoints, score and frame size as plain values, exactly."""
+    return {"bbox": [float(v) for v in info.bbox], "kps": [[float(x), float(y)] for x, y in info.kps],
+            "det_score": float(info.det_score), "image_size": [int(v) for v in info.image_size]}
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class FaceRequest:
         if len(names) != len(self.images):
             raise InvalidParameter("names", f"one name per photo: {len(names)} names for {len(self.images)} photos")
         return names
+
 
 
 def combine_embeddings(embeddings: Sequence[np.ndarray], mode: CombineMode = "mean") -> np.ndarray:

@@ -35,11 +35,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--weights", type=Path, help="a weights root to serve (default: fixture weights made in --out)")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    weights = out / "demo-weights"
+    weights = args.weights.resolve() if args.weights else out / "demo-weights"
     if not (weights / "instantid" / "ip-adapter.bin").is_file():
         subprocess.run([BIN / "instantid", "fixtures", str(weights)], check=True, stdout=subprocess.DEVNULL)
 

@@ -54,11 +54,13 @@ class GroupReport:
 Outcome = RenderedImages | BaseException
 
 
-def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[dict[RenderOptions, list[tuple[int, list[RenderItem]]]],
-                                                                   dict[int, BaseException]]:
+Groups = dict[RenderOptions, list[tuple[int, list[RenderItem]]]]  # options -> (request index, its items)
+
+
+def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[Groups, dict[int, BaseException]]:
     """Requests -> render groups keyed by what they share; requests that cannot be
     planned are returned as errors by index."""
-    groups: dict[RenderOptions, list[tuple[int, list[RenderItem]]]] = {}
+    groups: Groups = {}
     errors: dict[int, BaseException] = {}
     for index, request in enumerate(requests):
         try:

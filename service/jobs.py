@@ -27,12 +27,15 @@ class JobStore:
         self.lease_s = lease_s
 
     # ------------------------------------------------------------------ records
-    def create(self, record: JobRecord, job_input: JobInput) -> None:
-        """Store a new job: input, record, then its lease (free: any runner may take it)."""
+    def create(self, record: JobRecord, job_input: JobInput) -> bool:
+        """Store a new job: its record (created atomically: False when a job of this id
+        exists), its input, then its lease (free: any runner may take it from then on)."""
+        if not self.storage.put_if_absent(job_key(record.id), json_bytes(record.model_dump(mode="json"))):
+            return False
         self.storage.put(job_input_key(record.id), json_bytes(job_input.model_dump(mode="json")),
                          "application/json")
-        self.write(record)
         self.storage.put_if_absent(lease_key(record.id), json_bytes(Lease().model_dump()))
+        return True
 
     def record(self, job_id: str) -> JobRecord | None:
         try:

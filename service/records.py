@@ -2,8 +2,9 @@
 the job runner, the Postprocessor, the Janitor and the offline renderer all read and
 write these models (JSON in storage), never untyped dicts.
 
-:class:`Face` is the one public face model: the HTTP API shows it, records keep it; a
-stored face adds the embedding (:class:`StoredFace`), which no response ever carries.
+:class:`Face` (:class:`pipeline.face.FaceSummary`) is the one public face model: the CLI
+reports it, the HTTP API shows it, records keep it; a stored face adds the embedding
+(:class:`StoredFace`), which no response ever carries.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.face import FaceInfo
+from pipeline.face import FaceInfo, face_geometry
+from pipeline.face import FaceSummary as Face
 from pipeline.params import GenerationParams
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -27,22 +29,6 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore", ser_json_inf_nan="constants")
 
 
-class Face(_Record):
-    bbox: list[float] = Field(description="x1, y1, x2, y2 in the analysed photo's pixels.")
-    kps: list[list[float]] = Field(description="Eyes, nose, mouth corners (x, y).")
-    det_score: float
-    image_size: list[int] = Field(description="Width, height of the frame the box and keypoints are in.")
-
-    @classmethod
-    def of(cls, info: FaceInfo) -> "Face":
-        return cls(**_geometry(info)).public()
-
-    def public(self) -> "Face":
-        """As responses show it: coordinates to 0.01 px, the score to 4 places."""
-        return Face(bbox=[round(v, 2) for v in self.bbox], kps=[[round(x, 2), round(y, 2)] for x, y in self.kps],
-                    det_score=round(self.det_score, 4), image_size=list(self.image_size))
-
-
 class StoredFace(Face):
     """A face with its identity embedding, exactly as analysed (what renders need: a job
     rendered from it makes the same bytes as a render from the analysis itself). Never in
@@ -52,17 +38,12 @@ class StoredFace(Face):
 
     @classmethod
     def of(cls, info: FaceInfo) -> "StoredFace":
-        return cls(**_geometry(info), embedding=[float(v) for v in np.asarray(info.embedding).ravel()])
+        return cls(**face_geometry(info), embedding=[float(v) for v in np.asarray(info.embedding).ravel()])
 
     def to_info(self) -> FaceInfo:
         return FaceInfo(bbox=tuple(self.bbox), kps=tuple((x, y) for x, y in self.kps), det_score=self.det_score,
                         embedding=np.asarray(self.embedding, dtype=np.float32),
                         image_size=(self.image_size[0], self.image_size[1]))
-
-
-def _geometry(info: FaceInfo) -> dict:
-    return {"bbox": [float(v) for v in info.bbox], "kps": [[float(x), float(y)] for x, y in info.kps],
-            "det_score": float(info.det_score), "image_size": [int(v) for v in info.image_size]}
 
 
 class Expiring(_Record):

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -52,6 +53,10 @@ def cluster(weights_dir, s3_server, ray_runtime):
     os.environ.update(s3_server.env())  # every node's environment has the S3 credentials
     s3_server.client().create_bucket(Bucket="cluster")
     temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
+    from ray._common.utils import get_default_ray_temp_dir
+
+    # the cluster's address is written there, and on a fresh machine nothing made the folder yet
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 * MB, "temp_dir": temp})
     nodes = {

@@ -13,17 +13,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_serves_a_generation_and_stops_cleanly(tmp_path):
+def test_demo_serves_a_generation_and_stops_cleanly(tmp_path, weights_dir):
+    """Over 60 s: `make demo`'s script end to end, its own `instantid serve` (a Ray and the
+    whole app) started and stopped. The session's fixture weights save it writing its own."""
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     try:
-        proc = run_demo(tmp_path, env)
+        proc = run_demo(tmp_path, env, weights_dir)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     image = Image.open(report["image"])
-    assert image.size == (128, 128) and image.format == "PNG"
+    assert image.size == (64, 64) and image.format == "PNG"
     assert report["url"].startswith("http://127.0.0.1:") and "/v1/files/generations/" in report["url"]
     assert report["web_page"].startswith("http://127.0.0.1:") and report["web_page"].endswith("/")
     assert "server stopped (exit code 0)" in proc.stderr
@@ -36,15 +38,16 @@ def test_demo_serves_a_generation_and_stops_cleanly(tmp_path):
     assert sorted(set(stored) - set(renders)) == [f"{prefix}/0.png", f"{prefix}/record.json"]
 
 
-def run_demo(tmp_path, env):
+def run_demo(tmp_path, env, weights_dir):
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--out", str(tmp_path / "out"), "--steps", "2",
-         "--size", "128"],
+         "--size", "64", "--weights", str(weights_dir)],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )
 
 
 def test_serve_command_with_keys_listens_on_loopback_only_and_stops_on_ctrl_c(tmp_path, weights_dir):
+    """Over 60 s: the one end-to-end run of `instantid serve` with keys (its own Ray and app)."""
     import signal
 
     import httpx

@@ -41,3 +41,19 @@ def test_codes_are_stable_and_distinct():
 def test_messages_name_the_field():
     assert str(InvalidParameter("height", "must be positive")) == "height: must be positive"
     assert "antelopev2/glintr100.onnx" in str(CASES[4]) and "/weights/antelopev2" in str(CASES[4])
+
+
+def test_every_error_has_one_public_form():
+    from pipeline.pipeline import Cancelled
+    from service.errors import Overloaded, RateLimited, Reported, public_error
+
+    assert public_error(InvalidParameter("width", "bad")) == ("invalid_parameter", "width: bad", "width", None)
+    assert public_error(RateLimited("quota_exceeded", "used up", 60)) == ("quota_exceeded", "used up", None, 60)
+    assert public_error(Overloaded("busy", 7)).retry_after_s == 7
+    assert public_error(Cancelled("stopped")).code == "canceled"  # a clear code, never a 500
+    assert public_error(Reported("no_face", "face_images[0]: no face", "face_images[0]")).field == "face_images[0]"
+    for unexpected in (ValueError("secret detail"), WeightsNotFound("x", "/y"), KeyError("k")):
+        assert public_error(unexpected) == ("internal_error", "internal error", None, None)  # says no more
+    for error in (RateLimited("rate_limited", "slow down", 3), Reported("timeout", "late")):
+        copy = pickle.loads(pickle.dumps(error))  # crosses actor boundaries with its code
+        assert copy.code == error.code and copy.__dict__ == error.__dict__

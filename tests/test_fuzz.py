@@ -13,12 +13,12 @@ from schemathesis import checks
 
 from deployments.app import build_app
 from deployments.auth import new_key
-from deployments.ingress import STATUS
+from deployments.problems import STATUS
 from deployments.local import application_config, deployment_options, load_serve_config
 
 KEY, DIGEST = new_key()
 STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-fuzz.json"
-STABLE_CODES = set(STATUS) | {"internal_error", "method_not_allowed", "http_error", "canceled", "worker_lost"}
+STABLE_CODES = set(STATUS) | {"http_error"}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Offline rendering on Ray Data: a 40-row manifest over SeaweedFS, bad rows mixed in,
+"""Offline rendering on Ray Data: a 34-row manifest over SeaweedFS, bad rows mixed in,
 the job killed midway and run again."""
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ from cluster.render import default_seed, parse_manifest, plan_row
 from tests.conftest import face_photo
 
 INSTANTID = str(Path(sys.executable).parent / "instantid")
+KEY_DIGEST = "a" * 64  # the renderer's API key (digest): registered faces must be its own
+OWNER = KEY_DIGEST[:16]
+SIZE = {"width": 96, "height": 96, "num_inference_steps": 3}  # small: the test is about rows, not pixels
+ROWS = 34
 
 
 def png(image: Image.Image) -> bytes:
@@ -72,7 +76,14 @@ def test_rows_without_a_seed_get_one_from_their_id():
 
 
 @pytest.fixture(scope="module")
-def batch(s3_server):
+def batch(s3_server, face):
+    """20 good rows (two registered faces among them), 13 bad ones, one broken line."""
+    import time as clock
+
+    from deployments.auth import owner_of
+    from service.records import FaceRecord, StoredFace
+    from service.storage import open_storage
+
     client = s3_server.client()
     client.create_bucket(Bucket="batch")
     photos = {
@@ -85,10 +96,19 @@ def batch(s3_server):
     }
     for key, data in photos.items():
         client.put_object(Bucket="batch", Key=key, Body=data)
+    # the service's store of registered faces: the renderer's key's own, another key's, an expired one
+    os.environ.update(s3_server.env())  # as the session's Ray has them: this process reads the store too
+    store = open_storage("s3://batch/service", endpoint_url=s3_server.endpoint)
+    now = clock.time()
+    faces = {"mine": (OWNER, now + 3600), "theirs": (owner_of("b" * 64), now + 3600), "old": (OWNER, now - 1)}
+    for name, (owner, expires) in faces.items():
+        face_id = f"f_{name:_<22}"
+        store.put_json(f"faces/{face_id}.json", FaceRecord(face_id=face_id, owner=owner, expires_at=expires,
+                                                           face=StoredFace.of(face)).model_dump(mode="json"))
     good = []
-    for i in range(30):
+    for i in range(20):
         row = {"id": f"good-{i:02d}", "face_images": [f"s3://batch/faces/{('round', 'warm', 'wide')[i % 3]}.png"],
-               "prompt": f"portrait {i}", "width": 160, "height": 160, "num_inference_steps": 6}
+               "prompt": f"portrait {i}", **SIZE}
         if i % 5 == 0:
             row["num_images"] = 2
         if i % 4 == 0:
@@ -97,6 +117,9 @@ def batch(s3_server):
             row["style"] = "Neon"
         if i % 7 == 0:
             row["output_format"] = "jpeg"
+        if i in (3, 11):  # a registered face instead of photos
+            row["face_id"] = "f_mine" + "_" * 18
+            del row["face_images"]
         good.append(row)
     bad = {
         "noface-1": ("no_face", {"face_images": ["s3://batch/faces/black.png"]}),
@@ -108,15 +131,19 @@ def batch(s3_server):
         "nostyle": ("error", {"face_images": ["s3://batch/faces/round.png"], "style": "Baroque"}),
         "noface-field": ("error", {"prompt": "who?"}),
         "toomany": ("error", {"face_images": ["s3://batch/faces/round.png"], "num_images": 99}),
+        "theirface": ("error", {"face_id": "f_theirs" + "_" * 16}),  # another key's face: as the API refuses it
+        "oldface": ("error", {"face_id": "f_old" + "_" * 19}),  # past its retention
+        "noface-id": ("error", {"face_id": "f_nobody" + "_" * 16}),
+        "badface-id": ("error", {"face_id": "../faces/f_mine"}),
     }
     lines = [json.dumps(row) for row in good]
     for name, (_, fields) in bad.items():
         lines.append(json.dumps({"id": name, "width": 64, "height": 64, "num_inference_steps": 2, **fields}))
-    lines.insert(17, "{this line is broken")  # row 17: not JSON at all
-    assert len(lines) == 40
+    lines.insert(13, "{this line is broken")  # row 13: not JSON at all
+    assert len(lines) == ROWS
     client.put_object(Bucket="batch", Key="manifests/m.jsonl", Body="\n".join(lines).encode())
     expected = {row["id"]: "ok" for row in good} | {name: status for name, (status, _) in bad.items()}
-    expected["row-17"] = "error"
+    expected["row-13"] = "error"
     return {"manifest": "s3://batch/manifests/m.jsonl", "good": {r["id"]: r for r in good}, "expected": expected}
 
 
@@ -133,13 +160,15 @@ def markers(client) -> dict[str, str]:
 
 def render_command(weights_dir, batch) -> list[str]:
     return [INSTANTID, "render", batch["manifest"], "--weights", str(weights_dir), "--out", "s3://batch/out",
-            "--batch-images", "4", "--no-progress"]
+            "--batch-images", "4", "--no-progress", "--face-store", "s3://batch/service", "--api-key-sha256",
+            KEY_DIGEST]
 
 
 def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_every_bad_row(
         weights_dir, s3_server, batch, tmp_path, ray_runtime):
     """The job is submitted to a running Ray cluster (RAY_ADDRESS, as `ray job submit` does):
-    killing its driver ends its actors; the cluster stays."""
+    killing its driver ends its actors; the cluster stays. Over 60 s: two runs of a Ray Data
+    job (actor pools started twice), the one end-to-end run of `instantid render`."""
     import psutil
     import ray
 
@@ -156,7 +185,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
         while sum("ok" in s for s in markers(client).values()) < 4:
             assert first.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "run 1 finished no row in time"
-            time.sleep(0.2)
+            time.sleep(0.1)
         family = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
         os.killpg(first.pid, signal.SIGKILL)
         for process in family:
@@ -168,7 +197,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
         after_kill = markers(client)
         finished_in_run1 = {rid for rid, statuses in after_kill.items() if set(statuses) & {"ok", "no_face",
                                                                                                "bad_image"}}
-        assert 4 <= len([r for r in finished_in_run1 if r.startswith("good")]) < 30  # really midway
+        assert 4 <= len([r for r in finished_in_run1 if r.startswith("good")]) < 20  # really midway
         run1_reports = {rid: json.loads(client.get_object(Bucket="batch", Key=f"out/rows/{rid}.ok.json")["Body"]
                                         .read()) for rid in finished_in_run1 if "ok" in after_kill[rid]}
 
@@ -180,14 +209,14 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    assert summary["rows"] == 40
+    assert summary["rows"] == ROWS
     assert summary["skipped_finished"] == len(finished_in_run1)  # nothing finished was rendered again
-    assert summary["processed"] == 40 - len(finished_in_run1)
-    assert summary["statuses"] == {"ok": 30, "no_face": 2, "bad_image": 3, "error": 5}
+    assert summary["processed"] == ROWS - len(finished_in_run1)
+    assert summary["statuses"] == {"ok": 20, "no_face": 2, "bad_image": 3, "error": 9}
 
     table = pq.read_table(io.BytesIO(client.get_object(Bucket="batch", Key="out/results.parquet")["Body"].read()))
     results = {row["id"]: row for row in table.to_pylist()}
-    assert table.num_rows == 40 and set(results) == set(batch["expected"])
+    assert table.num_rows == ROWS and set(results) == set(batch["expected"])
     assert {rid: row["status"] for rid, row in results.items()} == batch["expected"]
     final = markers(client)
     for row_id, spec in batch["good"].items():
@@ -198,7 +227,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
             assert report["seeds"][0] == spec["seed"]
         for key in report["images"]:
             image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
-            assert image.size == (160, 160)
+            assert image.size == (SIZE["width"], SIZE["height"])
             assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
         if row_id in run1_reports:  # rendered in run 1, untouched by run 2
             assert report["run"] == run1_reports[row_id]["run"] != summary["run"]
@@ -208,5 +237,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
         if status != "ok":
             assert results[row_id]["message"] and not results[row_id]["images"]
     assert "no face was detected" in results["noface-1"]["message"]
-    assert "not valid JSON" in results["row-17"]["message"]
+    assert "not valid JSON" in results["row-13"]["message"]
     assert "width" in results["oddsize"]["message"]
+    assert "belongs to another API key" in results["theirface"]["message"]
+    assert "expired" in results["oldface"]["message"] and "no face" in results["noface-id"]["message"]

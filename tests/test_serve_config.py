@@ -5,9 +5,9 @@ import importlib
 import pytest
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import DEPLOYMENTS
-from service.config import AppArgs
+from deployments.app import DEPLOYMENTS, build_app
 from deployments.local import application_config, deployment_options, load_serve_config
+from service.config import AppArgs
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,30 @@ def test_the_local_variant_drops_gpus_and_caps_replicas(config):
             assert entry["num_replicas"] == 1
     kept = deployment_options(application_config(config), gpus=True, max_replicas=None)
     assert kept["Generator"]["ray_actor_options"]["num_gpus"] == 1
+
+
+def test_the_app_refuses_to_start_without_lasting_signing_keys(monkeypatch):
+    """Links and webhook secrets must not change between replicas or across a redeploy: the
+    keys come from the environment (or are given explicitly), never drawn at random."""
+    from pipeline.errors import InvalidParameter
+    from deployments.local import local_args
+
+    for name in ("INSTANTID_URL_SIGNING_KEY", "INSTANTID_WEBHOOK_SIGNING_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    args = {"weights": "w", "auth": {"disabled": True}}
+    with pytest.raises(InvalidParameter, match="INSTANTID_URL_SIGNING_KEY"):
+        build_app(args)
+    monkeypatch.setenv("INSTANTID_URL_SIGNING_KEY", "u" * 32)
+    with pytest.raises(InvalidParameter, match="INSTANTID_WEBHOOK_SIGNING_KEY"):
+        build_app(args)
+    monkeypatch.setenv("INSTANTID_WEBHOOK_SIGNING_KEY", "short")
+    with pytest.raises(InvalidParameter, match="at least 16"):
+        build_app(args)
+    monkeypatch.setenv("INSTANTID_WEBHOOK_SIGNING_KEY", "w" * 32)
+    keys = AppArgs.model_validate(args).signing_keys()
+    assert (keys.url, keys.webhook) == ("u" * 32, "w" * 32)
+    build_app(args)
+    # `instantid serve` (one machine, one run) makes keys of its own when the environment has none
+    monkeypatch.delenv("INSTANTID_URL_SIGNING_KEY")
+    local = local_args(application_config(load_serve_config()), weights="w", auth={"disabled": True})
+    assert len(local.signing_keys().url) == 64 and local.signing_keys().webhook == "w" * 32

@@ -378,3 +378,71 @@ def test_concurrent_retries_with_one_key_render_once(app_url, photo, s3_env):
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     assert len({r.json()["id"] for r in responses}) == 1
     assert len(render_log(s3_env, responses[0].json()["id"])) == 1
+
+
+# ----------------------------------------------------------------------------- stages under load
+# The Generator is driven through its handle here, so a test knows for certain what runs and
+# what waits: a render that sent its first step is rendering; a call refused with
+# BackPressureError proves the replica and its queue full.
+
+
+def generation(face, generation_id: str, **params):
+    from deployments.messages import GenerationJob
+    from pipeline.params import GenerationParams
+    from service.batching import RenderRequest
+    from service.records import GenerationRecord, OutputSpec, StoredFace
+
+    stored = StoredFace.of(face)
+    return GenerationJob(RenderRequest(generation_id, GenerationParams(**params), face), OutputSpec(),
+                         GenerationRecord(id=generation_id, owner="tests", face=stored.public()))
+
+
+def generate_stream(app_name: str, job):
+    from ray import serve
+
+    return serve.get_deployment_handle("Generator", app_name=app_name).options(stream=True).generate.remote(job)
+
+
+SLOW = {"width": 512, "height": 512, "num_inference_steps": 150, "seed": 1}
+
+
+def test_health_answers_while_the_generator_is_full(tight_url, face):
+    """One render running and one call queued fill the one-slot app's Generator (a third is
+    refused); /healthz still answers 200 at once: it asks Serve's controller, not the busy
+    replica's queue."""
+    from ray.serve.exceptions import BackPressureError
+
+    running = generate_stream("tight", generation(face, "g_" + "r" * 22, **SLOW))
+    assert next(iter(running))["type"] == "progress"  # rendering
+    queued = generate_stream("tight", generation(face, "g_" + "q" * 22, seed=2, **SMALL))
+    try:
+        with pytest.raises(BackPressureError):  # full: the slot and the queue are taken
+            for _ in generate_stream("tight", generation(face, "g_" + "x" * 22, seed=3, **SMALL)):
+                pass
+        response = httpx.get(f"{tight_url}/healthz", timeout=60)
+        assert response.status_code == 200, response.text
+        assert {s["stage"]: s["status"] for s in response.json()["stages"]}["generator"] == "HEALTHY"
+    finally:
+        queued.cancel()
+        running.cancel()
+
+
+def test_a_call_cancelled_while_queued_in_a_batch_does_not_cancel_a_later_one_with_its_id(app_url, face):
+    """A call waits in the Generator's batch queue behind a long render and is cancelled
+    there (its client gave up); a later call with the same generation id (an Idempotency-Key
+    retry) renders on that replica and succeeds."""
+    from ray import serve
+
+    generator = serve.get_deployment_handle("Generator", app_name="s3app")
+    running = generate_stream("s3app", generation(face, "g_" + "s" * 22, **SLOW))
+    assert next(iter(running))["type"] == "progress"
+    retried = generation(face, "g_" + "t" * 22, seed=77, **SMALL)
+    waiting = generate_stream("s3app", retried)
+    deadline = time.monotonic() + 240
+    while not generator.status.remote().result(timeout_s=60)["waiting"]:
+        assert time.monotonic() < deadline, "the call never reached the batch queue"
+        time.sleep(0.1)
+    waiting.cancel()
+    running.cancel()
+    events = list(generate_stream("s3app", retried))
+    assert events[-1]["type"] == "result" and events[-1]["result"].record.id == retried.request.id
