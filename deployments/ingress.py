@@ -39,6 +39,9 @@ from .views import Views
 from .webhooks import check_target, key_secret
 
 ERRORS = {status: {"model": ErrorResponse} for status in problems.DOCUMENTED}
+# errors of a route whose success is another media type (the event stream) are still JSON
+JSON_ERRORS = {status: {"description": "Error", "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status in problems.DOCUMENTED}
 app = problems.API(title="InstantID", version="1", description="Identity-preserving SDXL generation from face photos. "
               'Errors are JSON: `{"error": {"code", "message", "field"}}` with a stable `code`.')
 problems.install(app)
@@ -175,7 +178,7 @@ class Ingress:
         await _off_loop(self.jobs.request_cancel, generation_id)
         return JSONResponse(self.views.job(job, None, str(request.base_url)), status_code=202)
 
-    @app.get("/v1/generations/{generation_id}/events", response_class=EventSourceResponse, responses=ERRORS)
+    @app.get("/v1/generations/{generation_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
     async def generation_events(self, generation_id: str, request: Request, owner: str = Depends(owned_generation)):
         """Server-sent events: the job (as ``GET /v1/generations/{id}`` shows it) on every
         change, ``event: progress``, then once ``event: done`` with the final state."""
@@ -188,7 +191,7 @@ class Ingress:
                 last = view
             if done:
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.25)
 
     @app.get("/v1/webhooks/secret", response_model=WebhookSecret, responses=ERRORS)
     async def webhook_secret(self, owner: str = Depends(caller)):

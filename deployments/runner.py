@@ -13,13 +13,14 @@ same seeds, the same bytes, stored once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
 
 from ray import serve
 
-from service.errors import Canceled, public_error
+from service.errors import Canceled, Overloaded, Unavailable, public_error
 from service.jobs import JobStore
 from service.records import JobError, JobRecord, Progress
 from service.storage import open_storage
@@ -32,6 +33,7 @@ from .webhooks import check_target, deliver, key_secret
 
 logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 10  # runners a job may be started on (takeovers, hand-overs) before it is failed
+TICK_S = 0.25  # how often a running job's runner looks at its lease, its replica and its progress
 
 
 class _Lease:
@@ -132,8 +134,9 @@ class JobRunner:
         return "done"
 
     async def _render(self, record: JobRecord, lease: _Lease) -> str:
-        """Render the job, watching (once a second) for a cancel, a lost lease and this
-        replica being stopped; the record ends final unless the job was handed over."""
+        """Render the job, watching for a lost lease and this replica being stopped (every
+        tick), and for a cancel (every fourth); progress reaches the record at most once a
+        tick. The record ends final unless the job was handed over or lost."""
         pending: dict = {}
         await self._save(record, {}, status="running", stage="rendering")
 
@@ -143,8 +146,8 @@ class JobRunner:
                 pending["progress"] = Progress(step=event["step"], total=event["total"])
 
         work = asyncio.get_running_loop().create_task(self._work(record, on_event))
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=1.0)
+        for tick in itertools.count(1):
+            done, _ = await asyncio.wait({work}, timeout=TICK_S)
             if done:
                 break
             if lease.lost.is_set():
@@ -155,7 +158,7 @@ class JobRunner:
                 await lease.release()
                 self._submit(record.id)
                 return "handed_over"
-            if await asyncio.to_thread(self.jobs.cancel_requested, record.id):
+            if tick % 4 == 0 and await asyncio.to_thread(self.jobs.cancel_requested, record.id):
                 work.cancel()
                 await asyncio.wait({work})
                 await self._save(record, pending, status="canceled", stage="done",
@@ -176,14 +179,25 @@ class JobRunner:
         return "done"
 
     async def _work(self, record: JobRecord, on_event):
+        """Face and render. A full or missing Generator is no reason for a job to fail: it
+        waits and tries again (backing off up to 10 s) until the job's deadline."""
         job = await asyncio.to_thread(self.jobs.input, record.id)
         if job.face is not None:
             face = job.face.to_info()
         else:
             face = await self.flow.registered_face(job.face_id, record.owner, job.pose)
         deadline = time.monotonic() + self.args.request_timeout_s
-        return await self.flow.render(record.id, record.owner, job.params, face, job.output, record.request_hash,
-                                      deadline, on_event)
+        backoff = 0.5
+        while True:
+            try:
+                return await self.flow.render(record.id, record.owner, job.params, face, job.output,
+                                              record.request_hash, deadline, on_event)
+            except (Overloaded, Unavailable):
+                if time.monotonic() + backoff > deadline:
+                    raise
+                on_event({"stage": "queued"})
+                await asyncio.sleep(backoff)
+                backoff = min(10.0, backoff * 2)
 
     async def _save(self, record: JobRecord, pending: dict | None = None, **changes) -> None:
         """Write the record with ``pending`` progress and ``changes`` (the latter win)."""

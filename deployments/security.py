@@ -1,7 +1,6 @@
 """Who is calling, and whether they may now: API keys (``Authorization: Bearer``, checked
-against SHA-256 digests) and the per-key limits of the one RateLimiter deployment. Used by
-the routes as FastAPI dependencies (:func:`caller`, :func:`limited_caller`)."""
-
+against SHA-256 digests; the routes depend on :func:`caller`) and the per-key limits of the
+one RateLimiter deployment (:meth:`Gate.charge`, once a request is known to be valid)."""
 
 import time
 
@@ -23,7 +22,7 @@ class Gate:
         self.keys = KeyRing(args.auth.api_key_sha256, args.auth.api_keys_env)
         if not self.disabled and len(self.keys) == 0:
             raise ValueError(f"auth is on but no API key digest is configured (nor in ${args.auth.api_keys_env})")
-        self.limiter, self.limits = limiter, args.rate_limits
+        self.limiter = limiter  # None: no per-key limits configured
 
     def owner(self, credentials: HTTPAuthorizationCredentials | None) -> str:
         if self.disabled:
@@ -36,7 +35,7 @@ class Gate:
     async def charge(self, owner: str, images: int = 0) -> None:
         """One request (and ``images`` images of the daily quota) for this key, or
         :class:`RateLimited` with the seconds to wait."""
-        if self.limits.requests_per_minute is None and self.limits.images_per_day is None:
+        if self.limiter is None:  # no limits configured (and no RateLimiter deployed)
             return
         verdict = await call(self.limiter.check.remote(owner, images), time.monotonic() + 10, "the rate limiter")
         if not verdict["allowed"]:

@@ -1,7 +1,9 @@
-"""`make demo`: fixture weights, `instantid serve` on loopback, one real HTTP generation
-from a photo shipped with scikit-image (the astronaut), then a clean stop.
+"""`make demo`: fixture weights, `instantid serve` on loopback with an API key (auth on, as
+in production), one real HTTP generation from a photo shipped with scikit-image (the
+astronaut), then a clean stop.
 
-Prints where the image is (a file and the URL it was served from)."""
+Prints where the image is (a file and the URL it was served from), the key (for the web
+page), and that the server refused a request without the key and a tampered link."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -51,10 +52,14 @@ def main() -> int:
     Image.fromarray(data.astronaut()).save(buffer, format="PNG")
     photo = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
+    from deployments.auth import new_key
+
+    key, digest = new_key()  # auth on, as in production: the server knows only the key's digest
     port = args.port or free_port()
     log = open(out / "serve.log", "wb")
     server = subprocess.Popen(
-        [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage")],
+        [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage"),
+         "--api-key-sha256", digest],
         stdout=subprocess.PIPE, stderr=log, start_new_session=True,
     )
     try:
@@ -65,7 +70,9 @@ def main() -> int:
         base = json.loads(line)["url"]
         body = {"face_images": [photo], "prompt": "a portrait of an astronaut", "style": "Watercolor",
                 "width": args.size, "height": args.size, "num_inference_steps": args.steps, "seed": 42}
-        response = httpx.post(f"{base}/v1/generations", json=body, timeout=600)
+        keyless = httpx.post(f"{base}/v1/generations", json=body, timeout=600).status_code  # refused: 401
+        response = httpx.post(f"{base}/v1/generations", json=body, timeout=600,
+                              headers={"Authorization": f"Bearer {key}"})
         if response.status_code != 200:
             print(f"demo: generation failed: {response.status_code} {response.text}", file=sys.stderr)
             return 1
@@ -75,12 +82,13 @@ def main() -> int:
         path = out / "demo.png"
         path.write_bytes(image_bytes)
         Image.open(path).verify()  # decodable
+        tampered = httpx.get(url.replace("signature=", "signature=0"), timeout=60).status_code  # refused: 403
         print(json.dumps({"image": str(path), "url": url, "web_page": f"{base}/", "api_docs": f"{base}/docs",
-                          "id": result["id"], "seed": result["images"][0]["seed"],
-                          "timings_ms": result["timings_ms"]}), flush=True)
+                          "api_key": key, "without_key": keyless, "tampered_link": tampered, "id": result["id"],
+                          "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"]}), flush=True)
         if sys.stdin.isatty():  # someone is watching: keep the page up until they are done
-            print(f"demo: the web page is live at {base}/ - press Enter or Ctrl-C to stop", file=sys.stderr,
-                  flush=True)
+            print(f"demo: the web page is live at {base}/ (API key: {key}) - press Enter or Ctrl-C to stop",
+                  file=sys.stderr, flush=True)
             try:
                 input()
             except (KeyboardInterrupt, EOFError):

@@ -13,15 +13,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.errors import InstantIDError
 from pipeline.face import FaceInfo
 from pipeline.params import GenerationParams
-from pipeline.pipeline import Cancelled, RenderItem, RenderOptions
 
 from .errors import Canceled
+
+if TYPE_CHECKING:  # the model code (torch) is imported where it renders, not where results are passed on
+    from pipeline.pipeline import RenderItem, RenderOptions
+
+    Groups = dict[RenderOptions, list[tuple[int, list[RenderItem]]]]  # options -> (request index, its items)
 
 
 @dataclass
@@ -54,9 +59,6 @@ class GroupReport:
 Outcome = RenderedImages | BaseException
 
 
-Groups = dict[RenderOptions, list[tuple[int, list[RenderItem]]]]  # options -> (request index, its items)
-
-
 def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[Groups, dict[int, BaseException]]:
     """Requests -> render groups keyed by what they share; requests that cannot be
     planned are returned as errors by index."""
@@ -81,6 +83,8 @@ def render_requests(pipe, requests: Sequence[RenderRequest], *,
     ``on_step(indices, step, total)`` hears each denoising step of a group;
     ``stop(indices)`` is asked before each step and ends the group's render (its requests
     get :class:`~service.errors.Canceled`) when it says so."""
+    from pipeline.pipeline import Cancelled
+
     outcomes: list[Outcome | None] = [None] * len(requests)
     groups, errors = plan_groups(pipe, requests)
     for index, error in errors.items():

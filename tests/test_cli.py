@@ -102,3 +102,18 @@ def test_several_faces_a_pose_and_several_images(weights_dir, photos, tmp_path, 
     assert [Path(i["path"]).name for i in report["images"]] == ["out-0.webp", "out-1.webp"]
     assert all(Image.open(i["path"]).format == "WEBP" for i in report["images"])
     assert report["face"]["image_size"] == [1280, 768]  # the pose photo's frame (320x200 by the reference rule)
+
+
+def test_serve_listens_on_loopback_and_turns_auth_on_with_a_key_digest():
+    """`instantid serve`'s defaults (its end-to-end run is `make demo`, test_demo.py)."""
+    from deployments.cli import _extend
+    from deployments.local import application_config, load_serve_config, local_args
+    from pipeline.cli import build_parser
+
+    parser, commands = build_parser()
+    _extend(commands)
+    args = parser.parse_args(["serve", "--weights", "W", "--api-key-sha256", "d" * 64])
+    assert args.host == "127.0.0.1" and args.api_key_sha256 == ["d" * 64]
+    app_args = local_args(application_config(load_serve_config()), weights="W", storage="S",
+                          auth={"disabled": False, "api_key_sha256": args.api_key_sha256, "api_keys_env": ""})
+    assert not app_args.auth.disabled and app_args.auth.api_key_sha256 == ["d" * 64]

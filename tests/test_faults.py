@@ -21,7 +21,7 @@ HEADERS = {"Authorization": f"Bearer {KEY_A}"}
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 BUCKET = "hardening"
 STATS = Path(__file__).resolve().parent.parent / "out" / "test-artifacts" / "reliability-faults.json"
-SOAK_SECONDS = 40
+SOAK_SECONDS = 25
 figures: dict = {}
 
 
