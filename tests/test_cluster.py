@@ -43,6 +43,9 @@ def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
 
 @pytest.fixture(scope="module")
 def cluster(weights_dir, s3_server, ray_runtime):
+    """Over 60 s to set up: four raylets (a head and three nodes with different accelerators)
+    on this one machine, then the whole app with two face replicas; the tests of this module
+    share it."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster

@@ -256,7 +256,8 @@ def test_idempotent_async_submissions_are_one_job(client, photo, storage_dir):
 
 def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if_undisturbed(
         client, face_id, storage_dir, local_app):
-    """Every replica of the JobRunner and the Generator is replaced (a changed config) while
+    """Over 60 s: a redeploy starts new replicas (and drains the old ones) while six renders
+    run. Every replica of the JobRunner and the Generator is replaced (a changed config) while
     one job renders and two wait: each ends succeeded, its images the bytes an undisturbed
     render makes, stored once. The three have different sizes, so none shares a batch with
     another (a batched render agrees with a lone one within 1/255, not bit for bit:
