@@ -3,7 +3,18 @@ warm-up shapes while it starts, so no request pays for compiling."""
 
 from __future__ import annotations
 
+import pytest
+import torch._dynamo
+
 from deployments.generator import Generator
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Compiled graphs are process-wide: none leaks into (or out of) this module."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
 
 
 def test_with_compile_on_the_generator_warms_its_shapes_up_before_it_takes_traffic(weights_dir):

@@ -188,10 +188,12 @@ def test_regional_compile_warms_up_request_shapes_and_keeps_its_fused_state(pipe
     """diffusers' compile_repeated_blocks (UNet) and the same blocks of IdentityNet; a
     warmed-up shape compiles nothing more at the first request; with fuse_qkv the fused
     projections are compiled in, so a request LoRA (which needs them off) is refused."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
     from tests.test_pipeline import write_lora
 
+    torch._dynamo.reset()  # graphs another test compiled (a batch size marked dynamic) must not count here
     compiled = load(weights_dir, compile="regional", compile_backend="aot_eager", fuse_qkv=True)
     blocks = regional_blocks(compiled.sdxl.unet) + regional_blocks(compiled.sdxl.controlnet)
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
