@@ -65,7 +65,11 @@ def test_rate_limits_hold_across_ingress_replicas(limited_url):
             return await asyncio.gather(*(c.post("/v1/faces/analyze", json=body) for _ in range(24)))
 
     started = time.monotonic()
-    responses = asyncio.run(burst())
+    responses = []
+    for _ in range(5):  # bursts of 24 until the bucket runs dry: the first does unless the machine crawls
+        responses += asyncio.run(burst())
+        if any(r.status_code == 429 for r in responses):
+            break
     elapsed = time.monotonic() - started
     codes = [r.status_code for r in responses]
     # one bucket for the key: a burst of 10, plus one token a second while the burst lasted.
