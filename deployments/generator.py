@@ -56,7 +56,8 @@ class Generator:
         self.warmed: list[dict] = []
         if self.pipe.optimizations.compile != "off":  # compile now, not inside the first requests' timeouts
             timed = self.pipe.warmup_shapes(warmup_shapes or [])
-            self.warmed = [{"width": w, "height": h, "batch": b, "seconds": round(s, 2)} for (w, h, b), s in timed.items()]
+            self.warmed = [{"width": w, "height": h, "batch": b, "seconds": round(s, 2)}
+                           for (w, h, b), s in timed.items()]
         self._rendering = 0  # batches being rendered now
         self._waiting: set[int] = set()  # ids (id()) of the calls not in a rendering batch yet
 
