@@ -46,10 +46,9 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     )
     config = args.model_dump()
     runner = deployment(JobRunner).bind(face, generator, config)
-    limits_on = args.rate_limits.requests_per_minute is not None or args.rate_limits.images_per_day is not None
     limiter = deployment(RateLimiter).bind(  # only when there are limits to keep
         args.rate_limits.requests_per_minute, args.rate_limits.burst, args.rate_limits.images_per_day
-    ) if limits_on else None
+    ) if args.rate_limits.enabled else None
     janitor = deployment(Janitor).bind(args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url)
     return deployment(Ingress).bind(face, generator, runner, limiter, janitor, config)
 

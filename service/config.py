@@ -41,6 +41,11 @@ class RateLimits(BaseModel):
     burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: the per-minute rate).")
     images_per_day: int | None = Field(None, ge=1, description="Images per UTC day.")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether there is any limit to keep (no limiter is deployed otherwise)."""
+        return self.requests_per_minute is not None or self.images_per_day is not None
+
 
 class Retention(BaseModel):
     """How long what the service stores is kept (also set as bucket lifecycle rules)."""
