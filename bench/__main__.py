@@ -149,7 +149,7 @@ def _cpu(args) -> int:
         if "coldstart" in which:
             from .coldstart import run_coldstart
 
-            tables.append(run_coldstart(weights, args.out, workdir, width=64, height=64, steps=1 if small else 2,
+            tables.append(run_coldstart(weights, args.out, width=64, height=64, steps=1 if small else 2,
                                         repeats=args.coldstart_repeats or (1 if small else 2)))
         if "loading" in which:
             from .loading import run_loading

@@ -3,7 +3,10 @@ in production), one real HTTP generation from a photo shipped with scikit-image 
 astronaut), then a clean stop.
 
 Prints where the image is (a file and the URL it was served from), the key (for the web
-page), and that the server refused a request without the key and a tampered link."""
+page), that the server refused a request without the key and a tampered link, and how long
+the server took to come up: seconds from starting it to its ready line and to the first 200.
+After the stop, ``OUT/report.json`` holds the same report plus the server's exit code and
+how long its clean stop took (``python -m bench coldstart`` times cold starts with it)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,6 +61,8 @@ def main() -> int:
     key, digest = new_key()  # auth on, as in production: the server knows only the key's digest
     port = args.port or free_port()
     log = open(out / "serve.log", "wb")
+    report: dict = {}
+    started = time.perf_counter()
     server = subprocess.Popen(
         [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage"),
          "--api-key-sha256", digest],
@@ -67,6 +73,7 @@ def main() -> int:
         if not line:
             print(f"demo: the server did not start; see {out / 'serve.log'}", file=sys.stderr)
             return 1
+        ready_s = time.perf_counter() - started
         base = json.loads(line)["url"]
         body = {"face_images": [photo], "prompt": "a portrait of an astronaut", "style": "Watercolor",
                 "width": args.size, "height": args.size, "num_inference_steps": args.steps, "seed": 42}
@@ -76,6 +83,7 @@ def main() -> int:
         if response.status_code != 200:
             print(f"demo: generation failed: {response.status_code} {response.text}", file=sys.stderr)
             return 1
+        first_200_s = time.perf_counter() - started
         result = response.json()
         url = result["images"][0]["url"]
         image_bytes = httpx.get(url, timeout=60).content
@@ -83,9 +91,11 @@ def main() -> int:
         path.write_bytes(image_bytes)
         Image.open(path).verify()  # decodable
         tampered = httpx.get(url.replace("signature=", "signature=0"), timeout=60).status_code  # refused: 403
-        print(json.dumps({"image": str(path), "url": url, "web_page": f"{base}/", "api_docs": f"{base}/docs",
-                          "api_key": key, "without_key": keyless, "tampered_link": tampered, "id": result["id"],
-                          "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"]}), flush=True)
+        report = {"image": str(path), "url": url, "web_page": f"{base}/", "api_docs": f"{base}/docs",
+                  "api_key": key, "without_key": keyless, "tampered_link": tampered, "id": result["id"],
+                  "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"],
+                  "ready_s": round(ready_s, 3), "first_200_s": round(first_200_s, 3)}
+        print(json.dumps(report), flush=True)
         if sys.stdin.isatty():  # someone is watching: keep the page up until they are done
             print(f"demo: the web page is live at {base}/ (API key: {key}) - press Enter or Ctrl-C to stop",
                   file=sys.stderr, flush=True)
@@ -96,14 +106,21 @@ def main() -> int:
         return 0
     finally:
         if server.poll() is None:
+            stopping = time.perf_counter()
             os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does
             try:
                 code = server.wait(timeout=90)
+                report.update(server_exit_code=code, shutdown_s=round(time.perf_counter() - stopping, 3))
                 print(f"demo: server stopped (exit code {code})", file=sys.stderr)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
                 print("demo: server did not stop in time; killed", file=sys.stderr)
+        else:
+            report["server_exit_code"] = server.returncode
         log.close()
+        if report:
+            (out / "report.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

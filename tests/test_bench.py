@@ -50,8 +50,8 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> None:
 @pytest.fixture(scope="module")
 def background(weights_dir, tmp_path_factory):
     """The GPU script on CPU (small, one process) runs while the serving benchmark waits on its
-    Ray. The cold start runs alone afterwards: two Rays with whole apps at once on two cores
-    only slow each other down."""
+    Ray. (The cold start runs in test_demo, alone: two Rays with whole apps at once on two
+    cores only slow each other down.)"""
     out = tmp_path_factory.mktemp("gpu")
     proc = start(out, "gpu", "--tiny", "--compile-backend", "eager")
     yield {"gpu": (proc, out)}
@@ -111,16 +111,6 @@ def test_gpu_script_runs_tiny_on_cpu(background):
     assert records[0]["note"] == "fp16 is GPU-only: fp32 on CPU"
     face = rows(tmp_path / "face.csv", FACE_COLUMNS, required=FACE_COLUMNS[:-1])
     assert [r["method"] for r in face] == ["analyze", "analyze_batch"]
-
-
-def test_cold_start(weights_dir, tmp_path):
-    """Over 60 s: `instantid serve` started from nothing (its own Ray, the whole app) to the
-    first 200, then stopped."""
-    from bench.coldstart import COLUMNS
-
-    bench("coldstart", "--smallest", "--weights", str(weights_dir), "--out", str(tmp_path), timeout=600)
-    [record] = rows(tmp_path / "coldstart.csv", COLUMNS, required=COLUMNS)
-    assert float(record["first_200_median_s"]) >= float(record["ready_median_s"]) > 0
 
 
 def test_report_prints_every_table(tmp_path):
