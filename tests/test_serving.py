@@ -121,20 +121,43 @@ def test_output_formats(client, photo, fmt, pil):
     assert fetch_image(response.json()["images"][0]["url"]).format == pil
 
 
-def test_s3_face_reference_from_an_allowed_bucket(client, s3_env):
+def test_s3_photos_are_uploads_of_the_calling_key_only(client, s3_env):
+    """A photo is uploaded through a presigned POST under the key's own prefix; another key
+    naming it gets the same answer as for an object that does not exist."""
+    from deployments.auth import owner_of
+
     buffer = io.BytesIO()
     face_photo().save(buffer, format="PNG")
-    s3 = s3_env["server"].client()
-    s3.put_object(Bucket="hardening-uploads", Key="selfies/me.png", Body=buffer.getvalue())
-    s3.put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
-    ok = generate(client, {"face_images": ["s3://hardening-uploads/selfies/me.png"], "seed": 3, **SMALL})
+    ticket = client.post("/v1/uploads", json={"content_type": "image/png"}, headers=auth())
+    assert ticket.status_code == 201, ticket.text
+    ticket = ticket.json()
+    mine = f"s3://hardening-uploads/uploads/{owner_of(DIGEST_A)}/"
+    assert ticket["image"].startswith(mine) and ticket["max_bytes"] == 2 * 1024 * 1024
+    sent = httpx.post(ticket["url"], data=ticket["fields"], files={"file": ("me.png", buffer.getvalue(), "image/png")})
+    assert sent.status_code in (200, 201, 204), sent.text
+    ok = generate(client, {"face_images": [ticket["image"]], "seed": 3, **SMALL})
     assert ok.status_code == 200, ok.text
+    # another key: its upload is not theirs, and they cannot tell it from one that does not exist
+    theirs = generate(client, {"face_images": [ticket["image"]], **SMALL}, key=KEY_B)
+    nothing = generate(client, {"face_images": [mine + "nothing.png"], **SMALL}, key=KEY_B)
+    assert_error(theirs, 422, "invalid_parameter", "face_images[0]")
+    assert theirs.json() == nothing.json()
+    # the key's own prefix: a missing photo is said to be missing
+    missing = generate(client, {"face_images": [mine + "missing.png"], **SMALL})
+    assert_error(missing, 422, "invalid_parameter", "face_images[0]")
+    assert "no object" in missing.json()["error"]["message"]
+    s3_env["server"].client().put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
     assert_error(generate(client, {"face_images": ["s3://private/me.png"], **SMALL}), 422, "invalid_parameter",
                  "face_images[0]")
-    assert_error(generate(client, {"face_images": ["s3://hardening-uploads/missing.png"], **SMALL}), 422,
-                 "invalid_parameter", "face_images[0]")
     assert_error(generate(client, {"face_images": ["http://127.0.0.1:1/me.png"], **SMALL}), 422,
                  "invalid_parameter", "face_images[0]")
+    # the store holds an upload to its size cap and its key
+    second = client.post("/v1/uploads", json={"content_type": "image/png"}, headers=auth()).json()
+    too_big = httpx.post(second["url"], data=second["fields"],
+                         files={"file": ("big.png", b"x" * (second["max_bytes"] + 1), "image/png")})
+    assert too_big.status_code == 400 and "EntityTooLarge" in too_big.text
+    elsewhere = {**second["fields"], "key": f"uploads/{owner_of(DIGEST_B)}/planted.png"}
+    assert httpx.post(second["url"], data=elsewhere, files={"file": ("x.png", b"x", "image/png")}).status_code == 403
 
 
 def test_register_a_face_render_it_then_erase_it(client, photo):
