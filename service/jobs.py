@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from .keys import active_job_ids, cancel_key, job_input_key, job_key, lease_key
+from .keys import active_job_ids, cancel_key, is_deleted, job_input_key, job_key, lease_key
 from .records import JobInput, JobRecord, Lease
 from .storage import ObjectNotFound, Storage, json_bytes
 
@@ -43,8 +43,19 @@ class JobStore:
         except ObjectNotFound:
             return None
 
-    def write(self, record: JobRecord) -> None:
+    def write(self, record: JobRecord) -> bool:
+        """Write the record, unless the job was deleted: then nothing is written (or, when
+        the mark appears while this writes, the record is erased again). False then."""
+        if self.deleted(record.id):
+            return False
         self.storage.put_json(job_key(record.id), record.model_dump(mode="json"))
+        if self.deleted(record.id):
+            self.storage.delete(job_key(record.id))
+            return False
+        return True
+
+    def deleted(self, job_id: str) -> bool:
+        return is_deleted(self.storage, job_id)
 
     def input(self, job_id: str) -> JobInput:
         return JobInput.model_validate(self.storage.get_json(job_input_key(job_id)))
@@ -53,7 +64,8 @@ class JobStore:
         self.storage.put_json(cancel_key(job_id), {"at": time.time()})
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.storage.exists(cancel_key(job_id))
+        """A cancel was asked for, or the job was deleted (its deleted mark cancels it too)."""
+        return self.storage.exists(cancel_key(job_id)) or self.deleted(job_id)
 
     # ------------------------------------------------------------------ leases
     def _lease(self, job_id: str) -> tuple[Lease, str] | None:

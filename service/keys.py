@@ -10,6 +10,8 @@ generation. Every key is made here, from validated ids (never from user text).
     jobs/<id>/input.json                 what the job renders (parameters and face); erased when it ends
     jobs/<id>/cancel.json                a cancel asked for on any replica
     jobs/active/<id>.json                the lease of a job not finished yet (who runs it, until when)
+    jobs/deleted/<id>.json               a deleted generation's tombstone: whatever still runs for it
+                                         writes nothing more, and erases what it wrote last
 
 Everything under ``jobs/`` and ``generations/`` expires with ``retention.results_s``, faces
 with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
@@ -18,12 +20,15 @@ with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
 from __future__ import annotations
 
 import re
+import time
 
 from .storage import Storage
 
-FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
-GENERATION_ID = re.compile(r"^g_[A-Za-z0-9_-]{22}$")
+# ids are matched whole (fullmatch: "$" would let a trailing newline through)
+FACE_ID = re.compile(r"f_[A-Za-z0-9_-]{22}")
+GENERATION_ID = re.compile(r"g_[A-Za-z0-9_-]{22}")
 ACTIVE_PREFIX = "jobs/active"
+DELETED_PREFIX = "jobs/deleted"
 
 
 def face_key(face_id: str) -> str:
@@ -63,12 +68,27 @@ def lease_key(generation_id: str) -> str:
     return f"{ACTIVE_PREFIX}/{generation_id}.json"
 
 
+def deleted_key(generation_id: str) -> str:
+    return f"{DELETED_PREFIX}/{generation_id}.json"
+
+
+def mark_deleted(storage: Storage, generation_id: str, owner: str, keep_s: float) -> None:
+    """Leave the durable mark that the generation is deleted (kept ``keep_s``: as long as
+    anything of it could still be running), before anything of it is erased."""
+    now = time.time()
+    storage.put_json(deleted_key(generation_id), {"owner": owner, "deleted_at": now, "expires_at": now + keep_s})
+
+
+def is_deleted(storage: Storage, generation_id: str) -> bool:
+    return storage.exists(deleted_key(generation_id))
+
+
 def active_job_ids(storage: Storage) -> list[str]:
     """Ids of the jobs that hold a lease (not finished yet), from one listing."""
     ids = []
     for key in storage.list_keys(ACTIVE_PREFIX):
         name = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if GENERATION_ID.match(name):
+        if GENERATION_ID.fullmatch(name):
             ids.append(name)
     return ids
 
