@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipeline.errors import InvalidParameter
 
+FACE_IMAGES_CAP = 16  # the most photos of one face any server takes (the API schema's cap)
+
 
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,7 +28,7 @@ class Limits(BaseModel):
     max_image_bytes: int = Field(12 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_image_side: int = Field(12_000, gt=0)
-    max_face_images: int = Field(4, ge=1)
+    max_face_images: int = Field(4, ge=1, le=FACE_IMAGES_CAP)
     max_num_images: int = Field(4, ge=1)
     max_side: int = Field(1536, ge=64)
     max_steps: int = Field(60, ge=1)
@@ -37,7 +39,8 @@ class RateLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(None, ge=1, description="Generation/face requests per minute.")
+    requests_per_minute: int | None = Field(None, ge=1, description="API calls per minute (every call under /v1/ "
+                                                                     "but signed file links and /v1/options).")
     burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: the per-minute rate).")
     images_per_day: int | None = Field(None, ge=1, description="Images per UTC day.")
 
@@ -76,6 +79,9 @@ class AppArgs(BaseModel):
     url_signing_key: SecretStr | None = Field(None, description="The key itself instead of the env var (a local, "
                                               "single-machine setup: `instantid serve` makes one).")
     input_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// image references may name.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (the Host header, without port) "
+                                     "the API answers to; empty: any. `instantid serve` on loopback sets the "
+                                     "loopback names, which stops DNS-rebinding pages.")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: Limits = Field(default_factory=Limits)
     request_timeout_s: float = Field(300.0, gt=0)

@@ -81,6 +81,26 @@ def test_rate_limits_hold_across_ingress_replicas(limited_url):
             assert error_of(response)["code"] == "rate_limited" and int(response.headers["retry-after"]) >= 1
 
 
+@pytest.mark.parametrize("method,path", [("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/events")])
+def test_every_call_of_a_key_counts_against_its_rate(limited_url, method, path):
+    """Reads, deletes, cancels and event streams too: each call takes a token from the key's
+    bucket before anything else is done for it (here: finding that the generation does not
+    exist, a 404)."""
+    target = "/v1/generations/g_" + "n" * 22 + path
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=limited_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {KEY_A}"}) as c:
+            return await asyncio.gather(*(c.request(method, target) for _ in range(24)))
+
+    codes = []
+    for _ in range(5):  # bursts of 24 until the bucket runs dry
+        codes += [r.status_code for r in asyncio.run(burst())]
+        if 429 in codes:
+            break
+    assert 429 in codes and set(codes) <= {404, 429}, codes
+
+
 def test_daily_image_quota(limited_url):
     photo = data_url(face_photo())
     with client(limited_url, KEY_Q) as c:
