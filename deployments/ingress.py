@@ -19,7 +19,7 @@ from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
 from service import claims
 from service.config import AppArgs
-from service.errors import Canceled, NotCancellable
+from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
 from service.keys import erase_generation, face_key, is_deleted, mark_deleted
 from service.lookup import load_face, load_generation, load_job
@@ -34,7 +34,7 @@ from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
 from .health import stage_health
 from .inputs import ImageInputs
-from .security import AuthFirst, Gate, HostCheck, caller, host_name
+from .security import AuthFirst, EventStreams, Gate, HostCheck, StreamTicket, caller, host_name
 from .submissions import Submissions
 from .views import Views
 from .webhooks import check_target, key_secret
@@ -69,12 +69,14 @@ def _preferences(header: str) -> dict:
     return found
 
 
-async def owned_generation(generation_id: str, request: Request, owner: str = Depends(caller)) -> str:
-    """The caller, once ``generation_id`` is known to be theirs (404/403 before any stream starts)."""
+async def stream_of_owned_generation(generation_id: str, request: Request,
+                                     owner: str = Depends(caller)) -> StreamTicket:
+    """A place among the caller's open event streams, once ``generation_id`` is known to be
+    theirs (404/403, then 429 over the key's cap, before any stream starts)."""
     storage = request.app.state.storage
     if await _off_loop(load_job, storage, generation_id, owner) is None:
         await _off_loop(load_generation, storage, generation_id, owner)
-    return owner
+    return request.app.state.streams.open(owner)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
@@ -98,6 +100,7 @@ class Ingress:
         self.param_defaults = Optimizations.parse(args.optimizations).param_defaults()
         app.state.gate, app.state.storage = self.gate, self.storage
         app.state.allowed_hosts = frozenset(host_name(h) for h in args.allowed_hosts)
+        app.state.streams = EventStreams(args.fairness.event_streams_per_key, args.retry_after_s)
         app.max_body_size = args.limits.max_body_bytes  # Starlette refuses bigger bodies with 413
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
@@ -132,6 +135,10 @@ class Ingress:
         if run_async:
             existing = await _off_loop(self.jobs.record, generation_id) if key else None
             if existing is None:
+                cap = self.args.fairness.jobs_per_key
+                if await _off_loop(self.jobs.unfinished, owner) >= cap:
+                    raise RateLimited("rate_limited", f"this API key has {cap} jobs not finished; wait for one to "
+                                                      "end", self.args.retry_after_s)
                 await self.gate.charge_images(owner, body.num_images)
                 existing = await self.submissions.start_job(generation_id, owner, body, params, request_hash,
                                                             deadline)
@@ -175,7 +182,7 @@ class Ingress:
         # the durable mark first: every writer checks it (runner, Postprocessor, webhooks), and
         # a runner takes it for a cancel
         await _off_loop(mark_deleted, self.storage, generation_id, owner, self.args.retention.results_s)
-        await _off_loop(erase_generation, self.storage, generation_id)
+        await _off_loop(erase_generation, self.storage, generation_id, owner)
         return Response(status_code=204)
 
     @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
@@ -188,10 +195,12 @@ class Ingress:
         return JSONResponse(self.views.job(job, None, str(request.base_url)), status_code=202)
 
     @app.get("/v1/generations/{generation_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
-    async def generation_events(self, generation_id: str, request: Request, owner: str = Depends(owned_generation)):
+    async def generation_events(self, generation_id: str, request: Request,
+                                ticket: StreamTicket = Depends(stream_of_owned_generation)):
         """Server-sent events: the job (as ``GET /v1/generations/{id}`` shows it) on every
-        change, ``event: progress``, then once ``event: done`` with the final state."""
-        last = None
+        change, ``event: progress``, then once ``event: done`` with the final state. An API
+        key holds at most ``fairness.event_streams_per_key`` streams open on a replica."""
+        owner, last = ticket.owner, None
         while True:
             view = await self._view(generation_id, owner, str(request.base_url))
             done = view["status"] in ("succeeded", "failed", "canceled")

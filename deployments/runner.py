@@ -126,8 +126,7 @@ class JobRunner:
             if outcome != "done":
                 return outcome
         if await asyncio.to_thread(self.jobs.deleted, job_id):  # deleted while it ran: no webhook, erased again
-            await asyncio.to_thread(erase_generation, self.flow.storage, job_id)
-            await asyncio.to_thread(self.jobs.finish, job_id)
+            await asyncio.to_thread(erase_generation, self.flow.storage, job_id, record.owner)
             return "done"
         if record.webhook is not None and record.webhook.delivered is None:
             try:
@@ -136,7 +135,7 @@ class JobRunner:
                 logger.exception("job %s: webhook not delivered", job_id)
                 await self._save(record, webhook=record.webhook.model_copy(
                     update={"delivered": False, "last_error": "internal error"}))
-        await asyncio.to_thread(self.jobs.finish, job_id)
+        await asyncio.to_thread(self.jobs.finish, job_id, record.owner)
         return "done"
 
     async def _render(self, record: JobRecord, lease: _Lease) -> str:

@@ -9,6 +9,7 @@ before a byte of its body is read, parsed or validated. The routes get the calle
 :meth:`Gate.charge_images` once the request is known to be valid."""
 
 import time
+import weakref
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -129,3 +130,29 @@ async def caller(request: Request, credentials: HTTPAuthorizationCredentials | N
     if owner is None:  # a route outside AuthFirst's paths: authenticate here (no rate charged)
         owner = request.app.state.gate.owner(request.headers.get("authorization"))
     return owner
+
+
+class StreamTicket:
+    """Held by an open event stream for as long as it lives."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+
+class EventStreams:
+    """The event streams each API key holds open on this replica, at most ``per_key``.
+    Each stream holds a :class:`StreamTicket`; they are counted by weak reference, so a
+    stream that ends, or is dropped before it starts, gives its place up with it."""
+
+    def __init__(self, per_key: int, retry_after_s: int) -> None:
+        self.per_key, self.retry_after_s = per_key, retry_after_s
+        self._open: dict[str, weakref.WeakSet] = {}
+
+    def open(self, owner: str) -> StreamTicket:
+        live = self._open.setdefault(owner, weakref.WeakSet())
+        if len(live) >= self.per_key:
+            raise RateLimited("rate_limited", f"this API key already has {self.per_key} event streams open; close "
+                                              "one", self.retry_after_s)
+        ticket = StreamTicket(owner)
+        live.add(ticket)
+        return ticket

@@ -50,6 +50,21 @@ class RateLimits(BaseModel):
         return self.requests_per_minute is not None or self.images_per_day is not None
 
 
+class Fairness(BaseModel):
+    """How one replica (an ingress, a job runner) shares its renders between API keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    renders_at_once: int = Field(16, ge=1, description="Renders this replica sends to the Generator at once; "
+                                 "the rest wait in one queue per API key, the keys taking turns.")
+    waiting_per_key: int = Field(32, ge=0, description="Renders of one API key that may wait on a replica; one "
+                                 "more is 503 overloaded, for that key only.")
+    event_streams_per_key: int = Field(8, ge=1, description="Event streams one API key may hold open on a "
+                                       "replica; one more is 429 rate_limited.")
+    jobs_per_key: int = Field(64, ge=1, description="Async jobs of one API key not yet finished (across "
+                              "replicas); one more is 429 rate_limited.")
+
+
 class Retention(BaseModel):
     """How long what the service stores is kept (also set as bucket lifecycle rules)."""
 
@@ -95,6 +110,7 @@ class AppArgs(BaseModel):
     loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
     retention: Retention = Field(default_factory=Retention)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+    fairness: Fairness = Field(default_factory=Fairness)
     job_lease_s: float = Field(30.0, ge=1, description="A job runner renews its lease on a job this often (x3); "
                                                          "a job whose lease expired is taken over by another.")
     warmup_shapes: list[tuple[int, int, int]] = Field(

@@ -206,6 +206,33 @@ def test_a_deleted_generation_is_not_made_again_by_a_retry(client, local_app):
     assert stored_under(local_app["storage"], generation_id) == [f"jobs/deleted/{generation_id}.json"]
 
 
+def test_a_key_holds_at_most_its_cap_of_event_streams(client, url):
+    """local_app allows 3 open streams per key: a fourth is 429 before it starts; once one
+    is closed, a new one opens."""
+    from contextlib import ExitStack
+
+    job = client.post("/v1/generations", json={"face_images": [data_url(face_photo())], "async": True, "seed": 8,
+                                               "width": 512, "height": 512, "num_inference_steps": 150}).json()
+    events = f"/v1/generations/{job['id']}/events"
+    try:
+        with ExitStack() as streams:
+            opened = [streams.enter_context(client.stream("GET", events)) for _ in range(3)]
+            assert [r.status_code for r in opened] == [200] * 3
+            fourth = client.get(events)
+            assert fourth.status_code == 429 and fourth.json()["error"]["code"] == "rate_limited"
+            assert "3 event streams open" in fourth.json()["error"]["message"]
+            opened[0].close()
+            deadline = time.monotonic() + 120
+            while True:  # the replica sees the closed stream go when it next writes to it
+                with client.stream("GET", events) as again:
+                    if again.status_code == 200 or time.monotonic() > deadline:
+                        break
+                time.sleep(0.5)
+            assert again.status_code == 200
+    finally:
+        client.post(f"/v1/generations/{job['id']}/cancel")
+
+
 def test_who_may_call_a_local_server(monkeypatch):
     from deployments.local import access
     from pipeline.errors import InvalidParameter
@@ -221,6 +248,22 @@ def test_who_may_call_a_local_server(monkeypatch):
     from_env = access("192.168.1.5", [], [])
     assert not from_env["auth"]["disabled"] and from_env["auth"]["api_keys_env"] == "INSTANTID_API_KEY_SHA256"
     assert from_env["allowed_hosts"] == []  # a public name is the operator's to give
+
+
+def test_event_streams_are_counted_while_they_live():
+    import gc
+
+    from deployments.security import EventStreams
+    from service.errors import RateLimited
+
+    streams = EventStreams(per_key=2, retry_after_s=5)
+    held = [streams.open("a"), streams.open("a")]
+    with pytest.raises(RateLimited, match="2 event streams open"):
+        streams.open("a")
+    assert streams.open("b").owner == "b"  # keys do not share a cap (and b's ticket is dropped at once)
+    held.pop()
+    gc.collect()
+    assert streams.open("a").owner == "a"  # the dropped stream gave its place up
 
 
 @pytest.mark.parametrize("header,host", [("127.0.0.1:8000", "127.0.0.1"), ("LocalHost", "localhost"),

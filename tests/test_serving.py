@@ -34,14 +34,16 @@ def app_url(s3_app):
 
 @pytest.fixture(scope="module")
 def tight_url(ray_serve, weights_dir, s3_server, s3_app):
-    """An app with one render slot and a one-deep queue, for overload and timeouts."""
+    """An app with one render slot and a one-deep queue, for overload and timeouts; its
+    ingress sends one render at a time and lets one more per key wait."""
     from ray import serve
 
     options = local_test_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5)
     options["Generator"]["user_config"].update(max_batch_images=1, batch_wait_timeout_s=0.0)
     args = {"weights": str(weights_dir), "storage": "s3://hardening/tight", "s3_endpoint_url": s3_server.endpoint,
             "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
-            "limits": {"max_num_images": 1, "max_steps": 150, "max_side": 512}}
+            "limits": {"max_num_images": 1, "max_steps": 150, "max_side": 512},
+            "fairness": {"renders_at_once": 1, "waiting_per_key": 1}}
     serve.run(build_app(args, options), name="tight", route_prefix="/tight")
     yield f"{ray_serve}/tight"
     serve.delete("tight", _blocking=False)
@@ -309,6 +311,36 @@ def test_overload_is_503_with_retry_after(tight_url, photo):
         if response.status_code == 503:
             assert_error(response, 503, "overloaded")
             assert int(response.headers["retry-after"]) > 0
+
+
+def test_a_key_flooding_the_service_does_not_turn_another_keys_requests_away(tight_url, photo):
+    """Key A sends six renders at once: one renders, one waits, four are refused (503, for A
+    only). Key B's render, sent once A's refusals came back (A's two still in flight), waits
+    for its turn behind A's render, not behind A's whole burst, and succeeds."""
+    import threading
+
+    body = {"face_images": [photo], "width": 128, "height": 128, "num_inference_steps": 20}
+    flood: list[httpx.Response] = []
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=tight_url, timeout=300, headers=auth()) as c:
+            for done in asyncio.as_completed([c.post("/v1/generations", json={**body, "seed": i}) for i in range(6)]):
+                flood.append(await done)
+
+    thread = threading.Thread(target=lambda: asyncio.run(burst()))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while sum(r.status_code == 503 for r in list(flood)) < 4:
+        assert time.monotonic() < deadline and thread.is_alive(), [r.status_code for r in flood]
+        time.sleep(0.05)
+    with httpx.Client(base_url=tight_url, timeout=300, headers=auth(KEY_B)) as c:
+        theirs = c.post("/v1/generations", json={**body, "seed": 99})
+    thread.join(timeout=600)
+    assert theirs.status_code == 200, theirs.text
+    assert sorted(r.status_code for r in flood) == [200, 200, 503, 503, 503, 503]
+    for response in flood:
+        if response.status_code == 503:
+            assert_error(response, 503, "overloaded")
 
 
 def test_timeout_is_504_and_frees_the_replica(tight_url, photo):

@@ -73,16 +73,21 @@ def test_targets_must_be_allowlisted_and_public(url, allow_private, needle, monk
 
 
 class Receiver:
-    """A webhook receiver on loopback that fails its first ``failures`` deliveries."""
+    """A webhook receiver on loopback that fails its first ``failures`` deliveries; with
+    ``hold``, it answers nothing until :meth:`release`."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, hold: bool = False) -> None:
         self.requests: list[dict] = []
         self.failures = failures
+        self.released = threading.Event()
+        if not hold:
+            self.released.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.released.wait(timeout=600)
                 receiver.requests.append({"headers": dict(self.headers), "body": body})
                 status = 500 if len(receiver.requests) <= receiver.failures else 200
                 self.send_response(status)
@@ -94,6 +99,9 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def release(self):
+        self.released.set()
 
     def close(self):
         self.server.shutdown()
