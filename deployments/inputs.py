@@ -36,7 +36,7 @@ class ImageInputs:
                  presign_endpoint: str | None = None) -> None:
         self.limits, self.input_buckets, self.s3_endpoint = limits, input_buckets, s3_endpoint
         self.presign_endpoint = presign_endpoint
-        self._s3 = None
+        self._s3 = self._presign = None
 
     async def face_job(self, refs: list[str], pose: str | None, combine: str, owner: str) -> FaceJob:
         if len(refs) > self.limits.max_face_images:
@@ -52,10 +52,10 @@ class ImageInputs:
         ``max_image_bytes``."""
         if not self.input_buckets:
             raise NotFound("this server takes no uploads (it has no input bucket)")
-        from pipeline.s3 import s3_client as client_for
-
+        if self._presign is None:  # signs for the endpoint clients reach
+            self._presign = s3_client(self.presign_endpoint or self.s3_endpoint)
         bucket, key = self.input_buckets[0], upload_prefix(owner) + secrets.token_urlsafe(16)
-        post = client_for(self.presign_endpoint or self.s3_endpoint).generate_presigned_post(
+        post = self._presign.generate_presigned_post(
             bucket, key, Fields={"Content-Type": content_type}, ExpiresIn=expires_s,
             Conditions=[["content-length-range", 1, self.limits.max_image_bytes], {"Content-Type": content_type}])
         return {"image": f"s3://{bucket}/{key}", "url": post["url"], "fields": post["fields"],
