@@ -157,10 +157,10 @@ def test_only_the_formats_the_api_names_are_decoded(client, fmt):
 
 def test_serve_on_a_public_address_without_keys_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "INSTANTID_API_KEY_SHA256"}
-    proc = subprocess.run([INSTANTID, "serve", "--weights", str(tmp_path), "--host", "0.0.0.0"],
+    proc = subprocess.run([INSTANTID, "serve", "--weights", str(tmp_path), "--host", "192.0.2.10"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2
-    assert "--host: serving on 0.0.0.0 (not loopback) needs API keys" in proc.stderr
+    assert "--host: serving on 192.0.2.10 (not loopback) needs API keys" in proc.stderr
     assert "INSTANTID_API_KEY_SHA256" in proc.stderr
 
 
@@ -241,8 +241,8 @@ def test_who_may_call_a_local_server(monkeypatch):
     loopback = access("127.0.0.1", [], [])
     assert loopback["auth"]["disabled"] and set(loopback["allowed_hosts"]) == {"127.0.0.1", "localhost", "::1"}
     with pytest.raises(InvalidParameter, match="needs API keys"):
-        access("0.0.0.0", [], [])
-    keyed = access("0.0.0.0", ["a" * 64], ["api.example.com"])
+        access("192.0.2.10", [], [])
+    keyed = access("192.0.2.10", ["a" * 64], ["api.example.com"])
     assert not keyed["auth"]["disabled"] and keyed["allowed_hosts"] == ["api.example.com"]
     monkeypatch.setenv("INSTANTID_API_KEY_SHA256", "b" * 64)  # keys from the environment count
     from_env = access("192.168.1.5", [], [])
