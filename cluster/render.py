@@ -40,8 +40,8 @@ from service.storage import open_storage
 from service.store import FORMATS, store_result
 
 FINAL = ("ok", "no_face", "bad_image")  # a rerun does not touch these; "error" rows are retried
-ROW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MARKER = re.compile(r"^rows/(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)\.(?P<status>ok|no_face|bad_image|error)\.json$")
+ROW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # matched whole
+MARKER = re.compile(r"rows/(?P<id>[A-Za-z0-9][A-Za-z0-9_.-]*)\.(?P<status>ok|no_face|bad_image|error)\.json")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -111,7 +111,7 @@ def plan_row(raw: dict) -> dict:
     job = {"id": row_id, "row": int(raw["_row"]), "status": "pending", "message": "", "face_refs": "[]",
            "face_id": "", "pose_ref": "", "spec": "", "output_format": "png", "quality": 90, "face": "",
            "pixels": b"", "count": 0, "seeds": "[]", "width": 0, "height": 0}
-    if not ROW_ID.match(row_id):
+    if not ROW_ID.fullmatch(row_id):
         job["id"] = f"row-{raw['_row']}"
         return {**job, "status": "error", "message": f"id {row_id!r} must be 1-128 letters, digits, '_', '-', '.'"}
     if "_error" in raw:
@@ -276,7 +276,7 @@ def finished_rows(store) -> dict[str, str]:
     """Row id -> final status, from the markers (one listing, no reads)."""
     done: dict[str, str] = {}
     for key in store.list_keys("rows"):
-        match = MARKER.match(key)
+        match = MARKER.fullmatch(key)
         if match and match.group("status") in FINAL:
             done[match.group("id")] = match.group("status")
     return done

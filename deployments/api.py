@@ -4,15 +4,36 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from functools import cache
 
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.errors import InvalidParameter
 from pipeline.params import GenerationParams
+from service.config import FACE_IMAGES_CAP
 from service.records import Face, JobError, JobStatus, OutputFormat, Progress
 
 IMAGE_REF = (
-    "An image: a data: URL (data:image/png;base64,...), plain base64, or an s3://bucket/key URI "
-    "in a bucket this server is configured to read."
+    "An image: a data: URL (data:image/png;base64,...), plain base64, or the s3:// reference of a photo "
+    "this API key uploaded (POST /v1/uploads)."
 )
+
+
+@cache
+def _known_keys(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(name for field_name, field in model.model_fields.items() for name in (field_name, field.alias)
+                     if name)
+
+
+def refuse_unknown_keys(model: type[BaseModel], data):
+    """One error for the first key ``model`` does not know (pydantic's ``extra="forbid"``
+    would build an error object per unknown key, millions of them for a body made of keys)."""
+    if isinstance(data, dict):
+        known = _known_keys(model)
+        for key in data:
+            if key not in known:
+                raise InvalidParameter(str(key)[:64], "is not a known parameter")
+    return data
 
 
 class GenerationRequest(GenerationParams):
@@ -20,7 +41,8 @@ class GenerationRequest(GenerationParams):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    face_images: list[str] | None = Field(None, min_length=1, description=f"1 to 4 photos of one person. {IMAGE_REF}")
+    face_images: list[str] | None = Field(None, min_length=1, max_length=FACE_IMAGES_CAP,
+                                          description=f"1 to 4 photos of one person. {IMAGE_REF}")
     face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
     pose_image: str | None = Field(None, description=f"Take the head pose from this photo. {IMAGE_REF}")
     face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
@@ -30,6 +52,8 @@ class GenerationRequest(GenerationParams):
                                                               "`Prefer: respond-async`).")
     webhook_url: str | None = Field(None, max_length=2048, description="Receives one signed POST when the job "
                                                                        "ends (implies async).")
+
+    _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
         """This request with ``defaults`` (e.g. a few-step preset's steps, guidance and
@@ -48,9 +72,30 @@ class FaceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    face_images: list[str] = Field(min_length=1, description=f"1 to 4 photos of one person. {IMAGE_REF}")
+    face_images: list[str] = Field(min_length=1, max_length=FACE_IMAGES_CAP,
+                                   description=f"1 to 4 photos of one person. {IMAGE_REF}")
     pose_image: str | None = Field(None, description=f"Default head pose for renders of this face. {IMAGE_REF}")
     face_combine: Literal["mean", "norm_mean"] = "mean"
+
+    _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
+
+
+class UploadRequest(BaseModel):
+    """``POST /v1/uploads``: the photo's content type (the store holds the upload to it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content_type: Literal["image/png", "image/jpeg", "image/webp", "image/gif", "image/bmp", "image/tiff"]
+
+    _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
+
+
+class UploadResponse(BaseModel):
+    image: str = Field(description="The s3:// reference to give in face_images or pose_image once uploaded.")
+    url: str = Field(description="Where to POST the upload (multipart form data: the fields, then `file`).")
+    fields: dict[str, str] = Field(description="Form fields the upload must carry, as given.")
+    max_bytes: int = Field(description="The largest photo the store takes.")
+    expires_at: float = Field(description="When the upload URL stops working (unix seconds).")
 
 
 class Image(BaseModel):

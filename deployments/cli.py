@@ -14,10 +14,15 @@ def _extend(commands) -> None:
     serve = commands.add_parser("serve", help="run the HTTP API on a local Ray (the production app, on one machine)")
     serve.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only; any other "
+                                                          "needs API keys)")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="a name clients reach the server by (the Host header); repeatable. On loopback the "
+                            "default is 127.0.0.1, localhost and ::1 only, which stops DNS-rebinding pages")
     serve.add_argument("--storage", default="out/storage", help="a folder or s3://bucket/prefix for outputs")
     serve.add_argument("--config", help="Serve config to take the deployments' settings from")
-    serve.add_argument("--api-key-sha256", action="append", default=[], help="turn auth on with this key digest")
+    serve.add_argument("--api-key-sha256", action="append", default=[],
+                       help="turn auth on with this key digest (also: $INSTANTID_API_KEY_SHA256, comma-separated)")
     serve.add_argument("--max-replicas", type=int, default=1, help="autoscaling cap per deployment")
     serve.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
     commands.add_parser("hash-key", help="make a new API key and print it with the digest to configure")
@@ -51,7 +56,7 @@ def _serve(args) -> int:
 
     serve_locally(weights=args.weights, storage=args.storage, port=args.port, host=args.host,
                   config_path=args.config, api_key_sha256=args.api_key_sha256, max_replicas=args.max_replicas,
-                  s3_endpoint=args.s3_endpoint, on_ready=ready)
+                  s3_endpoint=args.s3_endpoint, allowed_hosts=args.allowed_host, on_ready=ready)
     return 0
 
 

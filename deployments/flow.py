@@ -10,6 +10,7 @@ from pipeline.face import FaceInfo
 from pipeline.params import GenerationParams
 from service.batching import RenderRequest
 from service.errors import Unavailable
+from service.fairness import FairQueue
 from service.lookup import load_face
 from service.records import Face, GenerationRecord, OutputSpec
 from service.storage import Storage
@@ -24,6 +25,8 @@ EventSink = Callable[[dict], None]
 class GenerationFlow:
     def __init__(self, face, generator, args: AppArgs, storage: Storage) -> None:
         self.face, self.generator, self.args, self.storage = face, generator, args, storage
+        # this replica's renders reach the Generator a few at a time, API keys taking turns
+        self.fair = FairQueue(args.fairness.renders_at_once, args.fairness.waiting_per_key, args.retry_after_s)
 
     async def analyze(self, job: FaceJob, deadline: float) -> FaceInfo:
         return await call(self.face.embed.remote(job), deadline, "face analysis", retry_after_s=self.args.retry_after_s)
@@ -44,10 +47,19 @@ class GenerationFlow:
                      output: OutputSpec, request_hash: str | None, deadline: float,
                      on_event: EventSink | None = None) -> StoredGeneration:
         """Render and store (the Generator hands the images to the Postprocessor, which
-        creates the record once they are stored). A Generator replica that dies under the
-        render is retried once, as the proxy would retry it."""
+        creates the record once they are stored), once this replica has a place for it (a
+        :class:`~service.fairness.FairQueue`: keys take turns). A Generator replica that dies
+        under the render is retried once, as the proxy would retry it."""
         notify = on_event or (lambda event: None)
-        notify({"stage": "rendering", "step": 0, "total": params.num_inference_steps})
+        if self.fair.busy():
+            notify({"stage": "queued"})
+        async with self.fair.place(owner, max(0.001, deadline - time.monotonic())):
+            notify({"stage": "rendering", "step": 0, "total": params.num_inference_steps})
+            return await self._render(generation_id, owner, params, face, output, request_hash, deadline, notify)
+
+    async def _render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
+                      output: OutputSpec, request_hash: str | None, deadline: float,
+                      notify: EventSink) -> StoredGeneration:
         lora = self.args.loras.get(params.lora) if params.lora else None
         record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)

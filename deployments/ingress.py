@@ -19,21 +19,22 @@ from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
 from service import claims
 from service.config import AppArgs
-from service.errors import NotCancellable
+from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
-from service.keys import erase_generation, face_key
+from service.keys import erase_generation, face_key, is_deleted, mark_deleted
 from service.lookup import load_face, load_generation, load_job
 from service.records import FaceRecord, OutputSpec, StoredFace
 from service.storage import open_storage
 
 from . import problems, web
 from .api import (ErrorResponse, FaceAnalysis, FaceRequest, FaceResponse, GenerationRequest, GenerationResponse,
-                  Health, Job, WebhookSecret)
+                  Health, Job, UploadRequest, UploadResponse, WebhookSecret)
 from . import submissions
+from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
 from .health import stage_health
 from .inputs import ImageInputs
-from .security import Gate, caller
+from .security import AuthFirst, EventStreams, Gate, HostCheck, StreamTicket, caller, host_name
 from .submissions import Submissions
 from .views import Views
 from .webhooks import check_target, key_secret
@@ -44,7 +45,10 @@ JSON_ERRORS = {status: {"description": "Error", "content": {"application/json": 
     "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}} for status in problems.DOCUMENTED}
 app = problems.API(title="InstantID", version="1", description="Identity-preserving SDXL generation from face photos. "
               'Errors are JSON: `{"error": {"code", "message", "field"}}` with a stable `code`.')
+app.router.route_class = BoundedJSONRoute  # (before the routes below are declared)
 problems.install(app)
+app.add_middleware(AuthFirst)  # a key and its rate, from the headers, before anything else
+app.add_middleware(HostCheck)  # (added last: outermost) the Host header names this server
 web.mount(app)
 
 
@@ -65,12 +69,14 @@ def _preferences(header: str) -> dict:
     return found
 
 
-async def owned_generation(generation_id: str, request: Request, owner: str = Depends(caller)) -> str:
-    """The caller, once ``generation_id`` is known to be theirs (404/403 before any stream starts)."""
+async def stream_of_owned_generation(generation_id: str, request: Request,
+                                     owner: str = Depends(caller)) -> StreamTicket:
+    """A place among the caller's open event streams, once ``generation_id`` is known to be
+    theirs (404/403, then 429 over the key's cap, before any stream starts)."""
     storage = request.app.state.storage
     if await _off_loop(load_job, storage, generation_id, owner) is None:
         await _off_loop(load_generation, storage, generation_id, owner)
-    return owner
+    return request.app.state.streams.open(owner)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=64)
@@ -85,7 +91,7 @@ class Ingress:
         self.webhook_key = keys.webhook
         self.jobs = JobStore(self.storage, args.job_lease_s)
         self.flow = GenerationFlow(face, generator, args, self.storage)
-        self.inputs = ImageInputs(args.limits, args.input_buckets, args.s3_endpoint_url)
+        self.inputs = ImageInputs(args.limits, args.input_buckets, args.s3_endpoint_url, args.presign_endpoint_url)
         self.submissions = Submissions(self.flow, self.inputs, self.jobs, runner, args.retention.results_s,
                                        args.request_timeout_s)
         self.views = Views(self.storage, args.url_expiry_s, args.public_url)
@@ -93,6 +99,8 @@ class Ingress:
         # a few-step preset's steps, guidance and scheduler stand in for what a request leaves out
         self.param_defaults = Optimizations.parse(args.optimizations).param_defaults()
         app.state.gate, app.state.storage = self.gate, self.storage
+        app.state.allowed_hosts = frozenset(host_name(h) for h in args.allowed_hosts)
+        app.state.streams = EventStreams(args.fairness.event_streams_per_key, args.retry_after_s)
         app.max_body_size = args.limits.max_body_bytes  # Starlette refuses bigger bodies with 413
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
@@ -119,13 +127,19 @@ class Ingress:
             await _off_loop(self._check_webhook, body.webhook_url)  # resolves the host: off the loop
         key = request.headers.get("idempotency-key")
         generation_id, request_hash = submissions.generation_id(owner, key, body)
+        if key is not None and await _off_loop(is_deleted, self.storage, generation_id):
+            raise Canceled(f"generation {generation_id!r} was deleted; a new Idempotency-Key makes a new one")
         # the seed is fixed here: a rerun (a retry, a job taken over) makes the same images
         params = body.generation_params(seed=body.seed if body.seed is not None else seed_from(generation_id))
         base = str(request.base_url)
         if run_async:
             existing = await _off_loop(self.jobs.record, generation_id) if key else None
             if existing is None:
-                await self.gate.charge(owner, body.num_images)
+                cap = self.args.fairness.jobs_per_key
+                if await _off_loop(self.jobs.unfinished, owner) >= cap:
+                    raise RateLimited("rate_limited", f"this API key has {cap} jobs not finished; wait for one to "
+                                                      "end", self.args.retry_after_s)
+                await self.gate.charge_images(owner, body.num_images)
                 existing = await self.submissions.start_job(generation_id, owner, body, params, request_hash,
                                                             deadline)
             elif existing.request_hash != request_hash:
@@ -133,12 +147,12 @@ class Ingress:
             return JSONResponse(self.views.job(existing, None, base), status_code=202,
                                 headers={"Location": f"/v1/generations/{generation_id}"})
         attempt = secrets.token_hex(8)
-        if key is not None:  # a retry gets the first attempt's result, and is neither charged nor rendered again
+        if key is not None:  # a retry gets the first result: its images are not charged or rendered again
             done = await self.submissions.earlier_result(generation_id, request_hash, attempt, deadline)
             if done is not None:
                 return JSONResponse(self.views.generation(done, base), headers={"Idempotent-Replayed": "true"})
         try:
-            await self.gate.charge(owner, body.num_images)
+            await self.gate.charge_images(owner, body.num_images)
             face = await self.submissions.face(body, owner, deadline)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
@@ -159,14 +173,16 @@ class Ingress:
 
     @app.delete("/v1/generations/{generation_id}", status_code=204, responses=ERRORS)
     async def delete_generation(self, generation_id: str, owner: str = Depends(caller)):
-        """Erase a generation: its images, its record, its job; a running job is canceled."""
+        """Erase a generation: its images, its record, its job. Final: a job still running
+        (on whichever replica) is canceled, writes nothing more and erases what it wrote
+        last; a retry with the same ``Idempotency-Key`` is refused."""
         job = await _off_loop(load_job, self.storage, generation_id, owner)
         if job is None:
             await _off_loop(load_generation, self.storage, generation_id, owner)
-        elif not job.ended:
-            await _off_loop(self.jobs.request_cancel, generation_id)
-            await self.submissions.job_end(generation_id, time.monotonic() + 30)
-        await _off_loop(erase_generation, self.storage, generation_id)
+        # the durable mark first: every writer checks it (runner, Postprocessor, webhooks), and
+        # a runner takes it for a cancel
+        await _off_loop(mark_deleted, self.storage, generation_id, owner, self.args.retention.results_s)
+        await _off_loop(erase_generation, self.storage, generation_id, owner)
         return Response(status_code=204)
 
     @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
@@ -179,10 +195,12 @@ class Ingress:
         return JSONResponse(self.views.job(job, None, str(request.base_url)), status_code=202)
 
     @app.get("/v1/generations/{generation_id}/events", response_class=EventSourceResponse, responses=JSON_ERRORS)
-    async def generation_events(self, generation_id: str, request: Request, owner: str = Depends(owned_generation)):
+    async def generation_events(self, generation_id: str, request: Request,
+                                ticket: StreamTicket = Depends(stream_of_owned_generation)):
         """Server-sent events: the job (as ``GET /v1/generations/{id}`` shows it) on every
-        change, ``event: progress``, then once ``event: done`` with the final state."""
-        last = None
+        change, ``event: progress``, then once ``event: done`` with the final state. An API
+        key holds at most ``fairness.event_streams_per_key`` streams open on a replica."""
+        owner, last = ticket.owner, None
         while True:
             view = await self._view(generation_id, owner, str(request.base_url))
             done = view["status"] in ("succeeded", "failed", "canceled")
@@ -201,8 +219,7 @@ class Ingress:
     # ------------------------------------------------------------------ faces
     @app.post("/v1/faces", response_model=FaceResponse, status_code=201, responses=ERRORS)
     async def create_face(self, body: FaceRequest, owner: str = Depends(caller)):
-        await self.gate.charge(owner)
-        job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+        job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
         face = await self.flow.analyze(job, time.monotonic() + self.args.request_timeout_s)
         now = time.time()
         record = FaceRecord(face_id="f_" + secrets.token_urlsafe(16), owner=owner, created_at=now,
@@ -224,10 +241,19 @@ class Ingress:
     async def analyze_face(self, body: FaceRequest, owner: str = Depends(caller)):
         """The face the service finds in these photos (box, keypoints, score); nothing is
         stored. The web page uses it to preview the detection."""
-        await self.gate.charge(owner)
-        job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+        job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
         face = await self.flow.analyze(job, time.monotonic() + self.args.request_timeout_s)
         return {"face": StoredFace.of(face).public().model_dump()}
+
+    # ------------------------------------------------------------------ uploads
+    @app.post("/v1/uploads", response_model=UploadResponse, status_code=201, responses=ERRORS)
+    async def create_upload(self, body: UploadRequest, owner: str = Depends(caller)):
+        """Where to upload one photo (a presigned S3 POST: send ``fields`` and then the file,
+        as multipart form data, to ``url``); then name it as ``image`` in ``face_images`` or
+        ``pose_image``. Only this API key may use it; the store refuses more than
+        ``max_bytes``."""
+        upload = await _off_loop(self.inputs.upload, owner, body.content_type, self.args.url_expiry_s)
+        return JSONResponse(upload, status_code=201)
 
     @app.get("/v1/options")
     async def options(self):

@@ -1,4 +1,4 @@
-"""Janitor: deletes what outlived its retention (faces, generations, jobs).
+"""Janitor: deletes what outlived its retention (faces, generations, jobs, deleted marks).
 
 The app also refuses expired data on every read, and bucket lifecycle rules
 (``cluster/s3-lifecycle.json``) expire the same prefixes at the store; this sweep is what
@@ -13,7 +13,7 @@ import time
 
 from ray import serve
 
-from service.keys import erase_generation
+from service.keys import DELETED_PREFIX, OWNERS_PREFIX, erase_generation
 from service.records import Expiring
 from service.storage import ObjectNotFound, Storage, open_storage
 
@@ -21,13 +21,20 @@ logger = logging.getLogger("ray.serve")
 
 
 def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
-    """Delete every expired face, generation and job; return how many of each."""
+    """Delete every expired face, generation, job and deleted mark; return how many of each."""
     now = time.time() if now is None else now
-    deleted = {"faces": 0, "generations": 0, "jobs": 0}
+    deleted = {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0}
     for key in storage.list_keys("faces"):
         if key.endswith(".json") and _expired(storage, key, now):
             storage.delete(key)
             deleted["faces"] += 1
+    # deleted marks (kept as long as anything deleted could still run) and places in an owner's
+    # count of unfinished jobs (a job that never finished is not counted past its retention)
+    for prefix in (DELETED_PREFIX, OWNERS_PREFIX):
+        for key in storage.list_keys(prefix):
+            if key.endswith(".json") and _expired(storage, key, now):
+                storage.delete(key)
+                deleted["deleted_marks" if prefix == DELETED_PREFIX else "job_places"] += 1
     expired_jobs = [key.split("/")[1] for key in storage.list_keys("jobs")
                     if key.endswith("/record.json") and _expired(storage, key, now)]
     generations = {key.split("/")[1] for key in storage.list_keys("generations") if key.endswith("/record.json")

@@ -2,12 +2,13 @@
 
 Same builder, same per-deployment settings; adapted to a laptop or a single box: a local
 Ray pinned to loopback, GPU requirements dropped when there is no GPU, replicas capped,
-local storage by default, auth off unless keys are given.
+local storage by default, auth off unless keys are given (then loopback only).
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import secrets
 import signal
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import InvalidParameter
 from service.config import AppArgs
 
 from .app import build_app
@@ -74,6 +76,34 @@ def local_args(application: dict[str, Any], **overrides: Any) -> AppArgs:
     return AppArgs.model_validate(args)
 
 
+KEYS_ENV = AppArgs.model_fields["auth"].default_factory().api_keys_env  # INSTANTID_API_KEY_SHA256
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1"]
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def access(host: str, api_key_sha256: list[str], allowed_hosts: list[str]) -> dict[str, Any]:
+    """The app args that decide who may call a local server: auth (the keys given, and those
+    in $INSTANTID_API_KEY_SHA256) and the Host names it answers to. Without any key it
+    listens on loopback only; on loopback it answers only to loopback names, so a web page
+    on another site cannot reach it by rebinding its own name to 127.0.0.1."""
+    keys = list(api_key_sha256)
+    from_env = bool(os.environ.get(KEYS_ENV, "").strip())
+    if not keys and not from_env and not is_loopback(host):
+        raise InvalidParameter("--host", f"serving on {host} (not loopback) needs API keys: give --api-key-sha256 "
+                                         f"or set ${KEYS_ENV} (see `instantid hash-key`)")
+    hosts = list(allowed_hosts) or (LOOPBACK_NAMES if is_loopback(host) else [])
+    return {"auth": {"disabled": not keys and not from_env, "api_key_sha256": keys, "api_keys_env": KEYS_ENV},
+            "allowed_hosts": hosts}
+
+
 def has_gpu() -> bool:
     try:
         import torch
@@ -93,6 +123,7 @@ def serve_locally(
     api_key_sha256: list[str] | None = None,
     max_replicas: int = 1,
     s3_endpoint: str | None = None,
+    allowed_hosts: list[str] | None = None,
     on_ready=None,
     stop: threading.Event | None = None,
 ) -> None:
@@ -102,14 +133,8 @@ def serve_locally(
     from .ray_setup import init_loopback_ray
 
     application = application_config(load_serve_config(config_path))
-    keys = list(api_key_sha256 or [])
-    args = local_args(
-        application,
-        weights=weights,
-        storage=storage,
-        s3_endpoint_url=s3_endpoint,
-        auth={"disabled": not keys, "api_key_sha256": keys, "api_keys_env": ""},
-    )
+    args = local_args(application, weights=weights, storage=storage, s3_endpoint_url=s3_endpoint,
+                      **access(host, list(api_key_sha256 or []), list(allowed_hosts or [])))
     gpus = has_gpu()
     # one small machine runs every stage: logical CPU requests are capped too
     options = deployment_options(application, gpus=gpus, max_replicas=max_replicas, cpu_cap=0.5)

@@ -9,7 +9,7 @@ import asyncio
 from ray import serve
 
 from service.batching import RenderedImages
-from service.keys import generation_prefix, record_key
+from service.keys import deleted_key, generation_prefix, record_key
 from service.records import GenerationRecord, OutputSpec
 from service.storage import open_storage
 from service.store import store_result
@@ -27,7 +27,8 @@ class Postprocessor:
 
     async def store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord) -> StoredGeneration:
         """Store once: when an earlier attempt (a retry, a job taken over) already stored
-        this generation, its record stands and is returned as ``replayed``."""
+        this generation, its record stands and is returned as ``replayed``. A generation
+        deleted meanwhile is not stored (or is erased again): :class:`Canceled`."""
         return await asyncio.to_thread(self._store, rendered, output, record)
 
     def _store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord) -> StoredGeneration:
@@ -35,6 +36,7 @@ class Postprocessor:
                                            "height": rendered.height, "batch_size": rendered.batch_size})
         stored = store_result(self.storage, rendered.images, prefix=generation_prefix(rendered.id), fmt=output.format,
                               quality=output.quality, record_key=record_key(rendered.id),
-                              record=record.model_dump(mode="json"), log_renders=rendered.id)
+                              record=record.model_dump(mode="json"), log_renders=rendered.id,
+                              tombstone=deleted_key(rendered.id))
         return StoredGeneration(GenerationRecord.model_validate(stored.record), replayed=not stored.fresh,
                                 timings_ms={**rendered.timings_ms, **stored.timings_ms})

@@ -18,6 +18,7 @@ from . import metrics
 STATUS = {
     "invalid_json": 400,
     "invalid_image": 400,
+    "invalid_host": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,

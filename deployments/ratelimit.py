@@ -1,10 +1,11 @@
 """RateLimiter: per-API-key request rates and daily image quotas, one place for the whole app.
 
 Every ingress replica asks this one deployment (a single replica), so the limits hold
-across replicas. A token bucket per key (``requests_per_minute``, bursts up to ``burst``)
-and a count of images per key per UTC day (``images_per_day``, charged when a generation
-is accepted). Counters live in memory: a restart of this replica forgets them (at worst a
-key gets a fresh bucket and a fresh day).
+across replicas. A token bucket per key (``requests_per_minute``, bursts up to ``burst``:
+every API call takes a token, before the ingress reads its body) and a count of images per
+key per UTC day (``images_per_day``, charged when a generation is accepted). Counters live
+in memory: a restart of this replica forgets them (at worst a key gets a fresh bucket and a
+fresh day).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ class Limits:
         self._buckets: dict[str, tuple[float, float]] = {}  # owner -> (tokens, at)
         self._days: dict[tuple[str, int], int] = {}  # (owner, day) -> images
 
-    def check(self, owner: str, images: int = 0) -> dict:
-        """Admit one request costing ``images`` images, or say when to retry."""
+    def check(self, owner: str, images: int = 0, request: bool = True) -> dict:
+        """Admit one request (unless ``request`` is false: images only) costing ``images``
+        images, or say when to retry."""
         now = self.clock()
         day = int(self.wall() // 86400)
-        if self.rate is not None:
+        request = request and self.rate is not None
+        if request:
             tokens, at = self._buckets.get(owner, (self.capacity, now))
             tokens = min(self.capacity, tokens + (now - at) * self.rate)
             if tokens < 1.0:
@@ -43,7 +46,7 @@ class Limits:
             return {"allowed": False, "reason": "quota_exceeded",
                     "retry_after": max(1, math.ceil((day + 1) * 86400 - self.wall())),
                     "remaining": max(0, self.images_per_day - used)}
-        if self.rate is not None:
+        if request:
             self._buckets[owner] = (tokens - 1.0, now)
         if images:
             self._days[(owner, day)] = used + images
@@ -58,8 +61,8 @@ class RateLimiter:
                  images_per_day: int | None = None) -> None:
         self.limits = Limits(requests_per_minute, burst, images_per_day)
 
-    def check(self, owner: str, images: int = 0) -> dict:
-        return self.limits.check(owner, images)
+    def check(self, owner: str, images: int = 0, request: bool = True) -> dict:
+        return self.limits.check(owner, images, request)
 
     def ready(self) -> dict:
         return {"stage": "ratelimiter"}

@@ -22,6 +22,7 @@ from ray import serve
 
 from service.errors import Canceled, Overloaded, Unavailable, public_error
 from service.jobs import JobStore
+from service.keys import erase_generation
 from service.records import JobError, JobRecord, Progress
 from service.storage import open_storage
 
@@ -29,7 +30,7 @@ from service.config import AppArgs
 from .flow import GenerationFlow
 from .replica import replica_is_stopping
 from .views import Views
-from .webhooks import check_target, deliver, key_secret
+from .webhooks import deliver, key_secret, resolve_target
 
 logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 10  # runners a job may be started on (takeovers, hand-overs) before it is failed
@@ -112,7 +113,8 @@ class JobRunner:
 
     async def _run(self, job_id: str, lease: _Lease) -> str:
         record = await asyncio.to_thread(self.jobs.record, job_id)
-        if record is None:  # erased meanwhile
+        if record is None:  # erased meanwhile (deleted)
+            await asyncio.to_thread(erase_generation, self.flow.storage, job_id)
             await asyncio.to_thread(self.jobs.finish, job_id)
             return "done"
         if not record.ended and record.attempts >= MAX_ATTEMPTS:  # never loop on a job that cannot end
@@ -123,6 +125,9 @@ class JobRunner:
             outcome = await self._render(record, lease)
             if outcome != "done":
                 return outcome
+        if await asyncio.to_thread(self.jobs.deleted, job_id):  # deleted while it ran: no webhook, erased again
+            await asyncio.to_thread(erase_generation, self.flow.storage, job_id, record.owner)
+            return "done"
         if record.webhook is not None and record.webhook.delivered is None:
             try:
                 await self._deliver(record)
@@ -130,7 +135,7 @@ class JobRunner:
                 logger.exception("job %s: webhook not delivered", job_id)
                 await self._save(record, webhook=record.webhook.model_copy(
                     update={"delivered": False, "last_error": "internal error"}))
-        await asyncio.to_thread(self.jobs.finish, job_id)
+        await asyncio.to_thread(self.jobs.finish, job_id, record.owner)
         return "done"
 
     async def _render(self, record: JobRecord, lease: _Lease) -> str:
@@ -158,7 +163,7 @@ class JobRunner:
                 await lease.release()
                 self._submit(record.id)
                 return "handed_over"
-            if tick % 4 == 0 and await asyncio.to_thread(self.jobs.cancel_requested, record.id):
+            if tick % 4 == 0 and await asyncio.to_thread(self.jobs.cancel_requested, record.id):  # or deleted
                 work.cancel()
                 await asyncio.wait({work})
                 await self._save(record, pending, status="canceled", stage="done",
@@ -200,7 +205,8 @@ class JobRunner:
                 backoff = min(10.0, backoff * 2)
 
     async def _save(self, record: JobRecord, pending: dict | None = None, **changes) -> None:
-        """Write the record with ``pending`` progress and ``changes`` (the latter win)."""
+        """Write the record with ``pending`` progress and ``changes`` (the latter win);
+        nothing is written for a deleted job (:meth:`JobStore.write`)."""
         for name, value in {**(pending or {}), **changes}.items():
             setattr(record, name, value)
         record.updated_at = time.time()
@@ -216,7 +222,7 @@ class JobRunner:
             record.webhook.url, self.views.job(record, result, None), event=f"generation.{record.status}",
             secret=key_secret(self.webhook_key, record.owner), delivery_id=secrets.token_hex(12),
             attempts=self.args.webhook_max_attempts, backoff_s=self.args.webhook_backoff_s,
-            check=lambda url: check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private))
+            check=lambda url: resolve_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private))
         await self._save(record, webhook=record.webhook.model_copy(
             update={k: v for k, v in outcome.items() if k != "url"}))
 

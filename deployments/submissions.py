@@ -47,14 +47,14 @@ class Submissions:
         """The face to render: analysed from the photos, or registered (with the head pose
         of ``pose_image`` when given)."""
         if body.face_id is None:
-            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
             return await self.flow.analyze(job, deadline)
-        return await self.flow.registered_face(body.face_id, owner, await self._pose(body, deadline))
+        return await self.flow.registered_face(body.face_id, owner, await self._pose(body, owner, deadline))
 
-    async def _pose(self, body: GenerationRequest, deadline: float):
+    async def _pose(self, body: GenerationRequest, owner: str, deadline: float):
         if not body.pose_image:
             return None
-        posed = await self.flow.analyze(await self.inputs.face_job([body.pose_image], None, "mean"), deadline)
+        posed = await self.flow.analyze(await self.inputs.face_job([body.pose_image], None, "mean", owner), deadline)
         return StoredFace.of(posed).public()
 
     async def start_job(self, generation_id: str, owner: str, body: GenerationRequest, params: GenerationParams,
@@ -65,9 +65,9 @@ class Submissions:
         job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality))
         if body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
-            job_input.face_id, job_input.pose = body.face_id, await self._pose(body, deadline)
+            job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline)
         else:
-            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine)
+            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
             job_input.face = StoredFace.of(await self.flow.analyze(job, deadline))
         now = time.time()
         record = JobRecord(id=generation_id, owner=owner, created_at=now, updated_at=now,

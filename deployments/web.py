@@ -25,6 +25,9 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+# a stored image is private to its owner: no cache keeps it, no browser guesses its type
+FILE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
 router = APIRouter(include_in_schema=False)
 
 
@@ -53,7 +56,7 @@ async def stored_file(key: str, request: Request, expires: int = 0, signature: s
         data = await asyncio.to_thread(storage.get, key)
     except (ObjectNotFound, InvalidParameter):
         raise NotFound("no such file") from None
-    return Response(data, media_type=content_type_of(key))
+    return Response(data, media_type=content_type_of(key), headers=FILE_HEADERS)
 
 
 def mount(app) -> None:

@@ -32,6 +32,9 @@ class ImageLimits:
 
 
 DEFAULT_LIMITS = ImageLimits()
+# the formats the API names; Pillow would otherwise try every plugin it has (EPS runs
+# Ghostscript, PSD, ICNS, ...): untrusted bytes only ever reach these decoders
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
@@ -58,7 +61,7 @@ def load_image(source: ImageInput, *, field: str = "image", limits: ImageLimits 
 
 
 def decode_image_bytes(data: bytes, *, field: str = "image", limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, WebP, GIF, BMP, TIFF...) to upright RGB."""
+    """Decode encoded image bytes (PNG, JPEG, WebP, GIF, BMP or TIFF: :data:`FORMATS`) to upright RGB."""
     if len(data) == 0:
         raise InvalidImage("is empty", field)
     if len(data) > limits.max_bytes:
@@ -68,11 +71,12 @@ def decode_image_bytes(data: bytes, *, field: str = "image", limits: ImageLimits
             # Pillow warns (DecompressionBombWarning) and then raises past twice its own
             # limit; our own pixel cap below is what decides, before decoding.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageTooLarge(f"declares too many pixels ({error})", field) from None
     except UnidentifiedImageError:
-        raise InvalidImage("is not an image in a known format (PNG, JPEG, WebP, GIF, BMP, TIFF)", field) from None
+        raise InvalidImage("is not an image in a format this service reads (PNG, JPEG, WebP, GIF, BMP, TIFF)",
+                           field) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise InvalidImage(f"is not a decodable image ({_short(error)})", field) from None
     _check_dimensions(image, field, limits)

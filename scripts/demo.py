@@ -3,7 +3,8 @@ in production), one real HTTP generation from a photo shipped with scikit-image 
 astronaut), then a clean stop.
 
 Prints where the image is (a file and the URL it was served from), the key (for the web
-page), that the server refused a request without the key and a tampered link, and how long
+page), that the server refused a request without the key, a tampered link and a request
+naming another host (as a DNS-rebinding page's would), and how long
 the server took to come up: seconds from starting it to its ready line and to the first 200.
 After the stop, ``OUT/report.json`` holds the same report plus the server's exit code and
 how long its clean stop took (``python -m bench coldstart`` times cold starts with it)."""
@@ -63,10 +64,10 @@ def main() -> int:
     log = open(out / "serve.log", "wb")
     report: dict = {}
     started = time.perf_counter()
-    server = subprocess.Popen(
-        [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage"),
-         "--api-key-sha256", digest],
+    server = subprocess.Popen(  # the key's digest from the environment, as a deployment passes secrets
+        [BIN / "instantid", "serve", "--weights", str(weights), "--port", str(port), "--storage", str(out / "storage")],
         stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+        env={**os.environ, "INSTANTID_API_KEY_SHA256": digest},
     )
     try:
         line = server.stdout.readline()  # the server prints one JSON line once it is ready
@@ -91,8 +92,11 @@ def main() -> int:
         path.write_bytes(image_bytes)
         Image.open(path).verify()  # decodable
         tampered = httpx.get(url.replace("signature=", "signature=0"), timeout=60).status_code  # refused: 403
+        # a page on another site whose name was rebound to 127.0.0.1 sends its own name as Host: refused, 400
+        foreign_host = httpx.get(f"{base}/v1/options", headers={"Host": "rebound.example"}, timeout=60).status_code
         report = {"image": str(path), "url": url, "web_page": f"{base}/", "api_docs": f"{base}/docs",
-                  "api_key": key, "without_key": keyless, "tampered_link": tampered, "id": result["id"],
+                  "api_key": key, "without_key": keyless, "tampered_link": tampered, "foreign_host": foreign_host,
+                  "id": result["id"],
                   "seed": result["images"][0]["seed"], "timings_ms": result["timings_ms"],
                   "ready_s": round(ready_s, 3), "first_200_s": round(first_200_s, 3)}
         print(json.dumps(report), flush=True)

@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipeline.errors import InvalidParameter
 
+FACE_IMAGES_CAP = 16  # the most photos of one face any server takes (the API schema's cap)
+
 
 class AuthConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -26,7 +28,7 @@ class Limits(BaseModel):
     max_image_bytes: int = Field(12 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_image_side: int = Field(12_000, gt=0)
-    max_face_images: int = Field(4, ge=1)
+    max_face_images: int = Field(4, ge=1, le=FACE_IMAGES_CAP)
     max_num_images: int = Field(4, ge=1)
     max_side: int = Field(1536, ge=64)
     max_steps: int = Field(60, ge=1)
@@ -37,7 +39,8 @@ class RateLimits(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests_per_minute: int | None = Field(None, ge=1, description="Generation/face requests per minute.")
+    requests_per_minute: int | None = Field(None, ge=1, description="API calls per minute (every call under /v1/ "
+                                                                     "but signed file links and /v1/options).")
     burst: int | None = Field(None, ge=1, description="Requests allowed at once (default: the per-minute rate).")
     images_per_day: int | None = Field(None, ge=1, description="Images per UTC day.")
 
@@ -45,6 +48,21 @@ class RateLimits(BaseModel):
     def enabled(self) -> bool:
         """Whether there is any limit to keep (no limiter is deployed otherwise)."""
         return self.requests_per_minute is not None or self.images_per_day is not None
+
+
+class Fairness(BaseModel):
+    """How one replica (an ingress, a job runner) shares its renders between API keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    renders_at_once: int = Field(16, ge=1, description="Renders this replica sends to the Generator at once; "
+                                 "the rest wait in one queue per API key, the keys taking turns.")
+    waiting_per_key: int = Field(32, ge=0, description="Renders of one API key that may wait on a replica; one "
+                                 "more is 503 overloaded, for that key only.")
+    event_streams_per_key: int = Field(8, ge=1, description="Event streams one API key may hold open on a "
+                                       "replica; one more is 429 rate_limited.")
+    jobs_per_key: int = Field(64, ge=1, description="Async jobs of one API key not yet finished (across "
+                              "replicas); one more is 429 rate_limited.")
 
 
 class Retention(BaseModel):
@@ -76,6 +94,9 @@ class AppArgs(BaseModel):
     url_signing_key: SecretStr | None = Field(None, description="The key itself instead of the env var (a local, "
                                               "single-machine setup: `instantid serve` makes one).")
     input_buckets: list[str] = Field(default_factory=list, description="Buckets s3:// image references may name.")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names (the Host header, without port) "
+                                     "the API answers to; empty: any. `instantid serve` on loopback sets the "
+                                     "loopback names, which stops DNS-rebinding pages.")
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: Limits = Field(default_factory=Limits)
     request_timeout_s: float = Field(300.0, gt=0)
@@ -89,6 +110,7 @@ class AppArgs(BaseModel):
     loras: dict[str, str] = Field(default_factory=dict, description="LoRA name (API) -> file path on the nodes.")
     retention: Retention = Field(default_factory=Retention)
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+    fairness: Fairness = Field(default_factory=Fairness)
     job_lease_s: float = Field(30.0, ge=1, description="A job runner renews its lease on a job this often (x3); "
                                                          "a job whose lease expired is taken over by another.")
     warmup_shapes: list[tuple[int, int, int]] = Field(

@@ -34,6 +34,18 @@ class Unauthorized(InstantIDError):
     code = "unauthorized"
 
 
+class InvalidHost(InstantIDError):
+    """The request names a host (its Host header) this server does not answer to."""
+
+    code = "invalid_host"
+
+
+class PayloadTooLarge(InstantIDError):
+    """A request body over what the server takes (bytes, or values in its JSON)."""
+
+    code = "payload_too_large"
+
+
 class NotCancellable(InstantIDError):
     code = "not_cancellable"
 
@@ -76,7 +88,7 @@ class RateLimited(_RetryLater):
 
 # codes clients see as they are; any other error is shown as internal_error
 PUBLIC_CODES = frozenset({
-    "invalid_json", "invalid_image", "unauthorized", "forbidden", "not_found", "payload_too_large",
+    "invalid_json", "invalid_image", "invalid_host", "unauthorized", "forbidden", "not_found", "payload_too_large",
     "image_too_large", "no_face", "invalid_parameter", "not_cancellable", "canceled", "rate_limited",
     "quota_exceeded", "overloaded", "unavailable", "storage_unavailable", "timeout",
 })

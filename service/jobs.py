@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import time
 
-from .keys import active_job_ids, cancel_key, job_input_key, job_key, lease_key
+from .keys import (OWNERS_PREFIX, active_job_ids, cancel_key, is_deleted, job_input_key, job_key, lease_key,
+                   owner_job_key)
 from .records import JobInput, JobRecord, Lease
 from .storage import ObjectNotFound, Storage, json_bytes
 
@@ -29,13 +30,19 @@ class JobStore:
     # ------------------------------------------------------------------ records
     def create(self, record: JobRecord, job_input: JobInput) -> bool:
         """Store a new job: its record (created atomically: False when a job of this id
-        exists), its input, then its lease (free: any runner may take it from then on)."""
+        exists), its place in its owner's count, its input, then its lease (free: any runner
+        may take it from then on)."""
         if not self.storage.put_if_absent(job_key(record.id), json_bytes(record.model_dump(mode="json"))):
             return False
+        self.storage.put_json(owner_job_key(record.owner, record.id), {"expires_at": record.expires_at})
         self.storage.put(job_input_key(record.id), json_bytes(job_input.model_dump(mode="json")),
                          "application/json")
         self.storage.put_if_absent(lease_key(record.id), json_bytes(Lease().model_dump()))
         return True
+
+    def unfinished(self, owner: str) -> int:
+        """How many of this API key's jobs are not finished (one listing, across replicas)."""
+        return len(self.storage.list_keys(f"{OWNERS_PREFIX}/{owner}"))
 
     def record(self, job_id: str) -> JobRecord | None:
         try:
@@ -43,8 +50,19 @@ class JobStore:
         except ObjectNotFound:
             return None
 
-    def write(self, record: JobRecord) -> None:
+    def write(self, record: JobRecord) -> bool:
+        """Write the record, unless the job was deleted: then nothing is written (or, when
+        the mark appears while this writes, the record is erased again). False then."""
+        if self.deleted(record.id):
+            return False
         self.storage.put_json(job_key(record.id), record.model_dump(mode="json"))
+        if self.deleted(record.id):
+            self.storage.delete(job_key(record.id))
+            return False
+        return True
+
+    def deleted(self, job_id: str) -> bool:
+        return is_deleted(self.storage, job_id)
 
     def input(self, job_id: str) -> JobInput:
         return JobInput.model_validate(self.storage.get_json(job_input_key(job_id)))
@@ -53,7 +71,8 @@ class JobStore:
         self.storage.put_json(cancel_key(job_id), {"at": time.time()})
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.storage.exists(cancel_key(job_id))
+        """A cancel was asked for, or the job was deleted (its deleted mark cancels it too)."""
+        return self.storage.exists(cancel_key(job_id)) or self.deleted(job_id)
 
     # ------------------------------------------------------------------ leases
     def _lease(self, job_id: str) -> tuple[Lease, str] | None:
@@ -82,10 +101,13 @@ class JobStore:
         """Hand the job over: the lease becomes free at once (any runner may take it)."""
         return self._write_lease(job_id, Lease(holder=None, expires_at=0.0), version) is not None
 
-    def finish(self, job_id: str) -> None:
-        """The job is done for good: its input and lease go (its record stays)."""
+    def finish(self, job_id: str, owner: str | None = None) -> None:
+        """The job is done for good: its input, its place in its ``owner``'s count and its
+        lease go (its record stays)."""
         self.storage.delete(job_input_key(job_id))
         self.storage.delete(cancel_key(job_id))
+        if owner is not None:
+            self.storage.delete(owner_job_key(owner, job_id))
         self.storage.delete(lease_key(job_id))
 
     def _write_lease(self, job_id: str, lease: Lease, version: str) -> str | None:

@@ -10,6 +10,9 @@ generation. Every key is made here, from validated ids (never from user text).
     jobs/<id>/input.json                 what the job renders (parameters and face); erased when it ends
     jobs/<id>/cancel.json                a cancel asked for on any replica
     jobs/active/<id>.json                the lease of a job not finished yet (who runs it, until when)
+    jobs/deleted/<id>.json               a deleted generation's tombstone: whatever still runs for it
+                                         writes nothing more, and erases what it wrote last
+    jobs/owners/<owner>/<id>.json        a job of this API key not finished yet (the per-key job cap counts them)
 
 Everything under ``jobs/`` and ``generations/`` expires with ``retention.results_s``, faces
 with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
@@ -18,12 +21,16 @@ with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
 from __future__ import annotations
 
 import re
+import time
 
 from .storage import Storage
 
-FACE_ID = re.compile(r"^f_[A-Za-z0-9_-]{22}$")
-GENERATION_ID = re.compile(r"^g_[A-Za-z0-9_-]{22}$")
+# ids are matched whole (fullmatch: "$" would let a trailing newline through)
+FACE_ID = re.compile(r"f_[A-Za-z0-9_-]{22}")
+GENERATION_ID = re.compile(r"g_[A-Za-z0-9_-]{22}")
 ACTIVE_PREFIX = "jobs/active"
+DELETED_PREFIX = "jobs/deleted"
+OWNERS_PREFIX = "jobs/owners"
 
 
 def face_key(face_id: str) -> str:
@@ -63,23 +70,43 @@ def lease_key(generation_id: str) -> str:
     return f"{ACTIVE_PREFIX}/{generation_id}.json"
 
 
+def owner_job_key(owner: str, generation_id: str) -> str:
+    return f"{OWNERS_PREFIX}/{owner}/{generation_id}.json"
+
+
+def deleted_key(generation_id: str) -> str:
+    return f"{DELETED_PREFIX}/{generation_id}.json"
+
+
+def mark_deleted(storage: Storage, generation_id: str, owner: str, keep_s: float) -> None:
+    """Leave the durable mark that the generation is deleted (kept ``keep_s``: as long as
+    anything of it could still be running), before anything of it is erased."""
+    now = time.time()
+    storage.put_json(deleted_key(generation_id), {"owner": owner, "deleted_at": now, "expires_at": now + keep_s})
+
+
+def is_deleted(storage: Storage, generation_id: str) -> bool:
+    return storage.exists(deleted_key(generation_id))
+
+
 def active_job_ids(storage: Storage) -> list[str]:
     """Ids of the jobs that hold a lease (not finished yet), from one listing."""
     ids = []
     for key in storage.list_keys(ACTIVE_PREFIX):
         name = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if GENERATION_ID.match(name):
+        if GENERATION_ID.fullmatch(name):
             ids.append(name)
     return ids
 
 
-def erase_generation(storage: Storage, generation_id: str) -> None:
+def erase_generation(storage: Storage, generation_id: str, owner: str | None = None) -> None:
     """Delete every stored piece of a generation: images and render log, then its record
     (last, so an interrupted erase leaves the record to find and erase again), then its
-    job (input, cancel marker, lease, record)."""
+    job (input, cancel marker, lease, record and, given its ``owner``, its place in the
+    owner's count of unfinished jobs)."""
     keys = storage.list_keys(generation_prefix(generation_id))
     for key in sorted(keys, key=lambda k: k == record_key(generation_id)):
         storage.delete(key)
     for key in (job_input_key(generation_id), cancel_key(generation_id), lease_key(generation_id),
-                job_key(generation_id)):
+                job_key(generation_id), *([owner_job_key(owner, generation_id)] if owner else [])):
         storage.delete(key)

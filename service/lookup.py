@@ -35,14 +35,14 @@ def load_face(storage: Storage, face_id: str, owner: str, *, field: str | None =
               delete_expired: bool = False) -> FaceRecord:
     """``delete_expired``: the service deletes an expired face it comes across (its own
     store); a reader of another's store (the offline renderer) leaves it."""
-    if not FACE_ID.match(face_id):
+    if not FACE_ID.fullmatch(face_id):
         raise NotFound(f"no face {face_id!r}", field)
     return load_owned(storage, FaceRecord, face_key(face_id), owner, what="face", ident=face_id, field=field,
                       delete_expired=delete_expired)
 
 
 def check_generation_id(generation_id: str) -> str:
-    if not GENERATION_ID.match(generation_id):
+    if not GENERATION_ID.fullmatch(generation_id):
         raise NotFound(f"no generation {generation_id!r}")
     return generation_id
 

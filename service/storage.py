@@ -31,7 +31,7 @@ from urllib.parse import quote, urlencode
 from pipeline.errors import InstantIDError, InvalidParameter
 from pipeline.s3 import S3Location, s3_client
 
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*$")
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)*")  # matched whole
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
 
@@ -47,7 +47,7 @@ class StorageUnavailable(InstantIDError):
 
 def check_key(key: str) -> str:
     """Keys are server-made: plain segments, no '..', no leading slash."""
-    if not KEY_PATTERN.match(key) or ".." in key or len(key) > 512:
+    if not KEY_PATTERN.fullmatch(key) or ".." in key or len(key) > 512:
         raise InvalidParameter("key", f"not a valid storage key: {key!r}")
     return key
 
@@ -239,8 +239,9 @@ class S3Storage(_JsonMixin):
             code = error.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFound(f"no object {what}")
-            return StorageUnavailable(f"S3 {what}: {code or error}")
-        return StorageUnavailable(f"S3 {what}: {error}")
+            return StorageUnavailable(f"S3 {what}: {code or type(error).__name__}")
+        # the error's own text names the endpoint (an internal URL): only its kind is told
+        return StorageUnavailable(f"S3 {what}: {type(error).__name__}")
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         import io
@@ -314,7 +315,9 @@ class S3Storage(_JsonMixin):
     def url(self, key: str, expires_s: int) -> str:
         return self.presign_client.generate_presigned_url(
             "get_object",
-            Params={"Bucket": self.location.bucket, "Key": self.location.key(check_key(key))},
+            # the store answers with Cache-Control: no-store (a response override the URL carries)
+            Params={"Bucket": self.location.bucket, "Key": self.location.key(check_key(key)),
+                    "ResponseCacheControl": "no-store"},
             ExpiresIn=int(expires_s),
         )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .errors import Canceled
 from .keys import render_log_prefix
 from .storage import ObjectNotFound, Storage, json_bytes
 
@@ -50,11 +51,19 @@ class Stored:
 
 
 def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt: str, quality: int,
-                 record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None) -> Stored:
+                 record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None,
+                 tombstone: str | None = None) -> Stored:
     """Put ``images`` at ``<prefix>/<k>.<ext>``, then create ``record`` (their keys in
     ``keys_field``) at ``record_key`` unless it exists. ``log_renders``: a generation id
-    whose render log gets one entry when this call's record is the one that stands."""
+    whose render log gets one entry when this call's record is the one that stands.
+
+    ``tombstone``: the key of the result's deleted mark. When it exists before the first
+    write, nothing is written; when it appears while this call writes, what it wrote is
+    erased again. Either way :class:`~service.errors.Canceled`: a deleted result never
+    comes back (a delete marks first and erases after, so one of the two sees the other)."""
     started = time.perf_counter()
+    if tombstone is not None and storage.exists(tombstone):
+        raise Canceled("the generation was deleted")
     try:
         return Stored(storage.get_json(record_key), fresh=False)
     except ObjectNotFound:
@@ -66,10 +75,16 @@ def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt
         storage.put(key, encode(array, fmt, quality), content_type)
         keys.append(key)
     record = {**record, keys_field: keys}
-    if not storage.put_if_absent(record_key, json_bytes(record)):
-        return Stored(storage.get_json(record_key), fresh=False)  # an attempt racing this one won
+    written = [*keys, record_key]
+    fresh = storage.put_if_absent(record_key, json_bytes(record))
     timings = {"store": round((time.perf_counter() - started) * 1000, 2)}
-    if log_renders is not None:
-        storage.put_json(f"{render_log_prefix(log_renders)}/{secrets.token_hex(8)}.json",
-                         {"at": time.time(), "images": len(keys), "timings_ms": timings})
+    if fresh and log_renders is not None:
+        written.append(f"{render_log_prefix(log_renders)}/{secrets.token_hex(8)}.json")
+        storage.put_json(written[-1], {"at": time.time(), "images": len(keys), "timings_ms": timings})
+    if tombstone is not None and storage.exists(tombstone):  # deleted while this was written
+        for key in written:
+            storage.delete(key)
+        raise Canceled("the generation was deleted")
+    if not fresh:
+        return Stored(storage.get_json(record_key), fresh=False)  # an attempt racing this one won
     return Stored(record, fresh=True, timings_ms=timings)

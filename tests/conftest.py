@@ -147,6 +147,7 @@ def _keys():
 KEY_A, DIGEST_A = _keys()
 KEY_B, DIGEST_B = _keys()
 KEY_Q, DIGEST_Q = _keys()
+KEY_J, DIGEST_J = _keys()
 
 
 def local_test_options(**generator) -> dict:
@@ -173,6 +174,7 @@ def local_app(ray_runtime, weights_dir, tmp_path_factory):
         "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
         "webhook_allowlist": ["127.0.0.1"], "webhook_allow_private": True, "webhook_backoff_s": 0.1,
         "job_lease_s": 4, "limits": {"max_steps": 150, "max_side": 512},
+        "fairness": {"event_streams_per_key": 3},
         "loras": {"missing": "/nonexistent/lora.safetensors"},  # a job that fails in the render
     }
     options = local_test_options(graceful_shutdown_timeout_s=5)

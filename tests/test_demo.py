@@ -1,8 +1,9 @@
 """`make demo`'s script end to end, run as `python -m bench coldstart` runs it: `instantid
-serve` with an API key from nothing (its own Ray and the whole app), one real HTTP
-generation, a clean Ctrl-C stop, and the cold start's timings from it. The one end-to-end run
-of the demo, of `instantid serve` and of the cold-start benchmark (the session's Ray, started
-by the same `init_loopback_ray`, is checked for loopback-only listeners in test_serving)."""
+serve` with an API key (its digest in $INSTANTID_API_KEY_SHA256) from nothing (its own Ray
+and the whole app), one real HTTP generation, a clean Ctrl-C stop, and the cold start's
+timings from it. The one end-to-end run of the demo, of `instantid serve` and of the
+cold-start benchmark (the session's Ray, started by the same `init_loopback_ray`, is checked
+for loopback-only listeners in test_serving)."""
 
 import json
 
@@ -30,6 +31,7 @@ def test_demo_serves_a_generation_stops_cleanly_and_times_its_cold_start(tmp_pat
     assert report["url"].startswith("http://127.0.0.1:") and "/v1/files/generations/" in report["url"]
     assert report["web_page"].startswith("http://127.0.0.1:") and report["web_page"].endswith("/")
     assert report["without_key"] == 401 and report["tampered_link"] == 403 and report["api_key"]
+    assert report["foreign_host"] == 400  # the loopback server answers to loopback names only
     assert "server stopped (exit code 0)" in (run / "demo.log").read_text()
     # the local store holds the image and the generation's record
     stored = sorted(p.relative_to(run / "storage").as_posix() for p in (run / "storage").rglob("*") if p.is_file())

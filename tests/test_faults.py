@@ -55,9 +55,11 @@ def test_object_store_down_is_a_clean_503_and_the_service_recovers_without_resta
             face = c.post("/v1/faces", json={"face_images": [photo]})
         finally:
             s3_server.restart()
+        endpoint = s3_server.endpoint.removeprefix("http://")
         for response in (*down, face):
             assert response.status_code == 503, response.text
             assert response.json()["error"]["code"] == "storage_unavailable"
+            assert endpoint not in response.text and "http" not in response.json()["error"]["message"]
         back = wait_until(lambda: c.post("/v1/generations", json={"face_images": [photo], **SMALL}), 60,
                           "a generation after the store came back", interval=1)
         assert back.status_code == 200, back.text

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from deployments.app import build_app
-from tests.conftest import DIGEST_A, DIGEST_B, DIGEST_Q, KEY_A, KEY_B, KEY_Q, data_url, face_photo, local_test_options
+from tests.conftest import (DIGEST_A, DIGEST_B, DIGEST_J, DIGEST_Q, KEY_A, KEY_B, KEY_J, KEY_Q, data_url, face_photo,
+                            local_test_options)
 from tests.test_images import png_with_declared_size
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -39,9 +40,10 @@ def limited_url(ray_serve, weights_dir, s3_server, s3_app):
     options["Ingress"].pop("autoscaling_config")
     options["Ingress"]["num_replicas"] = 2
     args = {"weights": str(weights_dir), "storage": "s3://hardening/limited", "s3_endpoint_url": s3_server.endpoint,
-            "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q], "api_keys_env": ""},
+            "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B, DIGEST_Q, DIGEST_J], "api_keys_env": ""},
             "rate_limits": {"requests_per_minute": 60, "burst": 10, "images_per_day": 6},
-            "limits": {"max_side": 128, "max_steps": 4}}
+            "limits": {"max_side": 128, "max_steps": 4}, "fairness": {"jobs_per_key": 2},
+            "webhook_allowlist": ["127.0.0.1"], "webhook_allow_private": True, "webhook_backoff_s": 0.1}
     serve.run(build_app(args, options), name="limited", route_prefix="/limited")
     yield f"{ray_serve}/limited"
     serve.delete("limited", _blocking=False)
@@ -79,6 +81,53 @@ def test_rate_limits_hold_across_ingress_replicas(limited_url):
     for response in responses:
         if response.status_code == 429:
             assert error_of(response)["code"] == "rate_limited" and int(response.headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("method,path", [("GET", ""), ("DELETE", ""), ("POST", "/cancel"), ("GET", "/events")])
+def test_every_call_of_a_key_counts_against_its_rate(limited_url, method, path):
+    """Reads, deletes, cancels and event streams too: each call takes a token from the key's
+    bucket before anything else is done for it (here: finding that the generation does not
+    exist, a 404)."""
+    target = "/v1/generations/g_" + "n" * 22 + path
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=limited_url, timeout=120,
+                                     headers={"Authorization": f"Bearer {KEY_A}"}) as c:
+            return await asyncio.gather(*(c.request(method, target) for _ in range(24)))
+
+    codes = []
+    for _ in range(5):  # bursts of 24 until the bucket runs dry
+        codes += [r.status_code for r in asyncio.run(burst())]
+        if 429 in codes:
+            break
+    assert 429 in codes and set(codes) <= {404, 429}, codes
+
+
+def test_a_key_has_at_most_its_cap_of_unfinished_jobs(limited_url):
+    """Two jobs whose webhook receiver does not answer yet stay unfinished; a third is
+    refused (429) until one of them ends, whichever ingress replica is asked."""
+    from tests.test_webhooks import Receiver
+
+    receiver = Receiver(hold=True)
+    body = {"face_images": [data_url(face_photo())], "async": True, "webhook_url": receiver.url, **SMALL}
+    try:
+        with client(limited_url, KEY_J) as c:
+            first = [c.post("/v1/generations", json={**body, "seed": n}) for n in range(2)]
+            assert [r.status_code for r in first] == [202, 202], [r.text for r in first]
+            third = c.post("/v1/generations", json={**body, "seed": 2})
+            assert third.status_code == 429 and error_of(third)["code"] == "rate_limited"
+            assert "2 jobs not finished" in error_of(third)["message"]
+            receiver.release()  # the webhooks are answered: the two jobs finish
+            deadline = time.monotonic() + 180
+            while True:
+                again = c.post("/v1/generations", json={**body, "seed": 3})
+                if again.status_code == 202 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+            assert again.status_code == 202, again.text
+    finally:
+        receiver.release()
+        receiver.close()
 
 
 def test_daily_image_quota(limited_url):

@@ -68,12 +68,26 @@ def test_animated_gif_gives_its_first_frame():
 
 @pytest.mark.parametrize(
     "data,needle",
-    [(b"", "empty"), (b"definitely not an image", "known format"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "")],
+    [(b"", "empty"), (b"definitely not an image", "format this service reads"),
+     (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "")],
 )
 def test_non_images_are_refused(data, needle):
     with pytest.raises(InvalidImage) as info:
         decode_image_bytes(data, field="face_images[0]")
     assert needle in str(info.value) and "face_images[0]" in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_the_formats_the_api_names_decode(fmt):
+    assert decode_image_bytes(encode(Image.new("RGB", (48, 40), (200, 10, 10)), fmt)).size == (48, 40)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "ICO", "PPM", "TGA", "PCX", "SGI"])
+def test_formats_pillow_knows_but_the_api_does_not_name_are_refused(fmt):
+    data = encode(Image.new("RGB", (48, 40), (200, 10, 10)), fmt)
+    Image.open(io.BytesIO(data))  # Pillow alone would open it (and hand EPS to Ghostscript)
+    with pytest.raises(InvalidImage, match="format this service reads"):
+        decode_image_bytes(data, field="face_images[0]")
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])

@@ -36,3 +36,15 @@ def test_daily_image_quota_counts_images_and_resets_the_next_day():
 def test_no_limits_configured_admits_everything():
     limits = Limits(None, None, None)
     assert all(limits.check("a", 100)["allowed"] for _ in range(1000))
+
+
+def test_images_are_charged_apart_from_the_request_that_was_already_admitted():
+    """The ingress admits a call (one token) from its headers, and charges a generation's
+    images once its body is valid: the second check takes no token."""
+    clock = Clock()
+    clock.now = 86400 * 100
+    limits = Limits(requests_per_minute=60, burst=1, images_per_day=5, clock=clock, wall=clock)
+    assert limits.check("a")["allowed"]  # the call: the one token of the burst
+    assert limits.check("a", 3, request=False)["allowed"]  # its images: no token needed
+    assert limits.check("a", 3, request=False)["reason"] == "quota_exceeded"
+    assert limits.check("a")["reason"] == "rate_limited"  # the bucket was not touched by the image charges

@@ -34,14 +34,16 @@ def app_url(s3_app):
 
 @pytest.fixture(scope="module")
 def tight_url(ray_serve, weights_dir, s3_server, s3_app):
-    """An app with one render slot and a one-deep queue, for overload and timeouts."""
+    """An app with one render slot and a one-deep queue, for overload and timeouts; its
+    ingress sends one render at a time and lets one more per key wait."""
     from ray import serve
 
     options = local_test_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5)
     options["Generator"]["user_config"].update(max_batch_images=1, batch_wait_timeout_s=0.0)
     args = {"weights": str(weights_dir), "storage": "s3://hardening/tight", "s3_endpoint_url": s3_server.endpoint,
             "auth": {"api_key_sha256": [DIGEST_A, DIGEST_B], "api_keys_env": ""},
-            "limits": {"max_num_images": 1, "max_steps": 150, "max_side": 512}}
+            "limits": {"max_num_images": 1, "max_steps": 150, "max_side": 512},
+            "fairness": {"renders_at_once": 1, "waiting_per_key": 1}}
     serve.run(build_app(args, options), name="tight", route_prefix="/tight")
     yield f"{ray_serve}/tight"
     serve.delete("tight", _blocking=False)
@@ -121,20 +123,43 @@ def test_output_formats(client, photo, fmt, pil):
     assert fetch_image(response.json()["images"][0]["url"]).format == pil
 
 
-def test_s3_face_reference_from_an_allowed_bucket(client, s3_env):
+def test_s3_photos_are_uploads_of_the_calling_key_only(client, s3_env):
+    """A photo is uploaded through a presigned POST under the key's own prefix; another key
+    naming it gets the same answer as for an object that does not exist."""
+    from deployments.auth import owner_of
+
     buffer = io.BytesIO()
     face_photo().save(buffer, format="PNG")
-    s3 = s3_env["server"].client()
-    s3.put_object(Bucket="hardening-uploads", Key="selfies/me.png", Body=buffer.getvalue())
-    s3.put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
-    ok = generate(client, {"face_images": ["s3://hardening-uploads/selfies/me.png"], "seed": 3, **SMALL})
+    ticket = client.post("/v1/uploads", json={"content_type": "image/png"}, headers=auth())
+    assert ticket.status_code == 201, ticket.text
+    ticket = ticket.json()
+    mine = f"s3://hardening-uploads/uploads/{owner_of(DIGEST_A)}/"
+    assert ticket["image"].startswith(mine) and ticket["max_bytes"] == 2 * 1024 * 1024
+    sent = httpx.post(ticket["url"], data=ticket["fields"], files={"file": ("me.png", buffer.getvalue(), "image/png")})
+    assert sent.status_code in (200, 201, 204), sent.text
+    ok = generate(client, {"face_images": [ticket["image"]], "seed": 3, **SMALL})
     assert ok.status_code == 200, ok.text
+    # another key: its upload is not theirs, and they cannot tell it from one that does not exist
+    theirs = generate(client, {"face_images": [ticket["image"]], **SMALL}, key=KEY_B)
+    nothing = generate(client, {"face_images": [mine + "nothing.png"], **SMALL}, key=KEY_B)
+    assert_error(theirs, 422, "invalid_parameter", "face_images[0]")
+    assert theirs.json() == nothing.json()
+    # the key's own prefix: a missing photo is said to be missing
+    missing = generate(client, {"face_images": [mine + "missing.png"], **SMALL})
+    assert_error(missing, 422, "invalid_parameter", "face_images[0]")
+    assert "no object" in missing.json()["error"]["message"]
+    s3_env["server"].client().put_object(Bucket="private", Key="me.png", Body=buffer.getvalue())
     assert_error(generate(client, {"face_images": ["s3://private/me.png"], **SMALL}), 422, "invalid_parameter",
                  "face_images[0]")
-    assert_error(generate(client, {"face_images": ["s3://hardening-uploads/missing.png"], **SMALL}), 422,
-                 "invalid_parameter", "face_images[0]")
     assert_error(generate(client, {"face_images": ["http://127.0.0.1:1/me.png"], **SMALL}), 422,
                  "invalid_parameter", "face_images[0]")
+    # the store holds an upload to its size cap and its key
+    second = client.post("/v1/uploads", json={"content_type": "image/png"}, headers=auth()).json()
+    too_big = httpx.post(second["url"], data=second["fields"],
+                         files={"file": ("big.png", b"x" * (second["max_bytes"] + 1), "image/png")})
+    assert too_big.status_code == 400 and "EntityTooLarge" in too_big.text
+    elsewhere = {**second["fields"], "key": f"uploads/{owner_of(DIGEST_B)}/planted.png"}
+    assert httpx.post(second["url"], data=elsewhere, files={"file": ("x.png", b"x", "image/png")}).status_code == 403
 
 
 def test_register_a_face_render_it_then_erase_it(client, photo):
@@ -286,6 +311,36 @@ def test_overload_is_503_with_retry_after(tight_url, photo):
         if response.status_code == 503:
             assert_error(response, 503, "overloaded")
             assert int(response.headers["retry-after"]) > 0
+
+
+def test_a_key_flooding_the_service_does_not_turn_another_keys_requests_away(tight_url, photo):
+    """Key A sends six renders at once: one renders, one waits, four are refused (503, for A
+    only). Key B's render, sent once A's refusals came back (A's two still in flight), waits
+    for its turn behind A's render, not behind A's whole burst, and succeeds."""
+    import threading
+
+    body = {"face_images": [photo], "width": 128, "height": 128, "num_inference_steps": 20}
+    flood: list[httpx.Response] = []
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=tight_url, timeout=300, headers=auth()) as c:
+            for done in asyncio.as_completed([c.post("/v1/generations", json={**body, "seed": i}) for i in range(6)]):
+                flood.append(await done)
+
+    thread = threading.Thread(target=lambda: asyncio.run(burst()))
+    thread.start()
+    deadline = time.monotonic() + 240
+    while sum(r.status_code == 503 for r in list(flood)) < 4:
+        assert time.monotonic() < deadline and thread.is_alive(), [r.status_code for r in flood]
+        time.sleep(0.05)
+    with httpx.Client(base_url=tight_url, timeout=300, headers=auth(KEY_B)) as c:
+        theirs = c.post("/v1/generations", json={**body, "seed": 99})
+    thread.join(timeout=600)
+    assert theirs.status_code == 200, theirs.text
+    assert sorted(r.status_code for r in flood) == [200, 200, 503, 503, 503, 503]
+    for response in flood:
+        if response.status_code == 503:
+            assert_error(response, 503, "overloaded")
 
 
 def test_timeout_is_504_and_frees_the_replica(tight_url, photo):
