@@ -62,7 +62,7 @@ def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
     "extra,face,code,needle",
     [
         ((), "black.png", EXIT_NO_FACE, "black.png: no face was detected"),
-        ((), "notes.png", EXIT_INVALID, "notes.png: is not an image in a known format"),
+        ((), "notes.png", EXIT_INVALID, "notes.png: is not an image in a format this service reads"),
         ((), "nowhere.png", EXIT_INVALID, "nowhere.png: file not found"),
         (("--width", "100"), "face.png", EXIT_INVALID, "width: must be a multiple of 8"),
         (("--style", "Baroque"), "face.png", EXIT_INVALID, "style: unknown style 'Baroque'"),
