@@ -161,7 +161,7 @@ def test_replicas_land_only_on_nodes_with_their_accelerator(cluster):
 def test_generator_scales_up_under_load_and_down_after(cluster, face_id):
     with Load(cluster["url"], concurrency=6, body={"face_id": face_id, **SMALL}) as load:
         # the two replicas as they were when the second came (the scale-down may follow the load soon)
-        scaled = wait_until(lambda: (found := replicas("Generator")) if len(found) == 2 else None, 300,
+        scaled = wait_until(lambda: found if len(found := replicas("Generator")) == 2 else None, 300,
                             "a second Generator replica")
         scaled_at = time.monotonic()
         wait_until(lambda: load.ok_since(scaled_at) >= 6, 300, "requests served after the scale-up")
