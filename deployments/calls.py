@@ -48,8 +48,10 @@ async def call(response, deadline: float, what: str, *, retry_after_s: int = 5, 
         if isinstance(stop, asyncio.CancelledError):
             raise
         raise Timeout(f"{what} did not finish in time") from None
-    except InstantIDError:
-        raise
+    except InstantIDError as error:
+        # a callee's typed error, out of Ray's wrapper: the wrapper (also an InstantIDError) would
+        # show Ray's traceback, with whatever the frames held, as its message
+        raise unwrap(error) from None
     except Exception as raw:
         raise translate(raw, what, retry_after_s) from None
 
