@@ -201,15 +201,18 @@ class Ingress:
         change, ``event: progress``, then once ``event: done`` with the final state. An API
         key holds at most ``fairness.event_streams_per_key`` streams open on a replica."""
         owner, last = ticket.owner, None
-        while True:
-            view = await self._view(generation_id, owner, str(request.base_url))
-            done = view["status"] in ("succeeded", "failed", "canceled")
-            if view != last:
-                yield ServerSentEvent(event="done" if done else "progress", data=view)
-                last = view
-            if done:
-                return
-            await asyncio.sleep(0.25)
+        try:  # a client going away cancels this request: the ticket goes back at once
+            while True:
+                view = await self._view(generation_id, owner, str(request.base_url))
+                done = view["status"] in ("succeeded", "failed", "canceled")
+                if view != last:
+                    yield ServerSentEvent(event="done" if done else "progress", data=view)
+                    last = view
+                if done:
+                    return
+                await asyncio.sleep(0.25)
+        finally:
+            ticket.close()
 
     @app.get("/v1/webhooks/secret", response_model=WebhookSecret, responses=ERRORS)
     async def webhook_secret(self, owner: str = Depends(caller)):

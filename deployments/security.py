@@ -133,16 +133,21 @@ async def caller(request: Request, credentials: HTTPAuthorizationCredentials | N
 
 
 class StreamTicket:
-    """Held by an open event stream for as long as it lives."""
+    """Held by an open event stream for as long as it lives; the stream gives it back with
+    :meth:`close` when it ends (normally, by error or by the client going away)."""
 
-    def __init__(self, owner: str) -> None:
-        self.owner = owner
+    def __init__(self, owner: str, live: weakref.WeakSet) -> None:
+        self.owner, self._live = owner, live
+
+    def close(self) -> None:
+        self._live.discard(self)
 
 
 class EventStreams:
     """The event streams each API key holds open on this replica, at most ``per_key``.
-    Each stream holds a :class:`StreamTicket`; they are counted by weak reference, so a
-    stream that ends, or is dropped before it starts, gives its place up with it."""
+    Each stream holds a :class:`StreamTicket` and closes it when it ends. A ticket is also
+    counted by weak reference only, so a stream dropped before its body started (whose
+    ``finally`` never runs) gives its place up when it is freed."""
 
     def __init__(self, per_key: int, retry_after_s: int) -> None:
         self.per_key, self.retry_after_s = per_key, retry_after_s
@@ -153,6 +158,6 @@ class EventStreams:
         if len(live) >= self.per_key:
             raise RateLimited("rate_limited", f"this API key already has {self.per_key} event streams open; close "
                                               "one", self.retry_after_s)
-        ticket = StreamTicket(owner)
+        ticket = StreamTicket(owner, live)
         live.add(ticket)
         return ticket
