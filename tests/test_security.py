@@ -79,6 +79,62 @@ def test_a_40_mib_body_without_a_key_costs_the_ingress_no_memory(url):
     print(f"keyless 40 MiB body answered in {time.monotonic() - started:.2f} s")
 
 
+def test_a_request_waiting_for_its_render_holds_no_copy_of_its_raw_body(client, url):
+    """A generation waits behind a long job; its body was 40 MiB (JSON padded with spaces,
+    sent in 1 MiB pieces as a slow client would). Once parsed, the ingress keeps the parsed
+    request only: its memory goes back to within 20 MiB of where it was while the request
+    still waits (it stayed 80 MiB up when the raw body was kept for the request's life).
+    Ray Serve's replica keeps the last batch of messages it fetched from the proxy until the
+    request ends; the body's last byte comes alone, so that batch is small here."""
+    import threading
+
+    import psutil
+
+    from tests.test_hardening import replica_pids
+
+    mib = 1024 * 1024
+    ahead = client.post("/v1/generations", json={"face_images": [data_url(face_photo())], "async": True, "seed": 3,
+                                                 "width": 512, "height": 512, "num_inference_steps": 150}).json()
+    ingress = [psutil.Process(pid) for pid in replica_pids("Ingress", app="local")]
+
+    def private_memory() -> int:  # the replica's own pages: not the shared object store's
+        return sum(process.memory_full_info().uss for process in ingress)
+
+    text = json.dumps({"face_images": [data_url(face_photo())], **SMALL})
+    body = (text[:-1] + " " * (40 * mib) + "}").encode()
+    sent, answer = threading.Event(), {}
+
+    def pieces():  # Ray Serve keeps the last batch of body pieces it fetched: make that the closing brace
+        for at in range(0, len(body) - 1, mib):
+            yield body[at:min(at + mib, len(body) - 1)]
+            time.sleep(0.05)
+        time.sleep(3)
+        yield body[-1:]
+        sent.set()
+
+    def post():
+        answer["response"] = httpx.post(f"{url}/v1/generations", content=pieces(), timeout=900, headers={
+            "Content-Type": "application/json", "Content-Length": str(len(body)), "Authorization": f"Bearer {KEY_A}"})
+
+    before = private_memory()
+    waiting = threading.Thread(target=post)
+    waiting.start()
+    try:
+        assert sent.wait(300)
+        deadline, held = time.monotonic() + 60, None
+        while waiting.is_alive() and time.monotonic() < deadline:
+            held = private_memory() - before
+            if held < 20 * mib:
+                break
+            time.sleep(0.25)
+        assert waiting.is_alive(), "the request ended before its memory was measured"
+        assert held is not None and held < 20 * mib, f"{held / mib:.0f} MiB held while the request waits"
+    finally:
+        client.delete(f"/v1/generations/{ahead['id']}")
+        waiting.join(900)
+    assert answer["response"].status_code == 200, answer["response"].text
+
+
 def test_list_fields_are_capped_in_the_schema(client):
     schema = client.get("/openapi.json").json()["components"]["schemas"]
     assert schema["GenerationRequest"]["properties"]["face_images"]["anyOf"][0]["maxItems"] == 16
