@@ -135,13 +135,7 @@ class Ingress:
         if run_async:
             existing = await _off_loop(self.jobs.record, generation_id) if key else None
             if existing is None:
-                cap = self.args.fairness.jobs_per_key
-                if await _off_loop(self.jobs.unfinished, owner) >= cap:
-                    raise RateLimited("rate_limited", f"this API key has {cap} jobs not finished; wait for one to "
-                                                      "end", self.args.retry_after_s)
-                await self.gate.charge_images(owner, body.num_images)
-                existing = await self.submissions.start_job(generation_id, owner, body, params, request_hash,
-                                                            deadline)
+                existing = await self._start_job(generation_id, owner, body, params, request_hash, deadline)
             elif existing.request_hash != request_hash:
                 raise claims.mismatch()
             return JSONResponse(self.views.job(existing, None, base), status_code=202,
@@ -182,7 +176,9 @@ class Ingress:
         # the durable mark first: every writer checks it (runner, Postprocessor, webhooks), and
         # a runner takes it for a cancel
         await _off_loop(mark_deleted, self.storage, generation_id, owner, self.args.retention.results_s)
-        await _off_loop(erase_generation, self.storage, generation_id, owner)
+        await _off_loop(erase_generation, self.storage, generation_id)
+        if job is not None:
+            await _off_loop(self.jobs.give_place_back, owner, generation_id)
         return Response(status_code=204)
 
     @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
@@ -282,6 +278,23 @@ class Ingress:
             raise InvalidParameter("face_images", "give either face_images or face_id (exactly one)")
         if body.lora is not None and body.lora not in self.args.loras:
             raise InvalidParameter("lora", f"unknown LoRA {body.lora!r}; this server offers {sorted(self.args.loras)}")
+
+    async def _start_job(self, generation_id: str, owner: str, body: GenerationRequest, params, request_hash,
+                         deadline: float):
+        """Take the job's place in its key's count (429 when the cap is reached), charge its
+        images and start it; a job that does not start gives its place back."""
+        cap = self.args.fairness.jobs_per_key
+        lapses_at = time.time() + self.args.retention.results_s
+        if not await _off_loop(self.jobs.take_place, owner, generation_id, lapses_at, cap):
+            raise RateLimited("rate_limited", f"this API key has {cap} jobs not finished; wait for one to end",
+                              self.args.retry_after_s)
+        try:
+            await self.gate.charge_images(owner, body.num_images)
+            return await self.submissions.start_job(generation_id, owner, body, params, request_hash, deadline)
+        except BaseException:
+            if await _off_loop(self.jobs.record, generation_id) is None:  # not started (by a retry either)
+                await _off_loop(self.jobs.give_place_back, owner, generation_id)
+            raise
 
     def _check_webhook(self, url: str) -> None:
         if not self.args.webhook_allowlist:

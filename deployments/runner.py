@@ -126,7 +126,8 @@ class JobRunner:
             if outcome != "done":
                 return outcome
         if await asyncio.to_thread(self.jobs.deleted, job_id):  # deleted while it ran: no webhook, erased again
-            await asyncio.to_thread(erase_generation, self.flow.storage, job_id, record.owner)
+            await asyncio.to_thread(erase_generation, self.flow.storage, job_id)
+            await asyncio.to_thread(self.jobs.finish, job_id, record.owner)
             return "done"
         if record.webhook is not None and record.webhook.delivered is None:
             try:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import time
 
-from .keys import (OWNERS_PREFIX, active_job_ids, cancel_key, is_deleted, job_input_key, job_key, lease_key,
-                   owner_job_key)
+from .keys import active_job_ids, cancel_key, is_deleted, job_input_key, job_key, lease_key
+from .places import JobPlaces
 from .records import JobInput, JobRecord, Lease
 from .storage import ObjectNotFound, Storage, json_bytes
 
@@ -26,23 +26,31 @@ class JobStore:
     def __init__(self, storage: Storage, lease_s: float) -> None:
         self.storage = storage
         self.lease_s = lease_s
+        self.places = JobPlaces(storage)
 
     # ------------------------------------------------------------------ records
     def create(self, record: JobRecord, job_input: JobInput) -> bool:
-        """Store a new job: its record (created atomically: False when a job of this id
-        exists), its place in its owner's count, its input, then its lease (free: any runner
-        may take it from then on)."""
+        """Store a new job, whose place in its owner's count was taken (:meth:`take_place`):
+        its record (created atomically: False when a job of this id exists), its input, then
+        its lease (free: any runner may take it from then on)."""
         if not self.storage.put_if_absent(job_key(record.id), json_bytes(record.model_dump(mode="json"))):
             return False
-        self.storage.put_json(owner_job_key(record.owner, record.id), {"expires_at": record.expires_at})
         self.storage.put(job_input_key(record.id), json_bytes(job_input.model_dump(mode="json")),
                          "application/json")
         self.storage.put_if_absent(lease_key(record.id), json_bytes(Lease().model_dump()))
         return True
 
+    def take_place(self, owner: str, job_id: str, lapses_at: float, cap: int) -> bool:
+        """A place for the job in its owner's count of unfinished jobs, or False when
+        ``cap`` are taken (exact across replicas); the place lapses at ``lapses_at``."""
+        return self.places.take(owner, job_id, lapses_at, cap)
+
+    def give_place_back(self, owner: str, job_id: str) -> None:
+        self.places.give_back(owner, job_id)
+
     def unfinished(self, owner: str) -> int:
-        """How many of this API key's jobs are not finished (one listing, across replicas)."""
-        return len(self.storage.list_keys(f"{OWNERS_PREFIX}/{owner}"))
+        """How many of this API key's jobs are not finished (across replicas)."""
+        return self.places.count(owner)
 
     def record(self, job_id: str) -> JobRecord | None:
         try:
@@ -107,7 +115,7 @@ class JobStore:
         self.storage.delete(job_input_key(job_id))
         self.storage.delete(cancel_key(job_id))
         if owner is not None:
-            self.storage.delete(owner_job_key(owner, job_id))
+            self.places.give_back(owner, job_id)
         self.storage.delete(lease_key(job_id))
 
     def _write_lease(self, job_id: str, lease: Lease, version: str) -> str | None:

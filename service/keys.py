@@ -12,7 +12,7 @@ generation. Every key is made here, from validated ids (never from user text).
     jobs/active/<id>.json                the lease of a job not finished yet (who runs it, until when)
     jobs/deleted/<id>.json               a deleted generation's tombstone: whatever still runs for it
                                          writes nothing more, and erases what it wrote last
-    jobs/owners/<owner>/<id>.json        a job of this API key not finished yet (the per-key job cap counts them)
+    jobs/owners/<owner>.json             this API key's jobs not finished yet (the per-key job cap counts them)
 
 Everything under ``jobs/`` and ``generations/`` expires with ``retention.results_s``, faces
 with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
@@ -70,8 +70,8 @@ def lease_key(generation_id: str) -> str:
     return f"{ACTIVE_PREFIX}/{generation_id}.json"
 
 
-def owner_job_key(owner: str, generation_id: str) -> str:
-    return f"{OWNERS_PREFIX}/{owner}/{generation_id}.json"
+def owner_places_key(owner: str) -> str:
+    return f"{OWNERS_PREFIX}/{owner}.json"
 
 
 def deleted_key(generation_id: str) -> str:
@@ -99,14 +99,14 @@ def active_job_ids(storage: Storage) -> list[str]:
     return ids
 
 
-def erase_generation(storage: Storage, generation_id: str, owner: str | None = None) -> None:
+def erase_generation(storage: Storage, generation_id: str) -> None:
     """Delete every stored piece of a generation: images and render log, then its record
     (last, so an interrupted erase leaves the record to find and erase again), then its
-    job (input, cancel marker, lease, record and, given its ``owner``, its place in the
-    owner's count of unfinished jobs)."""
+    job (input, cancel marker, lease and record; its place in its owner's count of
+    unfinished jobs is :class:`~service.places.JobPlaces`'s to give back)."""
     keys = storage.list_keys(generation_prefix(generation_id))
     for key in sorted(keys, key=lambda k: k == record_key(generation_id)):
         storage.delete(key)
     for key in (job_input_key(generation_id), cancel_key(generation_id), lease_key(generation_id),
-                job_key(generation_id), *([owner_job_key(owner, generation_id)] if owner else [])):
+                job_key(generation_id)):
         storage.delete(key)

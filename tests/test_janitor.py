@@ -23,12 +23,13 @@ def test_sweep_deletes_only_what_outlived_its_retention(tmp_path):
         store.put_json(f"jobs/active/{job}.json", {"holder": None})
     mark_deleted(store, OLD, "owner", keep_s=-1)  # a deleted mark past its time, and one still needed
     mark_deleted(store, NEW, "owner", keep_s=3600)
-    store.put_json(f"jobs/owners/o1/{JOB_OLD}.json", {"expires_at": now - 1})  # a job that never finished
-    store.put_json(f"jobs/owners/o1/{JOB_NEW}.json", {"expires_at": now + 3600})
+    # the places of a key whose jobs never finished (all lapsed), and of a key with one still counted
+    store.put_json("jobs/owners/o1.json", {"expires_at": now - 1, "jobs": {JOB_OLD: now - 1}})
+    store.put_json("jobs/owners/o2.json", {"expires_at": now + 3600, "jobs": {JOB_OLD: now - 1, JOB_NEW: now + 3600}})
     assert sweep(store) == {"faces": 1, "generations": 1, "jobs": 1, "deleted_marks": 1, "job_places": 1}
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
                   and ".locks" not in p.parts) == sorted([
         "faces/f_new.json", f"generations/{NEW}/0.png", f"generations/{NEW}/record.json",
         f"jobs/{JOB_NEW}/input.json", f"jobs/{JOB_NEW}/record.json", f"jobs/active/{JOB_NEW}.json",
-        f"jobs/deleted/{NEW}.json", f"jobs/owners/o1/{JOB_NEW}.json"])
+        f"jobs/deleted/{NEW}.json", "jobs/owners/o2.json"])
     assert sweep(store) == {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0}
