@@ -162,7 +162,9 @@ def local_test_options(**generator) -> dict:
 @pytest.fixture(scope="session")
 def local_app(ray_runtime, weights_dir, tmp_path_factory):
     """The app on a local-folder store: async jobs, webhooks to loopback, the web page. Its
-    args and deployment options come along, for a test that redeploys it changed."""
+    args and deployment options come along, for a test that redeploys it changed. Started
+    once for the session: 30-60 s (every deployment's replicas start, the Generator loads
+    the fixture weights), counted in the first test that uses it."""
     from ray import serve
 
     from deployments.app import build_app
@@ -185,7 +187,8 @@ def local_app(ray_runtime, weights_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_app(ray_runtime, weights_dir, s3_server):
-    """The app on SeaweedFS: faults, hardening."""
+    """The app on SeaweedFS: faults, hardening. Started once for the session: 30-70 s, counted
+    in the first test that uses it."""
     from ray import serve
 
     from deployments.app import build_app

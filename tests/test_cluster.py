@@ -173,6 +173,8 @@ def test_generator_scales_up_under_load_and_down_after(cluster, face_id):
 
 
 def test_a_killed_generator_replica_is_replaced_under_load(cluster, face_id):
+    """About 35 s on a quiet machine, up to 80 s on a busy one: the replacement replica has to
+    start and load its weights while the load goes on, and five requests must succeed after."""
     import ray
 
     with Load(cluster["url"], concurrency=3, body={"face_id": face_id, **SMALL}) as load:
@@ -196,6 +198,9 @@ def render_count(s3, generation_id: str) -> int:
 
 
 def test_retry_with_the_same_key_after_the_replica_died_is_rendered_once(cluster, face_id):
+    """About 40 s on a quiet machine, up to two minutes on a busy one: the render must still
+    be running when its replica is killed (40 steps at 256), then a new replica starts and the
+    retry renders it once."""
     import ray
 
     body = {"face_id": face_id, "width": 256, "height": 256, "num_inference_steps": 40, "seed": 77}
