@@ -28,9 +28,10 @@ def json_values_at_most(body: bytes) -> int:
 
 
 def is_json(content_type: str | None) -> bool:
-    """Whether FastAPI parses a body of this content type as JSON (no type: it does too)."""
+    """Whether FastAPI parses a body of this content type as JSON (with its default strict
+    content types, a body without a type is not)."""
     if not content_type:
-        return True
+        return False
     message = email.message.Message()
     message["content-type"] = content_type
     subtype = message.get_content_subtype()
