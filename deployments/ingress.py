@@ -178,7 +178,7 @@ class Ingress:
         await _off_loop(mark_deleted, self.storage, generation_id, owner, self.args.retention.results_s)
         await _off_loop(erase_generation, self.storage, generation_id)
         if job is not None:
-            await _off_loop(self.jobs.give_place_back, owner, generation_id)
+            await _off_loop(self.jobs.places.give_back, owner, generation_id)
         return Response(status_code=204)
 
     @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
@@ -285,7 +285,7 @@ class Ingress:
         images and start it; a job that does not start gives its place back."""
         cap = self.args.fairness.jobs_per_key
         lapses_at = time.time() + self.args.retention.results_s
-        if not await _off_loop(self.jobs.take_place, owner, generation_id, lapses_at, cap):
+        if not await _off_loop(self.jobs.places.take, owner, generation_id, lapses_at, cap):
             raise RateLimited("rate_limited", f"this API key has {cap} jobs not finished; wait for one to end",
                               self.args.retry_after_s)
         try:
@@ -293,7 +293,7 @@ class Ingress:
             return await self.submissions.start_job(generation_id, owner, body, params, request_hash, deadline)
         except BaseException:
             if await _off_loop(self.jobs.record, generation_id) is None:  # not started (by a retry either)
-                await _off_loop(self.jobs.give_place_back, owner, generation_id)
+                await _off_loop(self.jobs.places.give_back, owner, generation_id)
             raise
 
     def _check_webhook(self, url: str) -> None:

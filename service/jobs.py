@@ -26,11 +26,11 @@ class JobStore:
     def __init__(self, storage: Storage, lease_s: float) -> None:
         self.storage = storage
         self.lease_s = lease_s
-        self.places = JobPlaces(storage)
+        self.places = JobPlaces(storage)  # each owner's count of unfinished jobs
 
     # ------------------------------------------------------------------ records
     def create(self, record: JobRecord, job_input: JobInput) -> bool:
-        """Store a new job, whose place in its owner's count was taken (:meth:`take_place`):
+        """Store a new job, whose place in its owner's count was taken (:attr:`places`):
         its record (created atomically: False when a job of this id exists), its input, then
         its lease (free: any runner may take it from then on)."""
         if not self.storage.put_if_absent(job_key(record.id), json_bytes(record.model_dump(mode="json"))):
@@ -39,18 +39,6 @@ class JobStore:
                          "application/json")
         self.storage.put_if_absent(lease_key(record.id), json_bytes(Lease().model_dump()))
         return True
-
-    def take_place(self, owner: str, job_id: str, lapses_at: float, cap: int) -> bool:
-        """A place for the job in its owner's count of unfinished jobs, or False when
-        ``cap`` are taken (exact across replicas); the place lapses at ``lapses_at``."""
-        return self.places.take(owner, job_id, lapses_at, cap)
-
-    def give_place_back(self, owner: str, job_id: str) -> None:
-        self.places.give_back(owner, job_id)
-
-    def unfinished(self, owner: str) -> int:
-        """How many of this API key's jobs are not finished (across replicas)."""
-        return self.places.count(owner)
 
     def record(self, job_id: str) -> JobRecord | None:
         try:
