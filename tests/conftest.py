@@ -111,13 +111,16 @@ class RayRuntime:
             self.url = f"http://127.0.0.1:{port}"
         return self.url
 
-    def stop(self) -> None:
+    def stop(self, *, last: bool = False) -> None:
+        """Stop Serve and Ray (``last``: at the session's end, Ray alone, which ends every
+        replica at once; Serve's own shutdown waits for each app to drain)."""
         import ray
         from ray import serve
 
         if self.url is not None:
             try:
-                serve.shutdown()
+                if not last:
+                    serve.shutdown()  # forgets this Ray's controller, for the next one started
             finally:
                 ray.shutdown()
                 self.url = None
@@ -148,7 +151,7 @@ def ray_runtime(tmp_path_factory, s3_server):
     _RUNTIME.append(runtime)
     yield runtime
     _RUNTIME.clear()
-    runtime.stop()
+    runtime.stop(last=True)
     shutil.rmtree(temp, ignore_errors=True)
 
 

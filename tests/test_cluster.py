@@ -172,35 +172,16 @@ def test_generator_scales_up_under_load_and_down_after(cluster, face_id):
     wait_until(lambda: len(replicas("Generator")) == 1, 300, "the scale-down after the load stopped")
 
 
-def test_a_killed_generator_replica_is_replaced_under_load(cluster, face_id):
-    """About 35 s on a quiet machine, up to 80 s on a busy one: the replacement replica has to
-    start and load its weights while the load goes on, and five requests must succeed after."""
-    import ray
-
-    with Load(cluster["url"], concurrency=3, body={"face_id": face_id, **SMALL}) as load:
-        wait_until(lambda: load.ok_since(0) >= 3, 300, "traffic")
-        before = {r["name"] for r in replicas("Generator")}
-        victim = sorted(before)[0]
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        killed_at = time.monotonic()
-        # a replica that did not exist before the kill (the load keeps the target at least as high)
-        wait_until(lambda: {r["name"] for r in replicas("Generator")} - before, 300, "a replacement replica")
-        assert victim not in {r["name"] for r in replicas("Generator")}
-        wait_until(lambda: load.ok_since(killed_at) >= 5, 300, "requests served after the kill")
-    codes = Counter(code for _, code in load.results)
-    assert set(codes) <= {200, 500, 503}, codes  # requests in flight on the dead replica may fail
-    assert codes[200] >= 8
-
-
 def render_count(s3, generation_id: str) -> int:
     listed = s3.client().list_objects_v2(Bucket="cluster", Prefix=f"outputs/generations/{generation_id}/renders/")
     return listed.get("KeyCount", 0)
 
 
-def test_retry_with_the_same_key_after_the_replica_died_is_rendered_once(cluster, face_id):
-    """About 40 s on a quiet machine, up to two minutes on a busy one: the render must still
-    be running when its replica is killed (40 steps at 256), then a new replica starts and the
-    retry renders it once."""
+def test_generator_replicas_killed_mid_render_are_replaced_under_load_and_a_retry_renders_once(cluster, face_id):
+    """About 40 s on a quiet machine, up to two minutes on a busy one (one replica replacement,
+    shared by both checks): while other clients keep sending, every Generator replica is killed
+    while a keyed render (40 steps at 256) is on one of them; a replacement starts and serves
+    the load, and the retry with the same Idempotency-Key is rendered once."""
     import ray
 
     body = {"face_id": face_id, "width": 256, "height": 256, "num_inference_steps": 40, "seed": 77}
@@ -210,15 +191,28 @@ def test_retry_with_the_same_key_after_the_replica_died_is_rendered_once(cluster
     def first_attempt():
         outcome["first"] = httpx.post(f"{cluster['url']}/v1/generations", json=body, headers=headers, timeout=1000)
 
-    thread = threading.Thread(target=first_attempt)
-    thread.start()
-    s3 = cluster["s3"].client()
-    claimed = lambda: s3.list_objects_v2(Bucket="cluster", Prefix="outputs/generations/").get("Contents", [])  # noqa
-    wait_until(lambda: any(o["Key"].endswith("claim.json") for o in claimed()), 300, "the render to start")
-    time.sleep(1.0)
-    for replica in replicas("Generator"):  # the replica rendering it dies mid-render
-        ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
-    thread.join(timeout=1000)
+    with Load(cluster["url"], concurrency=2, body={"face_id": face_id, **SMALL}) as load:
+        wait_until(lambda: load.ok_since(0) >= 3, 300, "traffic")
+        thread = threading.Thread(target=first_attempt)
+        thread.start()
+        s3 = cluster["s3"].client()
+        # only a keyed request writes a claim: this one
+        claimed = lambda: s3.list_objects_v2(Bucket="cluster", Prefix="outputs/generations/").get("Contents", [])  # noqa
+        wait_until(lambda: any(o["Key"].endswith("claim.json") for o in claimed()), 300, "the render to start")
+        time.sleep(1.0)
+        before = {r["name"] for r in replicas("Generator")}
+        for name in before:  # the replica rendering it dies mid-render, and any other with it
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        killed_at = time.monotonic()
+        # a replica that did not exist before the kill (the load keeps the target at least 1)
+        wait_until(lambda: {r["name"] for r in replicas("Generator")} - before, 300, "a replacement replica")
+        assert not before & {r["name"] for r in replicas("Generator")}
+        wait_until(lambda: load.ok_since(killed_at) >= 5, 300, "requests served after the kill")
+        thread.join(timeout=1000)
+    codes = Counter(code for _, code in load.results)
+    assert set(codes) <= {200, 500, 503}, codes  # requests in flight on the dead replica may fail
+    assert codes[200] >= 8
+
     retry = httpx.post(f"{cluster['url']}/v1/generations", json=body, headers=headers, timeout=1000)
     assert retry.status_code == 200, retry.text
     first = outcome["first"]

@@ -256,11 +256,11 @@ def test_idempotent_async_submissions_are_one_job(client, photo, storage_dir):
 
 def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if_undisturbed(
         client, face_id, storage_dir, local_app):
-    """Over 60 s: a redeploy starts new replicas (and drains the old ones) while six renders
+    """Over 60 s: a redeploy starts new replicas (and drains the old ones) while four renders
     run. Every replica of the JobRunner and the Generator is replaced (a changed config) while
-    one job renders and two wait: each ends succeeded, its images the bytes an undisturbed
-    render makes, stored once. The three have different sizes, so none shares a batch with
-    another (a batched render agrees with a lone one within 1/255, not bit for bit:
+    one job renders and another waits: each ends succeeded, its images the bytes an undisturbed
+    render makes, stored once. The two have different sizes, so neither shares a batch with
+    the other (a batched render agrees with a lone one within 1/255, not bit for bit:
     test_serving checks that). (Last in this module: the app stays redeployed, unchanged
     otherwise, for the modules after it.)"""
     import threading
@@ -270,7 +270,7 @@ def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if
     from deployments.app import build_app
 
     bodies = [{"face_id": face_id, "async": True, "seed": 40 + k, **MEDIUM, "width": width}
-              for k, width in enumerate((192, 176, 160))]
+              for k, width in enumerate((192, 176))]
     jobs = [client.post("/v1/generations", json=body).json() for body in bodies]
     started(client, jobs[0]["id"], step=2)
     options = {name: {**entry} for name, entry in local_app["options"].items()}
@@ -281,7 +281,7 @@ def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if
     redeploy.start()
     finals = [wait_for(client, job["id"], timeout=600) for job in jobs]
     redeploy.join(timeout=600)
-    assert [f["status"] for f in finals] == ["succeeded"] * 3, [f["error"] for f in finals]
+    assert [f["status"] for f in finals] == ["succeeded"] * 2, [f["error"] for f in finals]
     attempts = [json.loads((storage_dir / "jobs" / j["id"] / "record.json").read_text())["attempts"] for j in jobs]
     assert max(attempts) >= 2, attempts  # at least the rendering one was handed over
     for body, final in zip(bodies, finals):
