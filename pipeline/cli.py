@@ -73,6 +73,9 @@ def build_parser():
     gen.add_argument("--face-combine", choices=("mean", "norm_mean"), default="mean")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
+    gen.add_argument("--prompt-weighting", action="store_true",
+                     help="read (word:1.2), (word), [word] as weights and keep prompts past 77 tokens whole "
+                          "(the reference's full pipeline)")
     gen.add_argument("--style", help=f"one of: {', '.join(style_names())}")
     gen.add_argument("--width", type=int)
     gen.add_argument("--height", type=int)
@@ -170,6 +173,7 @@ def _generate(args) -> int:
         **{**optimizations.param_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
+        prompt_weighting=args.prompt_weighting,
         style=args.style,
         width=args.width,
         height=args.height,

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import InvalidParameter
+from .prompts import PromptSyntaxError, check_weights
 from .schedulers import SchedulerName
 from .styles import canonical_style
 
@@ -23,6 +24,10 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    prompt_weighting: bool = Field(
+        False, description="Read '(word:1.2)', '(word)', '[word]' in the prompts as weights and encode prompts past "
+                           "77 tokens in full, as the reference's full pipeline does (default: plain SDXL encoding)."
+    )
     prompt: str = Field("", max_length=4000, description="What to render; may be empty.")
     negative_prompt: str | None = Field(None, max_length=4000)
     style: str | None = Field(None, description="One of the nine reference style names (or its slug).")
@@ -48,6 +53,16 @@ class GenerationParams(BaseModel):
     def _multiple_of_8(cls, value: int | None) -> int | None:
         if value is not None and value % 8:
             raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _weights_are_numbers(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("prompt_weighting"):
+            try:
+                check_weights(value)
+            except PromptSyntaxError as error:
+                raise ValueError(str(error)) from None
         return value
 
     @field_validator("style")

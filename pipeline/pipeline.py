@@ -43,6 +43,7 @@ from .keypoints import Frame, draw_keypoints, reference_size
 from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
                        resolve_load_settings, set_fused_projections)
 from .params import GenerationParams, parse_params
+from .prompts import PromptTooLong, encode_weighted, sequence_length
 from .schedulers import make_scheduler
 from .styles import apply_style
 from .weights import HUB_REPOS, WeightsPaths, resolve_weights
@@ -86,6 +87,7 @@ class RenderOptions:
     lora: str | None = None
     lora_scale: float = 1.0
     enhance_face_region: bool = False
+    text_tokens: int | None = None  # weighted prompts' embedding rows (pipeline.prompts); None: plain encoding
 
 
 @dataclass
@@ -341,6 +343,7 @@ class InstantIDPipeline:
             lora=spec.lora,
             lora_scale=spec.lora_scale,
             enhance_face_region=spec.enhance_face_region,
+            text_tokens=self._text_tokens(prompt, negative) if spec.prompt_weighting else None,
         )
         items = [
             RenderItem(
@@ -357,6 +360,12 @@ class InstantIDPipeline:
             for seed in spec.seeds()
         ]
         return options, items
+
+    def _text_tokens(self, prompt: str, negative: str | None) -> int:
+        try:
+            return sequence_length(self.sdxl.tokenizer, prompt, negative)
+        except PromptTooLong as error:  # the styled prompt: a style adds its own words
+            raise InvalidParameter(error.field, str(error)) from None
 
     def output_size(self, spec: GenerationParams, face: FaceInfo) -> tuple[int, int]:
         """Explicit width/height, else the reference rule applied to the face's picture."""
@@ -476,7 +485,8 @@ class InstantIDPipeline:
         self._activate_lora(options.lora, options.lora_scale)
 
         # 2. encode: text per item (identical alone or batched), face tokens
-        text, pooled = self._encode_text(items, cfg, options.lora_scale if options.lora else None)
+        text, pooled = self._encode_text(items, cfg, options.lora_scale if options.lora else None,
+                                         weighted=options.text_tokens is not None)
         embeddings = torch.from_numpy(np.stack([np.asarray(i.embedding, np.float32).reshape(-1) for i in items]))
         embeddings = embeddings.to(device=device, dtype=dtype)[:, None, :]
         face_tokens = self.image_proj(embeddings)
@@ -567,12 +577,18 @@ class InstantIDPipeline:
         timings["decode"] = _ms(clock, device)
         return images, timings
 
-    def _encode_text(self, items: list[RenderItem], cfg: bool, lora_scale: float | None):
+    def _encode_text(self, items: list[RenderItem], cfg: bool, lora_scale: float | None, *, weighted: bool = False):
         cache: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         cond, uncond, pooled, uncond_pooled = [], [], [], []
         for item in items:
             key = (item.prompt, item.negative_prompt)
-            if key not in cache:
+            if key in cache:
+                pass
+            elif weighted:
+                cache[key] = encode_weighted(self.sdxl.text_encoder, self.sdxl.text_encoder_2, self.sdxl.tokenizer,
+                                             item.prompt, item.negative_prompt, cfg=cfg, device=self.device,
+                                             lora_scale=lora_scale)
+            else:
                 cache[key] = self.sdxl.encode_prompt(
                     prompt=item.prompt,
                     device=self.device,

@@ -71,6 +71,8 @@ def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
         (("--num-images", "0"), "face.png", EXIT_INVALID, "num_images:"),
         (("--pose", "/nowhere/pose.png"), "face.png", EXIT_INVALID, "pose.png: file not found"),
         (("--lora", "/nowhere/lora.safetensors"), "face.png", EXIT_INVALID, "--lora: no such file"),
+        (("--prompt-weighting", "--prompt", "a (face:1.2.3)"), "face.png", EXIT_INVALID,
+         "prompt: the weight '1.2.3'"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(weights_dir, photos, tmp_path, capsys, extra, face, code, needle):

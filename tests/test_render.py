@@ -59,7 +59,9 @@ def test_jsonl_csv_and_parquet_manifests_give_the_same_jobs():
      ({"_row": 2, "id": "a"}, "face_images or face_id"),
      ({"_row": 3, "id": "a", "face_images": ["x"], "width": 100}, "width: must be a multiple of 8"),
      ({"_row": 4, "id": "a", "face_images": ["x"], "style": "Baroque"}, "style"),
-     ({"_row": 5, "id": "a", "face_images": ["x"], "output_format": "gif"}, "output_format")],
+     ({"_row": 5, "id": "a", "face_images": ["x"], "output_format": "gif"}, "output_format"),
+     ({"_row": 6, "id": "a", "face_images": ["x"], "prompt": "(a:1.2.3)", "prompt_weighting": "true"},
+      "prompt: the weight '1.2.3'")],
 )
 def test_bad_rows_become_errors_with_their_reason(raw, message):
     job = plan_row(raw)

@@ -3,6 +3,7 @@ against the real app on fixture weights. Chromium may only reach loopback."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -81,13 +82,16 @@ def test_generate_from_the_sample_photo_with_progress_and_a_result(page, page_ur
     assert drawn > 0  # the face box and keypoints are drawn over the preview
     page.select_option("#style", "Watercolor")
     page.select_option("#size", "128x128")
-    page.fill("#prompt", "a portrait of an astronaut")
+    page.fill("#prompt", "a portrait of an (astronaut:1.2)")
+    page.check("#prompt-weighting")
     page.eval_on_selector("#steps", "el => { el.value = '40'; el.dispatchEvent(new Event('input')); }")
     assert page.text_content("#steps-value") == "40"
     page.evaluate("""() => { window.__progress = []; const bar = document.getElementById('progress');
         new MutationObserver(() => window.__progress.push(Number(bar.value)))
           .observe(bar, {attributes: true}); }""")
-    page.click("#generate")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/generations")) as sent:
+        page.click("#generate")
+    assert json.loads(sent.value.post_data)["prompt_weighting"] is True
     page.wait_for_selector("#results img", timeout=120_000)
     seen = page.evaluate("window.__progress")
     assert len({v for v in seen if 0 < v < 40}) >= 2, seen  # the bar moved through the steps (a few seconds of rendering)

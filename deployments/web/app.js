@@ -148,6 +148,7 @@ function requestBody() {
   };
   const negative = $("negative-prompt").value.trim();
   if (negative) body.negative_prompt = negative;
+  if ($("prompt-weighting").checked) body.prompt_weighting = true;
   if ($("style").value) body.style = $("style").value;
   const size = $("size").value;
   if (size) { const [w, h] = size.split("x").map(Number); body.width = w; body.height = h; }
