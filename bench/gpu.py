@@ -108,8 +108,11 @@ def _embeddings_pipeline_class():
         """The pipeline with seeded text embeddings of the right shape in place of the text
         encoders (which run once per request, outside the denoising loop)."""
 
-        def _encode_text(self, items, cfg, lora_scale):
+        def _encode_text(self, items, cfg, lora_scale, *, weighted=False):
             import torch
+
+            if weighted:
+                raise ValueError("the GPU benchmark renders plain prompts (77 text rows) only")
 
             config = self.sdxl.unet.config
             rows = len(items) * (2 if cfg else 1)
