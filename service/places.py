@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 
 from .keys import owner_places_key
 from .storage import ObjectNotFound, Storage, StorageUnavailable, json_bytes
@@ -20,15 +21,16 @@ MAX_TRIES = 40
 
 
 class JobPlaces:
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, clock: Callable[[], float] = time.time) -> None:
         self.storage = storage
+        self.clock = clock  # what "now" is when places lapse (tests set it)
 
     def _read(self, owner: str) -> tuple[dict[str, float], str | None]:
         try:
             data, version = self.storage.get_versioned(owner_places_key(owner))
         except ObjectNotFound:
             return {}, None
-        now = time.time()
+        now = self.clock()
         jobs = json.loads(data).get("jobs", {})
         return {job_id: lapses for job_id, lapses in jobs.items() if lapses > now}, version
 
