@@ -24,7 +24,7 @@ class GenerationParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt_weighting: bool = Field(
+    prompt_weighting: bool = Field(  # before the prompts: their validator reads it
         False, description="Read '(word:1.2)', '(word)', '[word]' in the prompts as weights and encode prompts past "
                            "77 tokens in full, as the reference's full pipeline does (default: plain SDXL encoding)."
     )
