@@ -44,6 +44,10 @@ class GenerationParams(BaseModel):
     scheduler: SchedulerName = "euler"
     lora: str | None = Field(None, description="A LoRA to apply (a path, or a name the server knows).")
     lora_scale: float = Field(1.0, ge=0.0, le=2.0)
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="With image: how much of it to repaint (1.0: all; default 0.8, or 1.0 "
+                                           "with mask_image)."
+    )
     enhance_face_region: bool = Field(
         False, description="Limit IdentityNet to the face box (the reference's 'enhance non-face region')."
     )

@@ -35,10 +35,14 @@ from PIL import Image
 
 from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, install_adapter_processors,
                       load_adapter_layers, load_image_proj, read_adapter_file, token_grids)
+from .assembly import SDXL_MODELS, controlnet_pipeline, load_single_file  # noqa: F401 - SDXL_MODELS re-exported
 from .devices import resolve_device, resolve_dtype
-from .errors import InstantIDError, InvalidParameter, InvalidWeights
+from .errors import InstantIDError, InvalidParameter
 from .face import FaceAnalyzer, FaceInfo
-from .images import ImageInput
+from .identitynet import ControlInputs, box_mask, scale_residual, to_tensor, window_keeps
+from .images import ImageInput, load_image
+from .img2img import (StartImage, default_strength, encode_pictures, frame_mask, frame_picture, keep_unmasked_pixels,
+                      latent_mask, start_step, truncate_schedule)
 from .keypoints import Frame, draw_keypoints, reference_size
 from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
                        resolve_load_settings, set_fused_projections)
@@ -71,6 +75,8 @@ class RenderItem:
     ip_adapter_scale: float = 0.8
     controlnet_conditioning_scale: float = 0.8
     face_box: tuple[float, float, float, float] | None = None
+    init_image: np.ndarray | None = None  # img2img/inpainting: the picture, HxWx3 uint8 at the output size
+    mask: np.ndarray | None = None  # inpainting: HxW uint8 at the output size, 255 where to repaint
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class RenderOptions:
     lora_scale: float = 1.0
     enhance_face_region: bool = False
     text_tokens: int | None = None  # weighted prompts' embedding rows (pipeline.prompts); None: plain encoding
+    strength: float | None = None  # img2img/inpainting (pipeline.img2img); None: text-to-image
+    inpaint: bool = False  # the items carry masks
 
 
 @dataclass
@@ -98,67 +106,6 @@ class GenerationResult:
     height: int
     face: FaceInfo
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def _load_single_file(path: Path, config: str, controlnet, dtype: torch.dtype):
-    """SDXL from one original-layout checkpoint (component configs from ``config``: a local
-    diffusers folder or a hub repo). Whatever goes wrong surfaces as one
-    :class:`InvalidWeights` naming the file; tensors the file lacks are named too (diffusers
-    leaves them unloaded, which would only fail later and without a name)."""
-    from diffusers import StableDiffusionXLControlNetPipeline
-
-    try:
-        sdxl = StableDiffusionXLControlNetPipeline.from_single_file(
-            str(path), controlnet=controlnet, dtype=dtype, config=config, add_watermarker=False
-        )
-    except Exception as error:  # diffusers raises many kinds for a bad or unrecognised file
-        detail = " ".join(f"{type(error).__name__}: {error}".split())
-        if "meta tensor" in detail:  # a tensor diffusers expected was not in the file
-            detail = f"the file lacks tensors the model needs ({detail[:200]})"
-        raise InvalidWeights(
-            f"{path.name}: cannot load it as an SDXL checkpoint (configs from {config}): {detail[:600]}"
-        ) from error
-    missing = [
-        f"{component}.{name}"
-        for component in SDXL_MODELS
-        for name, tensor in [*getattr(sdxl, component).named_parameters(), *getattr(sdxl, component).named_buffers()]
-        if tensor.is_meta
-    ]
-    if missing:
-        raise InvalidWeights(
-            f"{path.name}: the checkpoint lacks {len(missing)} tensor(s) of the SDXL model: {', '.join(missing[:5])}"
-            + (" ..." if len(missing) > 5 else "")
-        )
-    return sdxl
-
-
-def _controlnet_pipeline(sdxl, controlnet):
-    """An SDXL ControlNet pipeline from one, from another SDXL pipeline, or from a dict of
-    parts, with ``controlnet`` (when given) as its ControlNet."""
-    from diffusers import StableDiffusionXLControlNetPipeline
-
-    if isinstance(sdxl, StableDiffusionXLControlNetPipeline) and controlnet is None:
-        return sdxl
-    parts = dict(sdxl) if isinstance(sdxl, dict) else dict(getattr(sdxl, "components", {}))
-    if not parts:
-        raise InvalidParameter("sdxl", "expected an SDXL pipeline or a dict of its parts")
-    controlnet = controlnet if controlnet is not None else parts.get("controlnet")
-    if controlnet is None:
-        raise InvalidParameter("controlnet", "the IdentityNet (a ControlNetModel) is needed")
-    for name in ("unet", "vae", "scheduler"):
-        if parts.get(name) is None:
-            raise InvalidParameter(f"sdxl.{name}", "is needed")
-    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
-    return StableDiffusionXLControlNetPipeline(**{name: parts.get(name) for name in names}, controlnet=controlnet,
-                                               add_watermarker=False)
-
-
-def window_keeps(num_steps: int, start: float, end: float) -> list[bool]:
-    """Whether IdentityNet runs at each step (diffusers' rule for control_guidance_start/end)."""
-    return [not (i / num_steps < start or (i + 1) / num_steps > end) for i in range(num_steps)]
 
 
 class InstantIDPipeline:
@@ -216,7 +163,7 @@ class InstantIDPipeline:
         The models stay on the device and in the dtype they are in (move them first);
         the Resampler and the adapter layers follow the UNet."""
         opts = Optimizations.parse(optimizations)
-        sdxl = _controlnet_pipeline(sdxl, controlnet)
+        sdxl = controlnet_pipeline(sdxl, controlnet)
         weight = next(sdxl.unet.parameters())
         if opts.dtype != "auto" and resolve_dtype(opts.dtype) != weight.dtype:
             raise InvalidParameter("dtype", f"the models are {weight.dtype} but optimizations ask for {opts.dtype}")
@@ -264,7 +211,7 @@ class InstantIDPipeline:
         paths = weights
         controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
         if paths.sdxl_is_single_file:
-            sdxl = _load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
+            sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
         else:
             sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
                 str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
@@ -310,28 +257,45 @@ class InstantIDPipeline:
         prompt: str = "",
         *,
         pose: ImageInput | None = None,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
         on_step: StepCallback | None = None,
         **params,
     ) -> GenerationResult:
         """Generate ``num_images`` images of the person in ``face`` (photos or a
-        :class:`FaceInfo`). ``params`` are the fields of :class:`GenerationParams`."""
+        :class:`FaceInfo`). ``params`` are the fields of :class:`GenerationParams`.
+
+        ``image`` restyles that picture (img2img, ``strength``); ``mask_image`` (white:
+        repaint) repaints only part of it. The keypoints come from ``pose``, else from the
+        face in ``image``, else from the first face photo."""
         spec = parse_params(GenerationParams, prompt=prompt, **{**self.param_defaults, **params})
+        picture = load_image(image, field="image") if image is not None else None
+        mask = load_image(mask_image, field="mask_image") if mask_image is not None else None
         started = time.perf_counter()
-        info = face if isinstance(face, FaceInfo) else self.analyze_faces(face, pose=pose)
+        info = face if isinstance(face, FaceInfo) else \
+            self.analyze_faces(face, pose=pose if pose is not None else picture)
         face_ms = (time.perf_counter() - started) * 1000
-        options, items = self.plan(spec, info)
+        options, items = self.plan(spec, info, image=picture, mask=mask)
         images, timings = self.render(items, options, on_step=on_step)
         timings = {"face": face_ms, **timings}
         return GenerationResult(images, [i.seed for i in items], options.width, options.height, info, timings)
 
-    def plan(self, spec: GenerationParams, face: FaceInfo) -> tuple[RenderOptions, list[RenderItem]]:
-        """Turn validated parameters and an analysed face into render items."""
+    def plan(self, spec: GenerationParams, face: FaceInfo, *, image: Image.Image | None = None,
+             mask: Image.Image | None = None) -> tuple[RenderOptions, list[RenderItem]]:
+        """Turn validated parameters, an analysed face and (img2img, inpainting) the
+        starting picture and its mask into render items."""
         self.check_lora(spec.lora)
-        width, height = self.output_size(spec, face)
+        if image is None and (mask is not None or spec.strength is not None):
+            raise InvalidParameter("mask_image" if mask is not None else "strength",
+                                   "needs image (the picture to start from)")
+        width, height = self.output_size(spec, face, image.size if image is not None else None)
         frame = Frame(face.image_size, (width, height))
         kps = frame.points(np.asarray(face.kps))
         box = tuple(float(v) for v in frame.box(np.asarray(face.bbox)))
         prompt, negative = apply_style(spec.style, spec.prompt, spec.negative_prompt)
+        strength = default_strength(spec.strength, mask is not None) if image is not None else None
+        picture = frame_picture(image, (width, height)) if image is not None else None
+        framed_mask = frame_mask(mask, image.size, (width, height)) if mask is not None else None
         options = RenderOptions(
             width=width,
             height=height,
@@ -344,7 +308,11 @@ class InstantIDPipeline:
             lora_scale=spec.lora_scale,
             enhance_face_region=spec.enhance_face_region,
             text_tokens=self._text_tokens(prompt, negative) if spec.prompt_weighting else None,
+            strength=strength,
+            inpaint=mask is not None,
         )
+        if strength is not None:
+            start_step(options.num_inference_steps, strength)  # refused now, not at render
         items = [
             RenderItem(
                 prompt=prompt,
@@ -356,6 +324,8 @@ class InstantIDPipeline:
                 ip_adapter_scale=spec.ip_adapter_scale,
                 controlnet_conditioning_scale=spec.controlnet_conditioning_scale,
                 face_box=box,
+                init_image=picture,
+                mask=framed_mask,
             )
             for seed in spec.seeds()
         ]
@@ -367,9 +337,11 @@ class InstantIDPipeline:
         except PromptTooLong as error:  # the styled prompt: a style adds its own words
             raise InvalidParameter(error.field, str(error)) from None
 
-    def output_size(self, spec: GenerationParams, face: FaceInfo) -> tuple[int, int]:
-        """Explicit width/height, else the reference rule applied to the face's picture."""
-        default_w, default_h = reference_size(*face.image_size)
+    def output_size(self, spec: GenerationParams, face: FaceInfo,
+                    picture_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """Explicit width/height, else the reference rule applied to the starting picture
+        (img2img) or the face's picture."""
+        default_w, default_h = reference_size(*(picture_size or face.image_size))
         width = spec.width or (default_w if spec.height is None else _round8(spec.height * default_w / default_h))
         height = spec.height or (default_h if spec.width is None else _round8(spec.width * default_h / default_w))
         factor = self.vae_scale_factor
@@ -467,12 +439,25 @@ class InstantIDPipeline:
         self.check_lora(options.lora)
         if not 0 <= options.control_guidance_start < options.control_guidance_end <= 1:
             raise InvalidParameter("control_guidance_start", "the IdentityNet window must satisfy 0 <= start < end <= 1")
+        if options.strength is not None:
+            start_step(options.num_inference_steps, options.strength)
+        elif options.inpaint:
+            raise InvalidParameter("strength", "inpainting needs a strength")
         width = int(self.image_proj.proj_in.in_features)
+        picture = (options.height, options.width)
         for k, item in enumerate(items):
             if np.asarray(item.embedding).size != width:
                 raise InvalidParameter(f"items[{k}].embedding", f"must have {width} values")
             if np.asarray(item.kps).shape != (5, 2):
                 raise InvalidParameter(f"items[{k}].kps", "must be 5 (x, y) keypoints")
+            for name, wanted, shape in (("init_image", options.strength is not None, (*picture, 3)),
+                                        ("mask", options.inpaint, picture)):
+                value = getattr(item, name)
+                if (value is not None) != wanted:
+                    raise InvalidParameter(f"items[{k}].{name}", "is needed in this mode" if wanted
+                                           else "is given but the options' mode does not use it")
+                if value is not None and (np.asarray(value).shape != shape or np.asarray(value).dtype != np.uint8):
+                    raise InvalidParameter(f"items[{k}].{name}", f"must be uint8 of shape {shape}")
 
     def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
         device, dtype = self.device, self.dtype
@@ -498,10 +483,10 @@ class InstantIDPipeline:
         # 3. prepare: keypoint images, masks, per-item scales, noise, timesteps
         clock = time.perf_counter()
         size = (options.width, options.height)
-        condition = torch.stack([_to_tensor(draw_keypoints(i.kps, size)) for i in items]).to(device, dtype)
+        condition = torch.stack([to_tensor(draw_keypoints(i.kps, size)) for i in items]).to(device, dtype)
         mask = None
         if options.enhance_face_region:
-            mask = torch.stack([_box_mask(i.face_box, size) for i in items]).to(device, dtype)
+            mask = torch.stack([box_mask(i.face_box, size) for i in items]).to(device, dtype)
 
         def per_item(values: list[float]) -> torch.Tensor:
             tensor = torch.tensor(values, device=device, dtype=dtype)
@@ -518,14 +503,24 @@ class InstantIDPipeline:
         scheduler = make_scheduler(options.scheduler, self.sdxl.scheduler.config)
         scheduler.set_timesteps(options.num_inference_steps, device=device)
         timesteps = scheduler.timesteps
+        start = None
+        if options.strength is not None:  # img2img/inpainting: the schedule's tail, from the pictures
+            timesteps, first = truncate_schedule(scheduler, options.num_inference_steps, options.strength)
+            pictures = encode_pictures(self.sdxl.vae, [i.init_image for i in items], upcast=self.settings.vae_upcast,
+                                       device=device, dtype=dtype)
+            masks = latent_mask([i.mask for i in items], pictures.shape[-2:], device=device, dtype=dtype) \
+                if options.inpaint else None
+            start = StartImage(pictures, masks, first)
         generators = [torch.Generator("cpu").manual_seed(i.seed) for i in items]
-        latents = self._initial_noise(generators, options, scheduler)
+        noise = self._initial_noise(generators, options)
+        latents = start.initial_latents(noise, scheduler, timesteps) if start is not None \
+            else noise * scheduler.init_noise_sigma
         timestep_cond = self._guidance_embedding(items)
         keeps = window_keeps(len(timesteps), options.control_guidance_start, options.control_guidance_end)
         attention_kwargs = {"ip_adapter_scale": ip_scale}
         if mask is not None:  # resized once per level, to each level's real token grid
             attention_kwargs["ip_adapter_mask"] = FaceRegionMask(mask, token_grids(self.sdxl.unet, latents.shape[-2:]))
-        control = _ControlInputs(face_tokens, condition, added, cn_scale, mask)
+        control = ControlInputs(face_tokens, condition, added, cn_scale, mask)
         if cond_only:
             control = control.second_half()
         timings["prepare"] = _ms(clock, device)
@@ -547,12 +542,12 @@ class InstantIDPipeline:
                     added_cond_kwargs=control.added,
                     return_dict=False,
                 )
-                down = [_scale_residual(d, control.scale, control.mask) for d in down]
-                mid = _scale_residual(mid, control.scale, control.mask)
+                down = [scale_residual(d, control.scale, control.mask) for d in down]
+                mid = scale_residual(mid, control.scale, control.mask)
                 if cond_only:
                     down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                     mid = torch.cat([torch.zeros_like(mid), mid])
-            noise = self.sdxl.unet(
+            prediction = self.sdxl.unet(
                 model_input,
                 t,
                 encoder_hidden_states=unet_tokens,
@@ -564,9 +559,11 @@ class InstantIDPipeline:
                 return_dict=False,
             )[0]
             if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
-            latents = scheduler.step(noise, t, latents, **extra_step, return_dict=False)[0]
+                uncond, cond = prediction.chunk(2)
+                prediction = uncond + guidance * (cond - uncond)
+            latents = scheduler.step(prediction, t, latents, **extra_step, return_dict=False)[0]
+            if start is not None:
+                latents = start.keep_unmasked(latents, noise, scheduler, timesteps, step)
             if on_step is not None:
                 on_step(step + 1, len(timesteps))
         timings["denoise"] = _ms(clock, device)
@@ -574,6 +571,8 @@ class InstantIDPipeline:
         # 5. decode
         clock = time.perf_counter()
         images = self._decode(latents)
+        if options.inpaint:
+            images = [keep_unmasked_pixels(image, i.init_image, i.mask) for image, i in zip(images, items)]
         timings["decode"] = _ms(clock, device)
         return images, timings
 
@@ -612,7 +611,8 @@ class InstantIDPipeline:
         ids = self.sdxl._get_add_time_ids(size, (0, 0), size, dtype=dtype, text_encoder_projection_dim=pooled_dim)
         return ids.to(self.device).repeat(rows, 1)
 
-    def _initial_noise(self, generators, options: RenderOptions, scheduler) -> torch.Tensor:
+    def _initial_noise(self, generators, options: RenderOptions) -> torch.Tensor:
+        """Each image's noise from its own generator (the scheduler scales it)."""
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = (
@@ -621,8 +621,7 @@ class InstantIDPipeline:
             options.height // self.vae_scale_factor,
             options.width // self.vae_scale_factor,
         )
-        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        return noise * scheduler.init_noise_sigma
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
 
     def _guidance_embedding(self, items: list[RenderItem]) -> torch.Tensor | None:
         """Guidance-distilled UNets (``time_cond_proj_dim`` set, e.g. LCM-distilled SDXL) take
@@ -665,45 +664,6 @@ def _ms(since: float, device: torch.device | None = None) -> float:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: time it done, not queued
     return round((time.perf_counter() - since) * 1000, 2)
-
-
-@dataclass
-class _ControlInputs:
-    """What IdentityNet takes besides the latents (whole CFG batch, or its second half)."""
-
-    face_tokens: torch.Tensor
-    condition: torch.Tensor
-    added: dict
-    scale: torch.Tensor
-    mask: torch.Tensor | None
-
-    def second_half(self) -> "_ControlInputs":
-        def half(tensor):
-            return tensor[tensor.shape[0] // 2 :] if tensor is not None else None
-
-        return _ControlInputs(half(self.face_tokens), half(self.condition),
-                              {k: half(v) for k, v in self.added.items()}, half(self.scale), half(self.mask))
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def _box_mask(box, size: tuple[int, int]) -> torch.Tensor:
-    width, height = size
-    mask = torch.zeros(1, height, width)
-    if box is not None:
-        x1, y1, x2, y2 = (int(round(v)) for v in box)
-        mask[:, max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)] = 1.0
-    return mask
-
-
-def _scale_residual(residual: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    residual = residual * scale
-    if mask is not None:
-        small = torch.nn.functional.interpolate(mask, size=residual.shape[-2:], mode="bilinear", align_corners=False)
-        residual = residual * small
-    return residual
 
 
 def _step_params(scheduler) -> set[str]:
