@@ -71,6 +71,11 @@ def build_parser():
     gen.add_argument("--face", action="append", required=True, type=Path, help="a face photo (repeatable)")
     gen.add_argument("--pose", type=Path, help="take the keypoints (head pose) from this photo")
     gen.add_argument("--face-combine", choices=("mean", "norm_mean"), default="mean")
+    gen.add_argument("--image", type=Path, help="restyle this picture (img2img; keypoints from its face unless --pose)")
+    gen.add_argument("--strength", type=float, help="with --image: how much to repaint, 0-1 (default 0.8; 1.0 with "
+                                                   "--mask-image)")
+    gen.add_argument("--mask-image", type=Path, help="with --image: repaint only where this mask is white "
+                                                     "(inpainting; the rest keeps the picture's pixels)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
     gen.add_argument("--prompt-weighting", action="store_true",
@@ -186,7 +191,11 @@ def _generate(args) -> int:
         num_images=args.num_images,
         lora=str(args.lora) if args.lora else None,
         lora_scale=args.lora_scale,
+        strength=args.strength,
     )
+    for flag, value in (("--strength", args.strength), ("--mask-image", args.mask_image)):
+        if value is not None and args.image is None:
+            raise InvalidParameter(flag, "needs --image (the picture to start from)")
     if args.lora is not None and not args.lora.exists():
         raise InvalidParameter("--lora", f"no such file: {args.lora}")
     out_format = OUTPUT_FORMATS.get(args.out.suffix.lower())
@@ -196,6 +205,8 @@ def _generate(args) -> int:
         raise InvalidParameter("--out", f"folder {args.out.parent} does not exist")
     faces = [load_image(p, field=f"--face {p}") for p in args.face]
     pose = load_image(args.pose, field=f"--pose {args.pose}") if args.pose else None
+    picture = load_image(args.image, field=f"--image {args.image}") if args.image else None
+    mask = load_image(args.mask_image, field=f"--mask-image {args.mask_image}") if args.mask_image else None
     paths = resolve_weights(args.weights)
 
     # 2. load, analyse, render
@@ -205,11 +216,12 @@ def _generate(args) -> int:
                                           optimizations=optimizations)
     load_ms = (time.perf_counter() - started) * 1000
     clock = time.perf_counter()
+    layout, layout_name = (pose, f"--pose {args.pose}") if pose is not None else (picture, f"--image {args.image}")
     face = pipe.face.analyze_many(
-        faces, pose=pose, combine=args.face_combine, names=[f"--face {p}" for p in args.face], pose_name=f"--pose {args.pose}"
+        faces, pose=layout, combine=args.face_combine, names=[f"--face {p}" for p in args.face], pose_name=layout_name
     )
     face_ms = (time.perf_counter() - clock) * 1000
-    result = pipe(face, **params.model_dump())
+    result = pipe(face, image=picture, mask_image=mask, **params.model_dump())
     result.timings_ms["face"] = face_ms
 
     # 3. write

@@ -73,9 +73,16 @@ def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
         (("--lora", "/nowhere/lora.safetensors"), "face.png", EXIT_INVALID, "--lora: no such file"),
         (("--prompt-weighting", "--prompt", "a (face:1.2.3)"), "face.png", EXIT_INVALID,
          "prompt: the weight '1.2.3'"),
+        (("--strength", "0.5"), "face.png", EXIT_INVALID, "--strength: needs --image"),
+        (("--image", "/nowhere/scene.png"), "face.png", EXIT_INVALID, "scene.png: file not found"),
+        (("--image", "{photos}/black.png"), "face.png", EXIT_NO_FACE, "--image {photos}/black.png: no face"),
+        (("--image", "{photos}/pose.jpg", "--mask-image", "{photos}/face.png"), "face.png", EXIT_INVALID,
+         "mask_image: must be the size of image (320x200), got 256x256"),
+        (("--image", "{photos}/pose.jpg", "--strength", "1.5"), "face.png", EXIT_INVALID, "strength:"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(weights_dir, photos, tmp_path, capsys, extra, face, code, needle):
+    extra, needle = [e.format(photos=photos) for e in extra], needle.format(photos=photos)
     assert generate(weights_dir, photos, tmp_path, *extra, face=face) == code
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
@@ -119,3 +126,20 @@ def test_serve_listens_on_loopback_and_turns_auth_on_with_a_key_digest():
     app_args = local_args(application_config(load_serve_config()), weights="W", storage="S",
                           auth={"disabled": False, "api_key_sha256": args.api_key_sha256, "api_keys_env": ""})
     assert not app_args.auth.disabled and app_args.auth.api_key_sha256 == ["d" * 64]
+
+
+def test_inpainting_a_face_into_a_photo(weights_dir, photos, tmp_path, capsys):
+    """--image with --mask-image: the keypoints from the photo's face, the photo's own pixels
+    outside the mask."""
+    mask = Image.new("L", (320, 200), 0)
+    mask.paste(255, (40, 40, 160, 160))
+    mask.save(tmp_path / "mask.png")
+    code = main(["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--image",
+                 str(photos / "pose.jpg"), "--mask-image", str(tmp_path / "mask.png"), "--prompt", "a portrait",
+                 "--seed", "3", "--width", "160", "--num-inference-steps", "2", "--out", str(tmp_path / "out.png")])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["width"], report["height"]) == (160, 96)  # the photo's frame (1280x768) at width 160
+    assert report["face"]["image_size"] == [1280, 768]  # keypoints from the photo's face
+    out = Image.open(tmp_path / "out.png")
+    assert out.size == (160, 96)
