@@ -45,6 +45,10 @@ class GenerationRequest(GenerationParams):
                                           description=f"1 to 4 photos of one person. {IMAGE_REF}")
     face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
     pose_image: str | None = Field(None, description=f"Take the head pose from this photo. {IMAGE_REF}")
+    image: str | None = Field(None, description="Restyle this picture (img2img, see strength); the head pose comes "
+                                                f"from its face unless pose_image is given. {IMAGE_REF}")
+    mask_image: str | None = Field(None, description="With image: repaint only where this mask is white "
+                                                     f"(inpainting); the picture's size. {IMAGE_REF}")
     face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
     output_format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")

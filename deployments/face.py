@@ -52,7 +52,8 @@ class FaceEmbedder:
         """The batch's requests together: detection per photo, one recognition call for
         all their faces; a bad request gets its own error, the others their faces."""
         started = time.perf_counter()
-        requests = [FaceRequest(images=job.images, pose=job.pose, combine=job.combine, names=job.names or None)
+        requests = [FaceRequest(images=job.images, pose=job.pose, combine=job.combine, names=job.names or None,
+                                pose_name=job.pose_name)
                     for job in jobs]
         try:
             results: list[FaceInfo | BaseException] = list(self.analyzer.analyze_requests(requests,

@@ -17,7 +17,7 @@ from service.storage import Storage
 
 from .calls import call, stream
 from service.config import AppArgs
-from .messages import FaceJob, GenerationJob, StoredGeneration
+from .messages import FaceJob, GenerationJob, Pictures, StoredGeneration
 
 EventSink = Callable[[dict], None]
 
@@ -45,7 +45,7 @@ class GenerationFlow:
 
     async def render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
                      output: OutputSpec, request_hash: str | None, deadline: float,
-                     on_event: EventSink | None = None) -> StoredGeneration:
+                     on_event: EventSink | None = None, pictures: Pictures = Pictures()) -> StoredGeneration:
         """Render and store (the Generator hands the images to the Postprocessor, which
         creates the record once they are stored), once this replica has a place for it (a
         :class:`~service.fairness.FairQueue`: keys take turns). A Generator replica that dies
@@ -55,16 +55,17 @@ class GenerationFlow:
             notify({"stage": "queued"})
         async with self.fair.place(owner, max(0.001, deadline - time.monotonic())):
             notify({"stage": "rendering", "step": 0, "total": params.num_inference_steps})
-            return await self._render(generation_id, owner, params, face, output, request_hash, deadline, notify)
+            return await self._render(generation_id, owner, params, face, output, request_hash, deadline, notify,
+                                      pictures)
 
     async def _render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
                       output: OutputSpec, request_hash: str | None, deadline: float,
-                      notify: EventSink) -> StoredGeneration:
+                      notify: EventSink, pictures: Pictures) -> StoredGeneration:
         lora = self.args.loras.get(params.lora) if params.lora else None
         record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
-        job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face), output,
-                            record)
+        job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face,
+                                          image=pictures.image, mask=pictures.mask), output, record)
         for attempt in range(2):
             try:
                 response = self.generator.options(stream=True).generate.remote(job)

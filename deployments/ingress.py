@@ -148,10 +148,11 @@ class Ingress:
         try:
             await self.gate.charge_images(owner, body.num_images)
             face = await self.submissions.face(body, owner, deadline)
+            pictures = await self.submissions.pictures(body, owner)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
                                             OutputSpec(format=body.output_format, quality=body.quality),
-                                            request_hash, deadline)
+                                            request_hash, deadline, pictures=pictures)
         finally:
             if key is not None:
                 await _off_loop(claims.release, self.storage, generation_id, attempt)
@@ -276,6 +277,9 @@ class Ingress:
             raise InvalidParameter("num_images", f"must be at most {limits.max_num_images} on this server")
         if (body.face_images is None) == (body.face_id is None):
             raise InvalidParameter("face_images", "give either face_images or face_id (exactly one)")
+        for name in ("mask_image", "strength"):
+            if getattr(body, name) is not None and body.image is None:
+                raise InvalidParameter(name, "needs image (the picture to start from)")
         if body.lora is not None and body.lora not in self.args.loras:
             raise InvalidParameter("lora", f"unknown LoRA {body.lora!r}; this server offers {sorted(self.args.loras)}")
 

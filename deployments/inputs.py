@@ -38,13 +38,14 @@ class ImageInputs:
         self.presign_endpoint = presign_endpoint
         self._s3 = self._presign = None
 
-    async def face_job(self, refs: list[str], pose: str | None, combine: str, owner: str) -> FaceJob:
+    async def face_job(self, refs: list[str], pose: str | None, combine: str, owner: str,
+                       pose_name: str = "pose_image") -> FaceJob:
         if len(refs) > self.limits.max_face_images:
             raise InvalidParameter("face_images", f"at most {self.limits.max_face_images} photos")
         names = [f"face_images[{i}]" for i in range(len(refs))]
         images = [await self.image_bytes(ref, name, owner) for ref, name in zip(refs, names)]
-        pose_bytes = await self.image_bytes(pose, "pose_image", owner) if pose else None
-        return FaceJob(images=images, pose=pose_bytes, combine=combine, names=names)
+        pose_bytes = await self.image_bytes(pose, pose_name, owner) if pose else None
+        return FaceJob(images=images, pose=pose_bytes, combine=combine, names=names, pose_name=pose_name)
 
     def upload(self, owner: str, content_type: str, expires_s: int) -> dict:
         """A presigned POST for one image under ``owner``'s prefix of the first input bucket:

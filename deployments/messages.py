@@ -16,6 +16,15 @@ class FaceJob:
     pose: bytes | None = None
     combine: str = "mean"
     names: list[str] | None = None  # e.g. "face_images[1]"
+    pose_name: str = "pose_image"  # the field the pose photo came in (``image`` when it is the picture)
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """img2img/inpainting: the picture to start from and its mask (bytes as sent)."""
+
+    image: bytes | None = None
+    mask: bytes | None = None
 
 
 @dataclass

@@ -28,6 +28,7 @@ from service.storage import open_storage
 
 from service.config import AppArgs
 from .flow import GenerationFlow
+from .messages import Pictures
 from .replica import replica_is_stopping
 from .views import Views
 from .webhooks import deliver, key_secret, resolve_target
@@ -197,7 +198,8 @@ class JobRunner:
         while True:
             try:
                 return await self.flow.render(record.id, record.owner, job.params, face, job.output,
-                                              record.request_hash, deadline, on_event)
+                                              record.request_hash, deadline, on_event,
+                                              Pictures(job.image, job.mask_image))
             except (Overloaded, Unavailable):
                 if time.monotonic() + backoff > deadline:
                     raise

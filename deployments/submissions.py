@@ -22,6 +22,12 @@ from service.records import GenerationRecord, JobInput, JobRecord, OutputSpec, S
 from .api import GenerationRequest
 from .flow import GenerationFlow
 from .inputs import ImageInputs
+from .messages import Pictures
+
+
+def _layout(body: GenerationRequest) -> tuple[str | None, str]:
+    """Where the head pose comes from: ``pose_image``, else the picture to restyle."""
+    return (body.pose_image, "pose_image") if body.pose_image else (body.image, "image")
 
 
 def generation_id(owner: str, key: str | None, body: GenerationRequest) -> tuple[str, str | None]:
@@ -47,28 +53,41 @@ class Submissions:
         """The face to render: analysed from the photos, or registered (with the head pose
         of ``pose_image`` when given)."""
         if body.face_id is None:
-            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
-            return await self.flow.analyze(job, deadline)
+            return await self.flow.analyze(await self._face_job(body, owner), deadline)
         return await self.flow.registered_face(body.face_id, owner, await self._pose(body, owner, deadline))
 
+    async def _face_job(self, body: GenerationRequest, owner: str):
+        pose, name = _layout(body)
+        return await self.inputs.face_job(body.face_images, pose, body.face_combine, owner, pose_name=name)
+
     async def _pose(self, body: GenerationRequest, owner: str, deadline: float):
-        if not body.pose_image:
+        pose, name = _layout(body)
+        if not pose:
             return None
-        posed = await self.flow.analyze(await self.inputs.face_job([body.pose_image], None, "mean", owner), deadline)
+        job = await self.inputs.face_job([pose], None, "mean", owner)
+        job.names = [name]
+        posed = await self.flow.analyze(job, deadline)
         return StoredFace.of(posed).public()
+
+    async def pictures(self, body: GenerationRequest, owner: str) -> Pictures:
+        """img2img/inpainting: the picture and its mask, read (within the limits)."""
+        image = await self.inputs.image_bytes(body.image, "image", owner) if body.image else None
+        mask = await self.inputs.image_bytes(body.mask_image, "mask_image", owner) if body.mask_image else None
+        return Pictures(image, mask)
 
     async def start_job(self, generation_id: str, owner: str, body: GenerationRequest, params: GenerationParams,
                         request_hash: str | None, deadline: float) -> JobRecord:
         """Analyse the face now (bad photos are a 4xx at once), store the job, and hand it
         to the job runners. A registered face stays a reference (read when the job runs);
         an analysed one is kept in the job's input until the job ends."""
-        job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality))
+        pictures = await self.pictures(body, owner)
+        job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality),
+                             image=pictures.image, mask_image=pictures.mask)
         if body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
             job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline)
         else:
-            job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
-            job_input.face = StoredFace.of(await self.flow.analyze(job, deadline))
+            job_input.face = StoredFace.of(await self.flow.analyze(await self._face_job(body, owner), deadline))
         now = time.time()
         record = JobRecord(id=generation_id, owner=owner, created_at=now, updated_at=now,
                            expires_at=now + self.results_s, request_hash=request_hash,

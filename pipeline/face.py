@@ -393,6 +393,13 @@ def _identity(faces: Sequence[FaceInfo], layout: FaceInfo, combine: CombineMode)
     )
 
 
+def with_layout(face: FaceInfo, layout: FaceInfo) -> FaceInfo:
+    """``face``'s identity with the keypoints, box and picture size of ``layout`` (a
+    registered face rendered in another photo's head pose)."""
+    return FaceInfo(bbox=layout.bbox, kps=layout.kps, det_score=face.det_score, embedding=face.embedding,
+                    image_size=layout.image_size)
+
+
 def _face_info(bbox, kps, score, embedding: np.ndarray, image_size: tuple[int, int]) -> FaceInfo:
     return FaceInfo(
         bbox=tuple(float(v) for v in bbox),

@@ -34,6 +34,8 @@ class RenderRequest:
     id: str
     params: GenerationParams  # ``lora`` already resolved to a path on this node; ``seed`` set
     face: FaceInfo
+    image: bytes | None = None  # img2img/inpainting: the picture (encoded, as sent)
+    mask: bytes | None = None  # inpainting: its mask
 
 
 @dataclass
@@ -66,12 +68,20 @@ def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[Groups, dict[i
     errors: dict[int, BaseException] = {}
     for index, request in enumerate(requests):
         try:
-            options, items = pipe.plan(request.params, request.face)
+            options, items = pipe.plan(request.params, request.face, **_pictures(request))
         except InstantIDError as error:
             errors[index] = error
             continue
         groups.setdefault(options, []).append((index, items))
     return groups, errors
+
+
+def _pictures(request: RenderRequest) -> dict:
+    """A request's picture and mask, decoded (within the image limits)."""
+    from pipeline.images import load_image
+
+    return {"image": load_image(request.image, field="image") if request.image is not None else None,
+            "mask": load_image(request.mask, field="mask_image") if request.mask is not None else None}
 
 
 def render_requests(pipe, requests: Sequence[RenderRequest], *,

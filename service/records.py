@@ -9,11 +9,12 @@ reports it, the HTTP API shows it, records keep it; a stored face adds the embed
 
 from __future__ import annotations
 
+import base64
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 from pipeline.face import FaceInfo, face_geometry
 from pipeline.face import FaceSummary as Face
@@ -22,6 +23,13 @@ from pipeline.params import GenerationParams
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FINAL_STATUSES: tuple[str, ...] = ("succeeded", "failed", "canceled")
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+EncodedImage = Annotated[  # image bytes, written in JSON as base64
+    bytes,
+    BeforeValidator(lambda value: base64.b64decode(value, validate=True) if isinstance(value, str) else value),
+    PlainSerializer(lambda value: base64.b64encode(value).decode("ascii"), when_used="json"),
+]
 
 
 class _Record(BaseModel):
@@ -136,6 +144,8 @@ class JobInput(_Record):
     face_id: str | None = None
     pose: Face | None = None  # head pose from another photo, for a registered face
     output: OutputSpec = Field(default_factory=OutputSpec)
+    image: EncodedImage | None = None  # img2img/inpainting: the picture, as sent (kept until the job ends)
+    mask_image: EncodedImage | None = None
 
 
 class Lease(_Record):

@@ -501,3 +501,49 @@ def test_a_call_cancelled_while_queued_in_a_batch_does_not_cancel_a_later_one_wi
     running.cancel()
     events = list(generate_stream("s3app", retried))
     assert events[-1]["type"] == "result" and events[-1]["result"].record.id == retried.request.id
+
+
+# ----------------------------------------------------------------------------- img2img, inpainting
+
+
+def test_inpainting_over_http_sync_and_async_keeps_the_unmasked_pixels(client, photo):
+    """A face put into a picture: keypoints from the picture's face, the picture's own
+    pixels outside the mask; the async job (its picture kept in the job's input) makes the
+    same bytes."""
+    scene = face_photo(size=(128, 128), blobs=((64, 64, 40),))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (24, 16, 104, 104))
+    body = {"face_images": [photo], "image": data_url(scene), "mask_image": data_url(mask), "seed": 5, **SMALL}
+    response = generate(client, body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["face"]["image_size"] == [1024, 1024]  # the scene's frame (reference rule on 128x128)
+    out = np.asarray(fetch_image(result["images"][0]["url"]).convert("RGB"))
+    keep = np.asarray(mask.resize((64, 64), Image.Resampling.NEAREST)) == 0
+    framed = np.asarray(scene.resize((64, 64), Image.Resampling.BICUBIC))
+    assert (out[keep] == framed[keep]).all() and (out[~keep] != framed[~keep]).any()
+
+    job = client.post("/v1/generations", json={**body, "async": True}, headers=auth()).json()
+    deadline = time.monotonic() + 300
+    while (view := client.get(f"/v1/generations/{job['id']}", headers=auth()).json())["status"] not in (
+            "succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert view["status"] == "succeeded", view
+    assert httpx.get(view["images"][0]["url"], timeout=60).content == \
+        httpx.get(result["images"][0]["url"], timeout=60).content
+
+
+@pytest.mark.parametrize("change,status,code,field", [
+    ({"mask_image": "MASK"}, 422, "invalid_parameter", "mask_image"),
+    ({"strength": 0.5}, 422, "invalid_parameter", "strength"),
+    ({"image": "PHOTO", "strength": 1.5}, 422, "invalid_parameter", "strength"),
+    ({"image": "PHOTO", "mask_image": "SMALL_MASK"}, 422, "invalid_parameter", "mask_image"),
+    ({"image": "PHOTO", "mask_image": b64(b"not an image")}, 400, "invalid_image", "mask_image"),
+    ({"image": data_url(Image.new("RGB", (200, 200)))}, 422, "no_face", "image"),
+])
+def test_bad_pictures_and_masks_are_refused_naming_the_field(client, photo, change, status, code, field):
+    values = {"PHOTO": photo, "MASK": data_url(Image.new("L", (256, 256), 255)),
+              "SMALL_MASK": data_url(Image.new("L", (32, 32), 255))}
+    change = {k: values.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
+    assert_error(generate(client, {"face_images": [photo], **SMALL, **change}), status, code, field)
