@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import ImageTooLarge, InvalidImage, NoFaceDetected
-from pipeline.images import ImageLimits
+from pipeline.face import with_layout
+from pipeline.images import ImageLimits, load_image
 from pipeline.params import GenerationParams, invalid_parameter_from, seed_from
 from pipeline.s3 import S3Location, s3_client
 from service.batching import RenderRequest, render_requests
@@ -109,7 +110,7 @@ def plan_row(raw: dict) -> dict:
     row_id = str(raw.get("id", f"row-{raw['_row']}")).strip()
     # flat columns only (strings, numbers, bytes): lists travel as JSON text
     job = {"id": row_id, "row": int(raw["_row"]), "status": "pending", "message": "", "face_refs": "[]",
-           "face_id": "", "pose_ref": "", "spec": "", "output_format": "png", "quality": 90, "face": "",
+           "face_id": "", "pose_ref": "", "image_ref": "", "mask_ref": "", "image": b"", "mask": b"", "spec": "", "output_format": "png", "quality": 90, "face": "",
            "pixels": b"", "count": 0, "seeds": "[]", "width": 0, "height": 0}
     if not ROW_ID.fullmatch(row_id):
         job["id"] = f"row-{raw['_row']}"
@@ -125,6 +126,9 @@ def plan_row(raw: dict) -> dict:
         job["quality"] = int(raw.get("quality") or 90)
         if job["output_format"] not in FORMATS:
             return {**job, "status": "error", "message": f"output_format: unknown format {job['output_format']!r}"}
+        for name in ("mask_image", "strength"):
+            if raw.get(name) not in (None, "") and not raw.get("image"):
+                return {**job, "status": "error", "message": f"{name}: needs image (the picture to start from)"}
         values = {k: v for k, v in raw.items() if k in GenerationParams.model_fields and v is not None}
         values.setdefault("seed", default_seed(row_id))
         spec = GenerationParams(**values)
@@ -133,6 +137,7 @@ def plan_row(raw: dict) -> dict:
             error = invalid_parameter_from(error)
         return {**job, "status": "error", "message": str(error)}
     return {**job, "face_refs": json.dumps(refs), "face_id": face_id, "pose_ref": str(raw.get("pose_image") or ""),
+            "image_ref": str(raw.get("image") or ""), "mask_ref": str(raw.get("mask_image") or ""),
             "spec": spec.model_dump_json()}
 
 
@@ -177,18 +182,29 @@ class FaceStage:
             if batch.at[i, "status"] != "pending":
                 continue
             try:
+                # img2img/inpainting: the picture (and the head pose, unless pose_image) and its mask
+                for column, ref, field in (("image", "image_ref", "image"), ("mask", "mask_ref", "mask_image")):
+                    if batch.at[i, ref]:
+                        data = self._fetch(batch.at[i, ref], field)
+                        load_image(data, field=field, limits=self.limits)  # a bad picture is this row's bad_image
+                        batch.at[i, column] = data
+                layout, layout_name = (batch.at[i, "pose_ref"], "pose_image") if batch.at[i, "pose_ref"] else \
+                    (batch.at[i, "image_ref"], "image")
                 if batch.at[i, "face_id"]:
                     if self.faces is None or self.face_owner is None:
                         raise ValueError("face_id needs --face-store (the service's storage) and --api-key-sha256 "
                                          "(the key the face was registered with)")
                     # the API's rules: the key's own, unexpired faces only
                     face = load_face(self.faces, batch.at[i, "face_id"], self.face_owner).face.to_info()
+                    if layout:
+                        face = with_layout(face, self.analyzer.analyze(self._fetch(layout, layout_name),
+                                                                       field=layout_name))
                 else:
                     refs = json.loads(batch.at[i, "face_refs"])
                     names = [f"face_images[{k}]" for k in range(len(refs))]
                     images = [self._fetch(ref, name) for ref, name in zip(refs, names)]
-                    pose = self._fetch(batch.at[i, "pose_ref"], "pose_image") if batch.at[i, "pose_ref"] else None
-                    face = self.analyzer.analyze_many(images, pose=pose, names=names)
+                    pose = self._fetch(layout, layout_name) if layout else None
+                    face = self.analyzer.analyze_many(images, pose=pose, names=names, pose_name=layout_name)
                 batch.at[i, "face"] = StoredFace.of(face).model_dump_json()
             except NoFaceDetected as error:
                 batch.at[i, "status"], batch.at[i, "message"] = "no_face", str(error)
@@ -215,7 +231,9 @@ class DiffusionStage:
         batch = batch.reset_index(drop=True)
         rows = [i for i in range(len(batch)) if batch.at[i, "status"] == "pending"]
         requests = [RenderRequest(batch.at[i, "id"], GenerationParams.model_validate_json(batch.at[i, "spec"]),
-                                  StoredFace.model_validate_json(batch.at[i, "face"]).to_info()) for i in rows]
+                                  StoredFace.model_validate_json(batch.at[i, "face"]).to_info(),
+                                  image=bytes(batch.at[i, "image"]) or None, mask=bytes(batch.at[i, "mask"]) or None)
+                    for i in rows]
         for i, outcome in zip(rows, render_requests(self.pipe, requests)):
             if isinstance(outcome, BaseException):
                 batch.at[i, "status"], batch.at[i, "message"] = "error", _message(outcome)

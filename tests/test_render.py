@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +27,10 @@ INSTANTID = str(Path(sys.executable).parent / "instantid")
 KEY_DIGEST = "a" * 64  # the renderer's API key (digest): registered faces must be its own
 OWNER = KEY_DIGEST[:16]
 SIZE = {"width": 96, "height": 96, "num_inference_steps": 3}  # small: the test is about rows, not pixels
-ROWS = 34
+ROWS = 36
+WIDE = face_photo(size=(320, 240), blobs=((160, 120, 60),))
+WIDE_MASK = Image.new("L", (320, 240), 0)
+WIDE_MASK.paste(255, (90, 50, 230, 190))
 
 
 def png(image: Image.Image) -> bytes:
@@ -91,10 +95,11 @@ def batch(s3_server, face):
     photos = {
         "faces/round.png": png(face_photo()),
         "faces/warm.png": png(face_photo(color=(255, 230, 190))),
-        "faces/wide.png": png(face_photo(size=(320, 240), blobs=((160, 120, 60),))),
+        "faces/wide.png": png(WIDE),
         "faces/black.png": png(Image.new("RGB", (200, 200))),
         "faces/notes.png": b"meeting notes, not a picture",
         "faces/cut.png": png(face_photo())[:300],
+        "faces/wide-mask.png": png(WIDE_MASK),
     }
     for key, data in photos.items():
         client.put_object(Bucket="batch", Key=key, Body=data)
@@ -122,6 +127,10 @@ def batch(s3_server, face):
         if i in (3, 11):  # a registered face instead of photos
             row["face_id"] = "f_mine" + "_" * 18
             del row["face_images"]
+        if i == 11:  # img2img of a registered face, in the picture's head pose
+            row.update(image="s3://batch/faces/wide.png", strength=0.5)
+        if i == 8:  # inpainting
+            row.update(image="s3://batch/faces/wide.png", mask_image="s3://batch/faces/wide-mask.png")
         good.append(row)
     bad = {
         "noface-1": ("no_face", {"face_images": ["s3://batch/faces/black.png"]}),
@@ -137,6 +146,10 @@ def batch(s3_server, face):
         "oldface": ("error", {"face_id": "f_old" + "_" * 19}),  # past its retention
         "noface-id": ("error", {"face_id": "f_nobody" + "_" * 16}),
         "badface-id": ("error", {"face_id": "../faces/f_mine"}),
+        "badmask": ("bad_image", {"face_images": ["s3://batch/faces/round.png"], "image": "s3://batch/faces/wide.png",
+                                  "mask_image": "s3://batch/faces/notes.png"}),
+        "masknoimage": ("error", {"face_images": ["s3://batch/faces/round.png"],
+                                  "mask_image": "s3://batch/faces/wide-mask.png"}),
     }
     lines = [json.dumps(row) for row in good]
     for name, (_, fields) in bad.items():
@@ -214,7 +227,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
     assert summary["rows"] == ROWS
     assert summary["skipped_finished"] == len(finished_in_run1)  # nothing finished was rendered again
     assert summary["processed"] == ROWS - len(finished_in_run1)
-    assert summary["statuses"] == {"ok": 20, "no_face": 2, "bad_image": 3, "error": 9}
+    assert summary["statuses"] == {"ok": 20, "no_face": 2, "bad_image": 4, "error": 10}
 
     table = pq.read_table(io.BytesIO(client.get_object(Bucket="batch", Key="out/results.parquet")["Body"].read()))
     results = {row["id"]: row for row in table.to_pylist()}
@@ -231,6 +244,12 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
             image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
             assert image.size == (SIZE["width"], SIZE["height"])
             assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
+        if "mask_image" in spec:  # the picture's own pixels outside the mask
+            from pipeline.img2img import frame_mask, frame_picture
+
+            size = (SIZE["width"], SIZE["height"])
+            keep = frame_mask(WIDE_MASK, WIDE_MASK.size, size) == 0
+            assert (np.asarray(image.convert("RGB"))[keep] == frame_picture(WIDE, size)[keep]).all()
         if row_id in run1_reports:  # rendered in run 1, untouched by run 2
             assert report["run"] == run1_reports[row_id]["run"] != summary["run"]
         else:
