@@ -35,6 +35,9 @@ def photos(tmp_path_factory):
     Image.fromarray(data.astronaut()).save(folder / "astronaut.png")  # the demo's sample photo
     Image.fromarray(data.astronaut()).save(folder / "astronaut-copy.png")
     face_photo(blobs=()).save(folder / "empty-room.png")
+    mask = Image.new("L", (512, 512), 0)
+    mask.paste(255, (150, 40, 350, 260))  # the astronaut's head
+    mask.save(folder / "head-mask.png")
     return folder
 
 
@@ -104,6 +107,26 @@ def test_generate_from_the_sample_photo_with_progress_and_a_result(page, page_ur
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webpage-finished.png"), full_page=True)
     assert (ARTIFACTS / "webpage-finished.png").stat().st_size > 10_000
+
+
+def test_inpainting_a_face_into_a_picture(page, page_url, photos):
+    page.goto(page_url)
+    page.fill("#api-key", KEY)
+    page.set_input_files("#photos", str(photos / "astronaut-copy.png"))
+    page.wait_for_selector("text=astronaut-copy.png: face found")
+    page.set_input_files("#image", str(photos / "astronaut.png"))
+    page.set_input_files("#mask-image", str(photos / "head-mask.png"))
+    page.wait_for_function("() => document.getElementById('strength-value').textContent === '1'")
+    page.select_option("#size", "128x128")
+    page.eval_on_selector("#steps", "el => { el.value = '2'; el.dispatchEvent(new Event('input')); }")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/generations")) as sent:
+        page.click("#generate")
+    body = json.loads(sent.value.post_data)
+    assert body["image"].startswith("data:image/png;base64,") and body["mask_image"].startswith("data:image/png")
+    assert body["strength"] == 1
+    page.wait_for_selector("#results img", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#results img').naturalWidth === 128")
+    assert page.text_content("#error") == "" or page.is_hidden("#error")
 
 
 def test_a_photo_without_a_face_says_so(page, page_url, photos):

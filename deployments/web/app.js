@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "instantid-api-key"; // sessionStorage: this tab only
 const COLORS = ["rgb(255,0,0)", "rgb(0,255,0)", "rgb(0,0,255)", "rgb(255,255,0)", "rgb(255,0,255)"];
-const state = { photos: [], job: null, controller: null, options: null };
+const state = { photos: [], picture: null, mask: null, job: null, controller: null, options: null };
 
 class ApiError extends Error {
   constructor(status, body, headers) {
@@ -95,6 +95,15 @@ function drawFace(canvas, image, face) {
   });
 }
 
+async function choosePicture(files, name) {
+  const file = files && files[0];
+  state[name] = file ? await readAsDataURL(file) : null;
+  if (name === "mask" && state.mask) {  // inpainting repaints the masked area from noise by default
+    $("strength").value = "1";
+    $("strength-value").textContent = "1";
+  }
+}
+
 async function addPhotos(files) {
   const list = $("previews");
   list.replaceChildren();
@@ -150,6 +159,11 @@ function requestBody() {
   if (negative) body.negative_prompt = negative;
   if ($("prompt-weighting").checked) body.prompt_weighting = true;
   if ($("style").value) body.style = $("style").value;
+  if (state.picture) {
+    body.image = state.picture;
+    body.strength = Number($("strength").value);
+    if (state.mask) body.mask_image = state.mask;
+  }
   const size = $("size").value;
   if (size) { const [w, h] = size.split("x").map(Number); body.width = w; body.height = h; }
   if ($("random-seed").checked) $("seed").value = String(Math.floor(Math.random() * 2 ** 31));
@@ -277,11 +291,13 @@ async function cancel() {
 
 async function start() {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
-  for (const id of ["steps", "guidance", "ip-scale", "cn-scale"]) {
+  for (const id of ["steps", "guidance", "ip-scale", "cn-scale", "strength"]) {
     const input = $(id), output = $(`${id}-value`);
     input.addEventListener("input", () => { output.textContent = input.value; });
   }
   $("photos").addEventListener("change", (event) => addPhotos(event.target.files));
+  $("image").addEventListener("change", (event) => choosePicture(event.target.files, "picture"));
+  $("mask-image").addEventListener("change", (event) => choosePicture(event.target.files, "mask"));
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
   try {
