@@ -9,6 +9,8 @@
     instantid/ip-adapter.bin    {"image_proj": ..., "ip_adapter": ...} with the published keys
     antelopev2/                 scrfd_10g_bnkps.onnx (an SCRFD-signature detector) and
                                 glintr100.onnx (an ArcFace-signature recogniser)
+    controlnets/{pose,canny,depth}/  extra SDXL ControlNets (diffusers layout, IdentityNet's topology)
+    annotators/depth/           a tiny DPT depth estimator (transformers layout)
 
 ``write_sdxl_single_file(root / "sdxl", path)`` writes that SDXL again as one .safetensors
 checkpoint in the original Stability (SGM) key layout, as single-file fine-tunes are published.
@@ -66,7 +68,24 @@ def write_fixtures(root: str | Path) -> Path:
     (root / "antelopev2").mkdir(parents=True, exist_ok=True)
     write_detector(root / "antelopev2" / "scrfd_10g_bnkps.onnx")
     write_recognizer(root / "antelopev2" / "glintr100.onnx")
+    for name in EXTRA_CONTROLNETS:  # the reference's multi-ControlNet set, same topology as IdentityNet
+        write_identitynet(unet, root / "controlnets" / name, dtype=torch.float16)  # as published: fp16
+    write_depth_annotator(root / "annotators" / "depth")
     return root
+
+
+EXTRA_CONTROLNETS = ("pose", "canny", "depth")
+
+
+def write_depth_annotator(folder: Path) -> None:
+    """A tiny DPT depth estimator (the reference's annotator family) in transformers layout."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37,
+                       image_size=64, patch_size=16, neck_hidden_sizes=[8, 16, 32, 64], fusion_hidden_size=16,
+                       backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False)
+    DPTForDepthEstimation(config).eval().save_pretrained(str(folder))
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(str(folder))
 
 
 # --------------------------------------------------------------------------- SDXL
@@ -437,12 +456,12 @@ def sgm_open_clip_state(state: dict[str, torch.Tensor], config: dict) -> dict[st
     return out
 
 
-def write_identitynet(unet, folder: Path) -> None:
+def write_identitynet(unet, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 16, 32, 32))
     _randomise_zeros(controlnet)
-    controlnet.save_pretrained(str(folder), safe_serialization=True)
+    controlnet.to(dtype).save_pretrained(str(folder), safe_serialization=True)
 
 
 def write_ip_adapter(unet, path: Path) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from .controlnets import MAX_CONTROLNETS, ControlNetParams
 from .errors import InvalidParameter
 from .prompts import PromptSyntaxError, check_weights
 from .schedulers import SchedulerName
@@ -47,6 +48,10 @@ class GenerationParams(BaseModel):
     strength: float | None = Field(
         None, gt=0.0, le=1.0, description="With image: how much of it to repaint (1.0: all; default 0.8, or 1.0 "
                                            "with mask_image)."
+    )
+    controlnets: list[ControlNetParams] = Field(
+        default_factory=list, max_length=MAX_CONTROLNETS,
+        description="Extra ControlNets beside IdentityNet (pose, canny, depth, ...), each with its control image."
     )
     enhance_face_region: bool = Field(
         False, description="Limit IdentityNet to the face box (the reference's 'enhance non-face region')."

@@ -36,6 +36,7 @@ from PIL import Image
 from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, install_adapter_processors,
                       load_adapter_layers, load_image_proj, read_adapter_file, token_grids)
 from .assembly import SDXL_MODELS, controlnet_pipeline, load_single_file  # noqa: F401 - SDXL_MODELS re-exported
+from .controlnets import Annotators, ExtraControlNets, split_images
 from .devices import resolve_device, resolve_dtype
 from .errors import InstantIDError, InvalidParameter
 from .face import FaceAnalyzer, FaceInfo
@@ -75,6 +76,8 @@ class RenderItem:
     ip_adapter_scale: float = 0.8
     controlnet_conditioning_scale: float = 0.8
     face_box: tuple[float, float, float, float] | None = None
+    controls: tuple[np.ndarray, ...] = ()  # extra ControlNets' control images (HxWx3 uint8), as options.controlnets
+    control_scales: tuple[float, ...] = ()  # and their strengths
     init_image: np.ndarray | None = None  # img2img/inpainting: the picture, HxWx3 uint8 at the output size
     mask: np.ndarray | None = None  # inpainting: HxW uint8 at the output size, 255 where to repaint
 
@@ -96,6 +99,7 @@ class RenderOptions:
     text_tokens: int | None = None  # weighted prompts' embedding rows (pipeline.prompts); None: plain encoding
     strength: float | None = None  # img2img/inpainting (pipeline.img2img); None: text-to-image
     inpaint: bool = False  # the items carry masks
+    controlnets: tuple[tuple[str, float, float], ...] = ()  # extra ControlNets: (name, window start, window end)
 
 
 @dataclass
@@ -113,10 +117,11 @@ class InstantIDPipeline:
 
     def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None,
                  optimizations: Optimizations | None = None, *, applied: list[tuple[str, float]] | None = None,
-                 settings: RenderSettings | None = None) -> None:
+                 settings: RenderSettings | None = None, weights_root: str | Path | None = None) -> None:
         """Wrap already assembled parts; :meth:`from_components` is the assembly (adapter
         installed, speed settings applied). ``settings``: what the render loop needs of the
-        speed settings (default: resolved here from ``optimizations``)."""
+        speed settings (default: resolved here from ``optimizations``). ``weights_root``: a
+        local weights root, where extra ControlNets and annotators are found."""
         self.sdxl = sdxl
         self.image_proj = image_proj
         self.face = face
@@ -137,6 +142,9 @@ class InstantIDPipeline:
         if out_dims != cross:
             raise AdapterWeightsError(f"the Resampler makes {out_dims}-wide tokens but the UNet attends over {cross}")
         self.sdxl.set_progress_bar_config(disable=True)
+        root = Path(weights_root) if weights_root is not None else None
+        self.extra_controlnets = ExtraControlNets(root, self._device, self._dtype, cross)
+        self.annotators = Annotators(root, self._device, self._dtype)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -148,6 +156,7 @@ class InstantIDPipeline:
         controlnet=None,
         face: FaceAnalyzer | None = None,
         optimizations: Optimizations | dict | str | None = None,
+        weights_root: str | Path | None = None,
     ) -> "InstantIDPipeline":
         """Assemble InstantID from loaded components; every way of loading ends here.
 
@@ -177,7 +186,8 @@ class InstantIDPipeline:
         # IdentityNet's attention through the same SDPA processor (it knows fused projections)
         sdxl.controlnet.set_attn_processor(AttnProcessor())
         applied = apply_optimizations(sdxl, opts)
-        return cls(sdxl, image_proj, face, opts, applied=applied, settings=render_settings(opts, sdxl))
+        return cls(sdxl, image_proj, face, opts, applied=applied, settings=render_settings(opts, sdxl),
+                   weights_root=weights_root)
 
     @classmethod
     def from_weights(
@@ -220,7 +230,7 @@ class InstantIDPipeline:
         sdxl.to(device)
         face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) if load_face \
             else None
-        return cls.from_components(sdxl, adapter, face=face, optimizations=opts)
+        return cls.from_components(sdxl, adapter, face=face, optimizations=opts, weights_root=paths.root)
 
     @property
     def param_defaults(self) -> dict:
@@ -259,6 +269,7 @@ class InstantIDPipeline:
         pose: ImageInput | None = None,
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
+        controlnets: Sequence[dict] | None = None,
         on_step: StepCallback | None = None,
         **params,
     ) -> GenerationResult:
@@ -267,23 +278,30 @@ class InstantIDPipeline:
 
         ``image`` restyles that picture (img2img, ``strength``); ``mask_image`` (white:
         repaint) repaints only part of it. The keypoints come from ``pose``, else from the
-        face in ``image``, else from the first face photo."""
-        spec = parse_params(GenerationParams, prompt=prompt, **{**self.param_defaults, **params})
+        face in ``image``, else from the first face photo. ``controlnets``: extra ControlNets,
+        ``[{"type": "canny", "image": photo, "scale": 0.5, ...}]`` (:class:`ControlNetParams`
+        plus the image)."""
+        entries, control_sources = split_images(controlnets)
+        spec = parse_params(GenerationParams, prompt=prompt, **{**self.param_defaults, **params,
+                                                                  "controlnets": entries})
+        control_images = [load_image(source, field=f"controlnets[{k}].image")
+                          for k, source in enumerate(control_sources)]
         picture = load_image(image, field="image") if image is not None else None
         mask = load_image(mask_image, field="mask_image") if mask_image is not None else None
         started = time.perf_counter()
         info = face if isinstance(face, FaceInfo) else \
             self.analyze_faces(face, pose=pose if pose is not None else picture)
         face_ms = (time.perf_counter() - started) * 1000
-        options, items = self.plan(spec, info, image=picture, mask=mask)
+        options, items = self.plan(spec, info, image=picture, mask=mask, control_images=control_images)
         images, timings = self.render(items, options, on_step=on_step)
         timings = {"face": face_ms, **timings}
         return GenerationResult(images, [i.seed for i in items], options.width, options.height, info, timings)
 
     def plan(self, spec: GenerationParams, face: FaceInfo, *, image: Image.Image | None = None,
-             mask: Image.Image | None = None) -> tuple[RenderOptions, list[RenderItem]]:
-        """Turn validated parameters, an analysed face and (img2img, inpainting) the
-        starting picture and its mask into render items."""
+             mask: Image.Image | None = None, control_images: Sequence[Image.Image] = ()
+             ) -> tuple[RenderOptions, list[RenderItem]]:
+        """Turn validated parameters, an analysed face, (img2img, inpainting) the starting
+        picture and its mask, and the extra ControlNets' images into render items."""
         self.check_lora(spec.lora)
         if image is None and (mask is not None or spec.strength is not None):
             raise InvalidParameter("mask_image" if mask is not None else "strength",
@@ -296,6 +314,7 @@ class InstantIDPipeline:
         strength = default_strength(spec.strength, mask is not None) if image is not None else None
         picture = frame_picture(image, (width, height)) if image is not None else None
         framed_mask = frame_mask(mask, image.size, (width, height)) if mask is not None else None
+        controls = self._control_images(spec, control_images, (width, height))
         options = RenderOptions(
             width=width,
             height=height,
@@ -310,6 +329,7 @@ class InstantIDPipeline:
             text_tokens=self._text_tokens(prompt, negative) if spec.prompt_weighting else None,
             strength=strength,
             inpaint=mask is not None,
+            controlnets=tuple((c.type, c.control_guidance_start, c.control_guidance_end) for c in spec.controlnets),
         )
         if strength is not None:
             start_step(options.num_inference_steps, strength)  # refused now, not at render
@@ -326,10 +346,27 @@ class InstantIDPipeline:
                 face_box=box,
                 init_image=picture,
                 mask=framed_mask,
+                controls=controls,
+                control_scales=tuple(c.scale for c in spec.controlnets),
             )
             for seed in spec.seeds()
         ]
         return options, items
+
+    def _control_images(self, spec: GenerationParams, images: Sequence[Image.Image],
+                        size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        """Each extra ControlNet's control image (its annotator's, unless preprocessed),
+        framed as the keypoints are; its weights are loaded here, so a missing one is
+        refused before any render."""
+        if len(images) != len(spec.controlnets):
+            raise InvalidParameter(f"controlnets[{len(images)}].image", "is required")
+        framed = []
+        for k, (entry, image) in enumerate(zip(spec.controlnets, images)):
+            self.extra_controlnets.get(entry.type, f"controlnets[{k}].type")
+            if not entry.preprocessed:
+                image = self.annotators.control_image(entry.type, image, f"controlnets[{k}].preprocessed")
+            framed.append(frame_picture(image, size))
+        return tuple(framed)
 
     def _text_tokens(self, prompt: str, negative: str | None) -> int:
         try:
@@ -458,6 +495,12 @@ class InstantIDPipeline:
                                            else "is given but the options' mode does not use it")
                 if value is not None and (np.asarray(value).shape != shape or np.asarray(value).dtype != np.uint8):
                     raise InvalidParameter(f"items[{k}].{name}", f"must be uint8 of shape {shape}")
+            if not len(item.controls) == len(item.control_scales) == len(options.controlnets):
+                raise InvalidParameter(f"items[{k}].controls", f"must be {len(options.controlnets)} control images "
+                                                               "and strengths, one per extra ControlNet")
+            for j, control in enumerate(item.controls):
+                if np.asarray(control).shape != (*picture, 3) or np.asarray(control).dtype != np.uint8:
+                    raise InvalidParameter(f"items[{k}].controls[{j}]", f"must be uint8 of shape {(*picture, 3)}")
 
     def _render(self, items: list[RenderItem], options: RenderOptions, on_step: StepCallback | None):
         device, dtype = self.device, self.dtype
@@ -523,6 +566,12 @@ class InstantIDPipeline:
         control = ControlInputs(face_tokens, condition, added, cn_scale, mask)
         if cond_only:
             control = control.second_half()
+        extras = []  # the extra ControlNets: the text tokens, their own images, strengths and windows
+        for j, (name, *window) in enumerate(options.controlnets):
+            images = torch.stack([to_tensor(i.controls[j]) for i in items]).to(device, dtype)
+            extras.append((self.extra_controlnets.get(name), window_keeps(len(timesteps), *window),
+                           torch.cat([images, images]) if cfg else images,
+                           per_item([i.control_scales[j] for i in items]).view(-1, 1, 1, 1)))
         timings["prepare"] = _ms(clock, device)
 
         # 4. denoise
@@ -547,6 +596,15 @@ class InstantIDPipeline:
                 if cond_only:
                     down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                     mid = torch.cat([torch.zeros_like(mid), mid])
+            for net, keep, images, scale in extras:
+                if not keep[step]:
+                    continue
+                more_down, more_mid = net(model_input, t, encoder_hidden_states=text, controlnet_cond=images,
+                                          conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+                more_down = [scale_residual(d, scale, None) for d in more_down]
+                more_mid = scale_residual(more_mid, scale, None)
+                down = more_down if down is None else [a + b for a, b in zip(down, more_down)]
+                mid = more_mid if mid is None else mid + more_mid
             prediction = self.sdxl.unet(
                 model_input,
                 t,

@@ -51,6 +51,7 @@ class WeightsPaths:
     ip_adapter: Path | None  # ip-adapter.bin or .safetensors
     antelopev2: Path | None  # folder with the detector and the recogniser
     sdxl_config: str | None = None  # for a single-file checkpoint: a folder or hub repo with its configs
+    root: Path | None = None  # a local weights root (extra ControlNets and annotators are found there)
 
     @property
     def sdxl_is_single_file(self) -> bool:
@@ -103,7 +104,15 @@ def resolve_weights(
     if "antelopev2" in locations:
         folder = fetcher.fetch(locations["antelopev2"], _antelope_filter)
         found["antelopev2"] = _check_antelope(folder, locations["antelopev2"])
-    return WeightsPaths(**found, sdxl_config=sdxl_config)
+    return WeightsPaths(**found, sdxl_config=sdxl_config, root=weights_root(root_text))
+
+
+def weights_root(root: str | os.PathLike | None) -> Path | None:
+    """``root`` as a local folder; None for an ``s3://`` or hub root (or none)."""
+    text = os.fspath(root) if root is not None else ""
+    if not text or text.startswith(("s3://", "hf://")) or text in HUB_ROOTS:
+        return None
+    return Path(text).expanduser()
 
 
 def _join(root: str, name: str) -> str:

@@ -1,0 +1,200 @@
+"""Extra SDXL ControlNets beside IdentityNet (OpenPose, Canny, depth, or any other), as the
+reference's multi-ControlNet pipeline runs them: each gets the text tokens (IdentityNet
+keeps the face tokens), its own control image and strength, and its own
+``control_guidance_start/end`` window, outside which it is not called; their residuals are
+added to IdentityNet's.
+
+Weights live in the weights root: ``controlnets/<name>/`` (diffusers layout; ``pose``,
+``canny`` and ``depth`` for the reference's, any other folder name works too) and the
+annotators that make control images from photos under ``annotators/`` (``depth/``: a
+transformers depth-estimation model, DPT as the reference or Depth Anything). Canny runs
+on OpenCV with the reference's thresholds. A client may also send a ready-made control
+image (``preprocessed``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from .errors import InvalidParameter, InvalidWeights
+
+CONTROLNETS = "controlnets"
+ANNOTATORS = "annotators"
+NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CANNY_THRESHOLDS = (100, 200)  # the reference's get_canny_image defaults
+PREPROCESSORS = ("canny", "depth")  # types with an annotator here; others need preprocessed images
+MAX_CONTROLNETS = 4
+
+
+class ControlNetParams(BaseModel):
+    """One extra ControlNet of a request (its image travels beside the parameters)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str = Field(description="The folder name under controlnets/ in the weights root (pose, canny, depth, ...).")
+    scale: float = Field(0.5, ge=0.0, le=2.0, description="Its strength (controlnet_conditioning_scale).")
+    preprocessed: bool = Field(False, description="The image is already a control image (no annotator runs).")
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0)
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("type")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME.fullmatch(value):
+            raise ValueError(f"must be a folder name of lowercase letters, digits, '_' or '-' (got {value[:64]!r})")
+        return value
+
+    @field_validator("control_guidance_end")
+    @classmethod
+    def _window(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("control_guidance_start")
+        if start is not None and start >= value:
+            raise ValueError(f"must be above control_guidance_start ({value} <= {start})")
+        return value
+
+
+def split_images(entries: list[Any] | None) -> tuple[list[dict], list[Any]]:
+    """``[{"type": ..., "image": ..., ...}]`` (Python and HTTP) -> the parameters and the
+    images, in order; an entry without an image is refused naming it."""
+    params, images = [], []
+    for k, entry in enumerate(entries or []):
+        values = entry.model_dump() if isinstance(entry, BaseModel) else dict(entry) if isinstance(entry, dict) \
+            else None
+        if values is None:
+            raise InvalidParameter(f"controlnets[{k}]", "must be an object with type and image")
+        if values.get("image") is None:
+            raise InvalidParameter(f"controlnets[{k}].image", "is required")
+        images.append(values.pop("image"))
+        params.append(values)
+    return params, images
+
+
+def available_controlnets(root: Path | None) -> list[str]:
+    """The names under ``controlnets/`` of a local weights root."""
+    folder = root / CONTROLNETS if root is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file() and NAME.fullmatch(p.name))
+
+
+def available_annotators(root: Path | None) -> list[str]:
+    """The annotators under ``annotators/`` of a local weights root, with canny (OpenCV)."""
+    folder = root / ANNOTATORS if root is not None else None
+    found = [p.name for p in folder.iterdir() if (p / "config.json").is_file()] if folder and folder.is_dir() else []
+    return sorted({"canny", *(name for name in found if name in PREPROCESSORS)})
+
+
+def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Image.Image:
+    """Canny edges as the reference computes them (OpenCV on the BGR picture), as RGB."""
+    edges = cv2.Canny(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR), *thresholds)
+    return Image.fromarray(edges, "L").convert("RGB")
+
+
+class Annotators:
+    """Loads the annotators under ``annotators/`` when first needed (one copy per pipeline)."""
+
+    def __init__(self, root: Path | None, device, dtype) -> None:
+        self.root, self.device, self.dtype = root, device, dtype
+        self._depth = None
+        self._lock = threading.Lock()
+
+    def control_image(self, kind: str, image: Image.Image, field: str) -> Image.Image:
+        """The control image of a photo (``field`` names the entry in errors)."""
+        if kind == "canny":
+            return canny(image)
+        if kind == "depth":
+            try:
+                return self.depth(image)
+            except MissingAnnotator as error:
+                raise InvalidParameter(field, error.reason) from None
+        raise InvalidParameter(field, f"no annotator makes {kind!r} control images here (there is one for "
+                                      f"{', '.join(PREPROCESSORS)}): send a ready-made control image with "
+                                      "preprocessed: true")
+
+    def depth(self, image: Image.Image):
+        """A depth map as the reference draws it: the model's depth resized to the picture
+        (bicubic), scaled to 0..255 per image, grey."""
+        import torch
+
+        model, processor = self._depth_model()
+        pixels = processor(images=image.convert("RGB"), return_tensors="pt").pixel_values
+        with torch.inference_mode():
+            depth = model(pixels.to(self.device, self.dtype)).predicted_depth.float()
+        depth = torch.nn.functional.interpolate(depth[:, None], size=(image.height, image.width), mode="bicubic",
+                                                align_corners=False)[0, 0]
+        low, high = depth.min(), depth.max()
+        scaled = (depth - low) / (high - low) if high > low else torch.zeros_like(depth)
+        grey = (scaled * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return Image.fromarray(grey, "L").convert("RGB")
+
+    def _depth_model(self):
+        with self._lock:
+            if self._depth is None:
+                from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+                folder = self._folder("depth")
+                model = AutoModelForDepthEstimation.from_pretrained(str(folder)).to(self.device, self.dtype).eval()
+                self._depth = (model, AutoImageProcessor.from_pretrained(str(folder)))
+            return self._depth
+
+    def _folder(self, name: str) -> Path:
+        folder = self.root / ANNOTATORS / name if self.root is not None else None
+        if folder is None or not (folder / "config.json").is_file():
+            raise MissingAnnotator(name)
+        return folder
+
+
+class MissingAnnotator(InvalidParameter):
+    def __init__(self, name: str) -> None:
+        super().__init__("controlnets", f"the {name} annotator is missing (no {ANNOTATORS}/{name}/ in the weights "
+                                        "root): send a ready-made control image with preprocessed: true")
+
+
+class ExtraControlNets:
+    """The extra ControlNets under ``controlnets/``, loaded when first asked for, on the
+    IdentityNet's device and dtype."""
+
+    def __init__(self, root: Path | None, device, dtype, cross_attention_dim: int) -> None:
+        self.root, self.device, self.dtype = root, device, dtype
+        self.cross_attention_dim = cross_attention_dim  # the text tokens' width they must attend over
+        self._loaded: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> list[str]:
+        return available_controlnets(self.root)
+
+    def get(self, name: str, field: str = "controlnets"):
+        """The ControlNet ``controlnets/<name>/``; ``field`` names the request's entry when
+        there is none."""
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(name, field)
+            return self._loaded[name]
+
+    def _load(self, name: str, field: str):
+        from diffusers import ControlNetModel
+
+        from .adapter import AttnProcessor
+
+        folder = self.root / CONTROLNETS / name if self.root is not None else None
+        if folder is None or not (folder / "config.json").is_file():
+            raise InvalidParameter(field, f"no ControlNet {name!r}: the weights root has no {CONTROLNETS}/{name}/ "
+                                          f"(there: {', '.join(self.available()) or 'none'})")
+        try:
+            net = ControlNetModel.from_pretrained(str(folder), dtype=self.dtype)
+        except Exception as error:  # diffusers raises many kinds for a bad folder
+            raise InvalidWeights(f"{CONTROLNETS}/{name}/: cannot load it as a ControlNet: "
+                                 f"{' '.join(str(error).split())[:300]}") from None
+        if net.config.cross_attention_dim != self.cross_attention_dim:
+            raise InvalidWeights(f"{CONTROLNETS}/{name}/ attends over {net.config.cross_attention_dim}-wide tokens, "
+                                 f"the UNet's text tokens are {self.cross_attention_dim} wide (an SD 1.5 ControlNet?)")
+        net.set_attn_processor(AttnProcessor())
+        return net.to(self.device).eval()
