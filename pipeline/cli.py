@@ -88,6 +88,11 @@ def build_parser():
     gen.add_argument("--guidance-scale", type=float, help="default 5.0, or the --optimize few_step preset's")
     gen.add_argument("--ip-adapter-scale", type=float, default=0.8)
     gen.add_argument("--controlnet-conditioning-scale", type=float, default=0.8)
+    gen.add_argument("--controlnet", action="append", default=[], metavar="TYPE:IMAGE[:SCALE]",
+                     help="an extra ControlNet (repeatable): controlnets/TYPE/ of the weights root, its control image "
+                          "made from IMAGE by its annotator (canny, depth), strength SCALE (default 0.5)")
+    gen.add_argument("--controlnet-image", action="append", default=[], metavar="TYPE:IMAGE[:SCALE]",
+                     help="as --controlnet, with IMAGE already a control image (e.g. an OpenPose skeleton)")
     gen.add_argument("--control-guidance-start", type=float, default=0.0)
     gen.add_argument("--control-guidance-end", type=float, default=1.0)
     gen.add_argument("--enhance-face-region", action="store_true")
@@ -162,7 +167,24 @@ def _fixtures(args) -> int:
     return 0
 
 
+def _controlnet(value: str, flag: str, preprocessed: bool) -> tuple[dict, tuple[Path, str]]:
+    """``TYPE:IMAGE[:SCALE]`` -> the entry's parameters and its image path (which may hold ':')."""
+    kind, _, rest = value.partition(":")
+    if not kind or not rest:
+        raise InvalidParameter(flag, f"expected TYPE:IMAGE[:SCALE], got {value!r}")
+    path, _, scale = rest.rpartition(":")
+    try:
+        strength = float(scale) if path else None
+    except ValueError:
+        strength = None
+    if strength is None:  # no scale given: the whole rest is the path
+        path = rest
+    entry = {"type": kind, "preprocessed": preprocessed, **({"scale": strength} if strength is not None else {})}
+    return entry, (Path(path), flag)
+
+
 def _generate(args) -> int:
+    from .controlnets import available_controlnets
     from .images import load_image
     from .optimize import Optimizations
     from .params import GenerationParams, parse_params
@@ -171,6 +193,9 @@ def _generate(args) -> int:
     started = time.perf_counter()
     # 1. everything the user typed is checked before any model is loaded
     optimizations = Optimizations.parse(args.optimize)
+    controls = [_controlnet(value, flag, preprocessed) for flag, preprocessed in
+                (("--controlnet", False), ("--controlnet-image", True)) for value in getattr(args, flag[2:]
+                                                                                                 .replace("-", "_"))]
     chosen = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
               "scheduler": args.scheduler}
     params = parse_params(
@@ -192,6 +217,7 @@ def _generate(args) -> int:
         lora=str(args.lora) if args.lora else None,
         lora_scale=args.lora_scale,
         strength=args.strength,
+        controlnets=[entry for entry, _ in controls],
     )
     for flag, value in (("--strength", args.strength), ("--mask-image", args.mask_image)):
         if value is not None and args.image is None:
@@ -207,7 +233,13 @@ def _generate(args) -> int:
     pose = load_image(args.pose, field=f"--pose {args.pose}") if args.pose else None
     picture = load_image(args.image, field=f"--image {args.image}") if args.image else None
     mask = load_image(args.mask_image, field=f"--mask-image {args.mask_image}") if args.mask_image else None
+    control_images = [load_image(path, field=f"{flag} {path}") for _, (path, flag) in controls]
     paths = resolve_weights(args.weights)
+    offered = available_controlnets(paths.root)
+    for entry, (_, flag) in controls:
+        if entry["type"] not in offered:
+            raise InvalidParameter(flag, f"no ControlNet {entry['type']!r}: the weights root has no "
+                                         f"controlnets/{entry['type']}/ (there: {', '.join(offered) or 'none'})")
 
     # 2. load, analyse, render
     from .pipeline import InstantIDPipeline
@@ -221,7 +253,9 @@ def _generate(args) -> int:
         faces, pose=layout, combine=args.face_combine, names=[f"--face {p}" for p in args.face], pose_name=layout_name
     )
     face_ms = (time.perf_counter() - clock) * 1000
-    result = pipe(face, image=picture, mask_image=mask, **params.model_dump())
+    options = params.model_dump(exclude={"controlnets"})
+    result = pipe(face, image=picture, mask_image=mask, **options,
+                  controlnets=[{**entry, "image": image} for (entry, _), image in zip(controls, control_images)])
     result.timings_ms["face"] = face_ms
 
     # 3. write

@@ -79,6 +79,11 @@ def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
         (("--image", "{photos}/pose.jpg", "--mask-image", "{photos}/face.png"), "face.png", EXIT_INVALID,
          "mask_image: must be the size of image (320x200), got 256x256"),
         (("--image", "{photos}/pose.jpg", "--strength", "1.5"), "face.png", EXIT_INVALID, "strength:"),
+        (("--controlnet", "canny"), "face.png", EXIT_INVALID, "--controlnet: expected TYPE:IMAGE[:SCALE]"),
+        (("--controlnet", "sketch:{photos}/pose.jpg"), "face.png", EXIT_INVALID, "no controlnets/sketch/"),
+        (("--controlnet", "pose:{photos}/pose.jpg"), "face.png", EXIT_INVALID, "preprocessed: true"),
+        (("--controlnet", "canny:/nowhere/edges.png"), "face.png", EXIT_INVALID, "edges.png: file not found"),
+        (("--controlnet", "canny:{photos}/pose.jpg:7"), "face.png", EXIT_INVALID, "controlnets[0].scale"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(weights_dir, photos, tmp_path, capsys, extra, face, code, needle):
@@ -143,3 +148,20 @@ def test_inpainting_a_face_into_a_photo(weights_dir, photos, tmp_path, capsys):
     assert report["face"]["image_size"] == [1280, 768]  # keypoints from the photo's face
     out = Image.open(tmp_path / "out.png")
     assert out.size == (160, 96)
+
+
+def test_extra_controlnets_from_the_command_line(weights_dir, photos, tmp_path, capsys):
+    """A Canny ControlNet from a photo (its annotator) and a ready-made pose image; the
+    strength after the last ':'."""
+    def run_with(*extra):
+        out = tmp_path / f"out{len(extra)}.png"
+        code = main(["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--prompt", "x",
+                     "--seed", "2", "--width", "64", "--height", "64", "--num-inference-steps", "2", "--out", str(out),
+                     *extra])
+        assert code == 0, capsys.readouterr().err
+        return Image.open(out).tobytes()
+
+    plain = run_with()
+    both = run_with("--controlnet", f"canny:{photos / 'pose.jpg'}:0.9", "--controlnet-image",
+                    f"pose:{photos / 'pose.jpg'}")
+    assert both != plain
