@@ -8,6 +8,7 @@ from functools import cache
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline.controlnets import MAX_CONTROLNETS, ControlNetParams
 from pipeline.errors import InvalidParameter
 from pipeline.params import GenerationParams
 from service.config import FACE_IMAGES_CAP
@@ -36,6 +37,12 @@ def refuse_unknown_keys(model: type[BaseModel], data):
     return data
 
 
+class ControlNetRequest(ControlNetParams):
+    """One extra ControlNet: its parameters and its image."""
+
+    image: str = Field(description=f"The photo its annotator reads, or (preprocessed) its control image. {IMAGE_REF}")
+
+
 class GenerationRequest(GenerationParams):
     """``POST /v1/generations``: a face (photos or a registered ``face_id``) and what to render."""
 
@@ -49,6 +56,11 @@ class GenerationRequest(GenerationParams):
                                                 f"from its face unless pose_image is given. {IMAGE_REF}")
     mask_image: str | None = Field(None, description="With image: repaint only where this mask is white "
                                                      f"(inpainting); the picture's size. {IMAGE_REF}")
+    controlnets: list[ControlNetRequest] = Field(
+        default_factory=list, max_length=MAX_CONTROLNETS,
+        description="Extra ControlNets beside IdentityNet: [{type, image, scale, preprocessed, "
+                    "control_guidance_start, control_guidance_end}]; GET /v1/options lists the types offered."
+    )
     face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
     output_format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
@@ -67,6 +79,7 @@ class GenerationRequest(GenerationParams):
 
     def generation_params(self, **overrides) -> GenerationParams:
         values = self.model_dump(include=set(GenerationParams.model_fields))
+        values["controlnets"] = [{k: v for k, v in entry.items() if k != "image"} for entry in values["controlnets"]]
         values.update(overrides)
         return GenerationParams(**values)
 

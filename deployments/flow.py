@@ -65,7 +65,8 @@ class GenerationFlow:
         record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
         job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face,
-                                          image=pictures.image, mask=pictures.mask), output, record)
+                                          image=pictures.image, mask=pictures.mask, controls=pictures.controls),
+                            output, record)
         for attempt in range(2):
             try:
                 response = self.generator.options(stream=True).generate.remote(job)

@@ -12,11 +12,13 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from ray import serve
 
+from pipeline.controlnets import available_annotators, available_controlnets
 from pipeline.errors import InvalidParameter
 from pipeline.optimize import Optimizations
 from pipeline.params import seed_from
 from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
+from pipeline.weights import weights_root
 from service import claims
 from service.config import AppArgs
 from service.errors import Canceled, NotCancellable, RateLimited
@@ -259,7 +261,9 @@ class Ingress:
     async def options(self):
         """What this server offers (the web page reads it): styles, schedulers, limits."""
         limits = self.args.limits
+        root = weights_root(self.args.weights)
         return {"styles": style_names(), "schedulers": list(SCHEDULERS), "loras": sorted(self.args.loras),
+                "controlnets": available_controlnets(root), "annotators": available_annotators(root),
                 "auth_required": not self.args.auth.disabled,
                 "limits": {"max_face_images": limits.max_face_images, "max_num_images": limits.max_num_images,
                            "max_side": limits.max_side, "max_steps": limits.max_steps}}

@@ -25,6 +25,7 @@ class Pictures:
 
     image: bytes | None = None
     mask: bytes | None = None
+    controls: tuple[bytes, ...] = ()  # the extra ControlNets' images, in order
 
 
 @dataclass

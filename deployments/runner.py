@@ -199,7 +199,7 @@ class JobRunner:
             try:
                 return await self.flow.render(record.id, record.owner, job.params, face, job.output,
                                               record.request_hash, deadline, on_event,
-                                              Pictures(job.image, job.mask_image))
+                                              Pictures(job.image, job.mask_image, tuple(job.controls)))
             except (Overloaded, Unavailable):
                 if time.monotonic() + backoff > deadline:
                     raise

@@ -73,7 +73,9 @@ class Submissions:
         """img2img/inpainting: the picture and its mask, read (within the limits)."""
         image = await self.inputs.image_bytes(body.image, "image", owner) if body.image else None
         mask = await self.inputs.image_bytes(body.mask_image, "mask_image", owner) if body.mask_image else None
-        return Pictures(image, mask)
+        controls = [await self.inputs.image_bytes(entry.image, f"controlnets[{k}].image", owner)
+                    for k, entry in enumerate(body.controlnets)]
+        return Pictures(image, mask, tuple(controls))
 
     async def start_job(self, generation_id: str, owner: str, body: GenerationRequest, params: GenerationParams,
                         request_hash: str | None, deadline: float) -> JobRecord:
@@ -82,7 +84,7 @@ class Submissions:
         an analysed one is kept in the job's input until the job ends."""
         pictures = await self.pictures(body, owner)
         job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality),
-                             image=pictures.image, mask_image=pictures.mask)
+                             image=pictures.image, mask_image=pictures.mask, controls=list(pictures.controls))
         if body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
             job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline)

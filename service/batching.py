@@ -36,6 +36,7 @@ class RenderRequest:
     face: FaceInfo
     image: bytes | None = None  # img2img/inpainting: the picture (encoded, as sent)
     mask: bytes | None = None  # inpainting: its mask
+    controls: tuple[bytes, ...] = ()  # the extra ControlNets' images (params.controlnets), in order
 
 
 @dataclass
@@ -81,7 +82,9 @@ def _pictures(request: RenderRequest) -> dict:
     from pipeline.images import load_image
 
     return {"image": load_image(request.image, field="image") if request.image is not None else None,
-            "mask": load_image(request.mask, field="mask_image") if request.mask is not None else None}
+            "mask": load_image(request.mask, field="mask_image") if request.mask is not None else None,
+            "control_images": [load_image(data, field=f"controlnets[{k}].image")
+                               for k, data in enumerate(request.controls)]}
 
 
 def render_requests(pipe, requests: Sequence[RenderRequest], *,

@@ -146,6 +146,7 @@ class JobInput(_Record):
     output: OutputSpec = Field(default_factory=OutputSpec)
     image: EncodedImage | None = None  # img2img/inpainting: the picture, as sent (kept until the job ends)
     mask_image: EncodedImage | None = None
+    controls: list[EncodedImage] = Field(default_factory=list)  # the extra ControlNets' images
 
 
 class Lease(_Record):

@@ -547,3 +547,45 @@ def test_bad_pictures_and_masks_are_refused_naming_the_field(client, photo, chan
               "SMALL_MASK": data_url(Image.new("L", (32, 32), 255))}
     change = {k: values.get(v, v) if isinstance(v, str) else v for k, v in change.items()}
     assert_error(generate(client, {"face_images": [photo], **SMALL, **change}), status, code, field)
+
+
+# ----------------------------------------------------------------------------- extra ControlNets
+
+
+def test_extra_controlnets_over_http_sync_and_async(client, photo):
+    """A Canny ControlNet from a photo and a ready-made pose image change the render; the
+    async job (its control images kept in the job's input) makes the same bytes; the
+    options list what the deployment has."""
+    offered = client.get("/v1/options").json()
+    assert offered["controlnets"] == ["canny", "depth", "pose"] and offered["annotators"] == ["canny", "depth"]
+    scene = data_url(face_photo(size=(160, 128), blobs=((80, 60, 30), (20, 100, 10))))
+    body = {"face_images": [photo], "seed": 11, **SMALL}
+    plain = generate(client, body)
+    assert plain.status_code == 200, plain.text
+    extra = {**body, "controlnets": [{"type": "canny", "image": scene, "scale": 0.9},
+                                     {"type": "pose", "image": scene, "preprocessed": True,
+                                      "control_guidance_end": 0.5}]}
+    controlled = generate(client, extra)
+    assert controlled.status_code == 200, controlled.text
+    url = controlled.json()["images"][0]["url"]
+    assert httpx.get(url, timeout=60).content != httpx.get(plain.json()["images"][0]["url"], timeout=60).content
+    job = client.post("/v1/generations", json={**extra, "async": True}, headers=auth()).json()
+    deadline = time.monotonic() + 300
+    while (view := client.get(f"/v1/generations/{job['id']}", headers=auth()).json())["status"] not in (
+            "succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    assert view["status"] == "succeeded", view
+    assert httpx.get(view["images"][0]["url"], timeout=60).content == httpx.get(url, timeout=60).content
+
+
+@pytest.mark.parametrize("entry,status,code,field", [
+    ({"type": "sketch", "image": "PHOTO"}, 422, "invalid_parameter", "controlnets[0].type"),
+    ({"type": "pose", "image": "PHOTO"}, 422, "invalid_parameter", "controlnets[0].preprocessed"),
+    ({"type": "canny"}, 422, "invalid_parameter", "controlnets[0].image"),
+    ({"type": "canny", "image": "PHOTO", "scale": 9}, 422, "invalid_parameter", "controlnets[0].scale"),
+    ({"type": "canny", "image": b64(b"not an image")}, 400, "invalid_image", "controlnets[0].image"),
+])
+def test_bad_controlnet_entries_are_refused_naming_the_field(client, photo, entry, status, code, field):
+    entry = {k: photo if v == "PHOTO" else v for k, v in entry.items()}
+    assert_error(generate(client, {"face_images": [photo], **SMALL, "controlnets": [entry]}), status, code, field)
