@@ -17,6 +17,7 @@ command again renders only rows without a final marker (``error`` rows are retri
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -110,7 +111,8 @@ def plan_row(raw: dict) -> dict:
     row_id = str(raw.get("id", f"row-{raw['_row']}")).strip()
     # flat columns only (strings, numbers, bytes): lists travel as JSON text
     job = {"id": row_id, "row": int(raw["_row"]), "status": "pending", "message": "", "face_refs": "[]",
-           "face_id": "", "pose_ref": "", "image_ref": "", "mask_ref": "", "image": b"", "mask": b"", "spec": "", "output_format": "png", "quality": 90, "face": "",
+           "face_id": "", "pose_ref": "", "image_ref": "", "mask_ref": "", "image": b"", "mask": b"", "control_refs": "[]", "controls": "[]",
+           "spec": "", "output_format": "png", "quality": 90, "face": "",
            "pixels": b"", "count": 0, "seeds": "[]", "width": 0, "height": 0}
     if not ROW_ID.fullmatch(row_id):
         job["id"] = f"row-{raw['_row']}"
@@ -130,6 +132,7 @@ def plan_row(raw: dict) -> dict:
             if raw.get(name) not in (None, "") and not raw.get("image"):
                 return {**job, "status": "error", "message": f"{name}: needs image (the picture to start from)"}
         values = {k: v for k, v in raw.items() if k in GenerationParams.model_fields and v is not None}
+        values["controlnets"], control_refs = _controlnets(raw.get("controlnets"))
         values.setdefault("seed", default_seed(row_id))
         spec = GenerationParams(**values)
     except (ValueError, TypeError) as error:
@@ -138,7 +141,22 @@ def plan_row(raw: dict) -> dict:
         return {**job, "status": "error", "message": str(error)}
     return {**job, "face_refs": json.dumps(refs), "face_id": face_id, "pose_ref": str(raw.get("pose_image") or ""),
             "image_ref": str(raw.get("image") or ""), "mask_ref": str(raw.get("mask_image") or ""),
-            "spec": spec.model_dump_json()}
+            "control_refs": json.dumps(control_refs), "spec": spec.model_dump_json()}
+
+
+def _controlnets(value) -> tuple[list[dict], list[str]]:
+    """A row's ``controlnets`` (a list, or its JSON text in CSV) -> the entries without
+    their images, and the images' URIs."""
+    if value in (None, ""):
+        return [], []
+    entries = json.loads(value) if isinstance(value, str) else list(value)
+    params, refs = [], []
+    for k, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("image"):
+            raise ValueError(f"controlnets[{k}].image: is required")
+        refs.append(str(entry["image"]))
+        params.append({key: item for key, item in entry.items() if key != "image"})
+    return params, refs
 
 
 # ----------------------------------------------------------------------------- stages
@@ -188,6 +206,12 @@ class FaceStage:
                         data = self._fetch(batch.at[i, ref], field)
                         load_image(data, field=field, limits=self.limits)  # a bad picture is this row's bad_image
                         batch.at[i, column] = data
+                controls = []
+                for k, ref in enumerate(json.loads(batch.at[i, "control_refs"])):
+                    data = self._fetch(ref, f"controlnets[{k}].image")
+                    load_image(data, field=f"controlnets[{k}].image", limits=self.limits)
+                    controls.append(base64.b64encode(data).decode("ascii"))
+                batch.at[i, "controls"] = json.dumps(controls)
                 layout, layout_name = (batch.at[i, "pose_ref"], "pose_image") if batch.at[i, "pose_ref"] else \
                     (batch.at[i, "image_ref"], "image")
                 if batch.at[i, "face_id"]:
@@ -232,7 +256,8 @@ class DiffusionStage:
         rows = [i for i in range(len(batch)) if batch.at[i, "status"] == "pending"]
         requests = [RenderRequest(batch.at[i, "id"], GenerationParams.model_validate_json(batch.at[i, "spec"]),
                                   StoredFace.model_validate_json(batch.at[i, "face"]).to_info(),
-                                  image=bytes(batch.at[i, "image"]) or None, mask=bytes(batch.at[i, "mask"]) or None)
+                                  image=bytes(batch.at[i, "image"]) or None, mask=bytes(batch.at[i, "mask"]) or None,
+                                  controls=tuple(base64.b64decode(c) for c in json.loads(batch.at[i, "controls"])))
                     for i in rows]
         for i, outcome in zip(rows, render_requests(self.pipe, requests)):
             if isinstance(outcome, BaseException):

@@ -27,7 +27,7 @@ INSTANTID = str(Path(sys.executable).parent / "instantid")
 KEY_DIGEST = "a" * 64  # the renderer's API key (digest): registered faces must be its own
 OWNER = KEY_DIGEST[:16]
 SIZE = {"width": 96, "height": 96, "num_inference_steps": 3}  # small: the test is about rows, not pixels
-ROWS = 36
+ROWS = 38
 WIDE = face_photo(size=(320, 240), blobs=((160, 120, 60),))
 WIDE_MASK = Image.new("L", (320, 240), 0)
 WIDE_MASK.paste(255, (90, 50, 230, 190))
@@ -65,7 +65,11 @@ def test_jsonl_csv_and_parquet_manifests_give_the_same_jobs():
      ({"_row": 4, "id": "a", "face_images": ["x"], "style": "Baroque"}, "style"),
      ({"_row": 5, "id": "a", "face_images": ["x"], "output_format": "gif"}, "output_format"),
      ({"_row": 6, "id": "a", "face_images": ["x"], "prompt": "(a:1.2.3)", "prompt_weighting": "true"},
-      "prompt: the weight '1.2.3'")],
+      "prompt: the weight '1.2.3'"),
+     ({"_row": 7, "id": "a", "face_images": ["x"], "controlnets": '[{"type": "canny"}]'}, "controlnets[0].image"),
+     ({"_row": 8, "id": "a", "face_images": ["x"], "controlnets": '[{"type": "canny", "image": "x", "scale": 5}]'},
+      "controlnets[0].scale: Input should be less than or equal to 2"),
+     ({"_row": 9, "id": "a", "face_images": ["x"], "mask_image": "m.png"}, "mask_image: needs image")],
 )
 def test_bad_rows_become_errors_with_their_reason(raw, message):
     job = plan_row(raw)
@@ -129,6 +133,8 @@ def batch(s3_server, face):
             del row["face_images"]
         if i == 11:  # img2img of a registered face, in the picture's head pose
             row.update(image="s3://batch/faces/wide.png", strength=0.5)
+        if i == 13:  # an extra ControlNet, its control image made from a photo
+            row["controlnets"] = [{"type": "canny", "image": "s3://batch/faces/wide.png", "scale": 0.8}]
         if i == 8:  # inpainting
             row.update(image="s3://batch/faces/wide.png", mask_image="s3://batch/faces/wide-mask.png")
         good.append(row)
@@ -148,6 +154,10 @@ def batch(s3_server, face):
         "badface-id": ("error", {"face_id": "../faces/f_mine"}),
         "badmask": ("bad_image", {"face_images": ["s3://batch/faces/round.png"], "image": "s3://batch/faces/wide.png",
                                   "mask_image": "s3://batch/faces/notes.png"}),
+        "nocontrolnet": ("error", {"face_images": ["s3://batch/faces/round.png"],
+                                   "controlnets": [{"type": "sketch", "image": "s3://batch/faces/wide.png"}]}),
+        "controlnoimage": ("error", {"face_images": ["s3://batch/faces/round.png"],
+                                     "controlnets": [{"type": "canny"}]}),
         "masknoimage": ("error", {"face_images": ["s3://batch/faces/round.png"],
                                   "mask_image": "s3://batch/faces/wide-mask.png"}),
     }
@@ -227,7 +237,7 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
     assert summary["rows"] == ROWS
     assert summary["skipped_finished"] == len(finished_in_run1)  # nothing finished was rendered again
     assert summary["processed"] == ROWS - len(finished_in_run1)
-    assert summary["statuses"] == {"ok": 20, "no_face": 2, "bad_image": 4, "error": 10}
+    assert summary["statuses"] == {"ok": 20, "no_face": 2, "bad_image": 4, "error": 12}
 
     table = pq.read_table(io.BytesIO(client.get_object(Bucket="batch", Key="out/results.parquet")["Body"].read()))
     results = {row["id"]: row for row in table.to_pylist()}
