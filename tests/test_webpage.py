@@ -109,7 +109,7 @@ def test_generate_from_the_sample_photo_with_progress_and_a_result(page, page_ur
     assert (ARTIFACTS / "webpage-finished.png").stat().st_size > 10_000
 
 
-def test_inpainting_a_face_into_a_picture(page, page_url, photos):
+def test_inpainting_a_face_into_a_picture_with_an_extra_controlnet(page, page_url, photos):
     page.goto(page_url)
     page.fill("#api-key", KEY)
     page.set_input_files("#photos", str(photos / "astronaut-copy.png"))
@@ -117,6 +117,10 @@ def test_inpainting_a_face_into_a_picture(page, page_url, photos):
     page.set_input_files("#image", str(photos / "astronaut.png"))
     page.set_input_files("#mask-image", str(photos / "head-mask.png"))
     page.wait_for_function("() => document.getElementById('strength-value').textContent === '1'")
+    page.wait_for_selector("#control-type option[value=depth]", state="attached")
+    page.select_option("#control-type", "canny")
+    page.set_input_files("#control-image", str(photos / "astronaut.png"))
+    page.eval_on_selector("#control-scale", "el => { el.value = '0.7'; el.dispatchEvent(new Event('input')); }")
     page.select_option("#size", "128x128")
     page.eval_on_selector("#steps", "el => { el.value = '2'; el.dispatchEvent(new Event('input')); }")
     with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/generations")) as sent:
@@ -124,6 +128,9 @@ def test_inpainting_a_face_into_a_picture(page, page_url, photos):
     body = json.loads(sent.value.post_data)
     assert body["image"].startswith("data:image/png;base64,") and body["mask_image"].startswith("data:image/png")
     assert body["strength"] == 1
+    [control] = body["controlnets"]
+    assert control["type"] == "canny" and control["scale"] == 0.7 and control["preprocessed"] is False
+    assert control["image"].startswith("data:image/png;base64,")
     page.wait_for_selector("#results img", timeout=120_000)
     page.wait_for_function("() => document.querySelector('#results img').naturalWidth === 128")
     assert page.text_content("#error") == "" or page.is_hidden("#error")

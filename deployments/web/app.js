@@ -4,7 +4,10 @@
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "instantid-api-key"; // sessionStorage: this tab only
 const COLORS = ["rgb(255,0,0)", "rgb(0,255,0)", "rgb(0,0,255)", "rgb(255,255,0)", "rgb(255,0,255)"];
-const state = { photos: [], picture: null, mask: null, job: null, controller: null, options: null };
+const state = {
+  photos: [], picture: null, mask: null, control: null, reading: Promise.resolve(), job: null, controller: null,
+  options: null,
+};
 
 class ApiError extends Error {
   constructor(status, body, headers) {
@@ -95,7 +98,14 @@ function drawFace(canvas, image, face) {
   });
 }
 
-async function choosePicture(files, name) {
+function choosePicture(files, name) {
+  // generate() waits for every picture still being read
+  const reading = readPicture(files, name);
+  state.reading = Promise.all([state.reading, reading]);
+  return reading;
+}
+
+async function readPicture(files, name) {
   const file = files && files[0];
   state[name] = file ? await readAsDataURL(file) : null;
   if (name === "mask" && state.mask) {  // inpainting repaints the masked area from noise by default
@@ -163,6 +173,14 @@ function requestBody() {
     body.image = state.picture;
     body.strength = Number($("strength").value);
     if (state.mask) body.mask_image = state.mask;
+  }
+  if ($("control-type").value && state.control) {
+    body.controlnets = [{
+      type: $("control-type").value,
+      image: state.control,
+      scale: Number($("control-scale").value),
+      preprocessed: $("control-preprocessed").checked,
+    }];
   }
   const size = $("size").value;
   if (size) { const [w, h] = size.split("x").map(Number); body.width = w; body.height = h; }
@@ -248,6 +266,7 @@ async function generate(event) {
   $("progress").value = 0;
   setStatus("Sending…");
   try {
+    await state.reading;
     const { body: job } = await api("v1/generations", {
       method: "POST", headers: { Prefer: "respond-async" }, body: JSON.stringify(requestBody()),
     });
@@ -291,13 +310,14 @@ async function cancel() {
 
 async function start() {
   $("api-key").value = sessionStorage.getItem(KEY_STORE) || "";
-  for (const id of ["steps", "guidance", "ip-scale", "cn-scale", "strength"]) {
+  for (const id of ["steps", "guidance", "ip-scale", "cn-scale", "strength", "control-scale"]) {
     const input = $(id), output = $(`${id}-value`);
     input.addEventListener("input", () => { output.textContent = input.value; });
   }
   $("photos").addEventListener("change", (event) => addPhotos(event.target.files));
   $("image").addEventListener("change", (event) => choosePicture(event.target.files, "picture"));
   $("mask-image").addEventListener("change", (event) => choosePicture(event.target.files, "mask"));
+  $("control-image").addEventListener("change", (event) => choosePicture(event.target.files, "control"));
   $("form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancel);
   try {
@@ -309,6 +329,12 @@ async function start() {
       option.value = name === "(No style)" ? "" : name;
       option.textContent = name;
       select.append(option);
+    }
+    for (const name of state.options.controlnets || []) {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      $("control-type").append(option);
     }
     $("steps").max = String(state.options.limits.max_steps);
     if (!state.options.auth_required) $("api-key").placeholder = "this server runs without API keys";
