@@ -18,7 +18,7 @@ from pipeline.optimize import Optimizations
 from pipeline.params import seed_from
 from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
-from pipeline.weights import weights_root
+from pipeline.weights import ExtraWeights
 from service import claims
 from service.config import AppArgs
 from service.errors import Canceled, NotCancellable, RateLimited
@@ -261,9 +261,11 @@ class Ingress:
     async def options(self):
         """What this server offers (the web page reads it): styles, schedulers, limits."""
         limits = self.args.limits
-        root = weights_root(self.args.weights)
+        extras = ExtraWeights(self.args.weights, self.args.weights_cache, self.args.s3_endpoint_url)
+        controlnets, annotators = await _off_loop(lambda: (available_controlnets(extras),
+                                                           available_annotators(extras)))
         return {"styles": style_names(), "schedulers": list(SCHEDULERS), "loras": sorted(self.args.loras),
-                "controlnets": available_controlnets(root), "annotators": available_annotators(root),
+                "controlnets": controlnets, "annotators": annotators,
                 "auth_required": not self.args.auth.disabled,
                 "limits": {"max_face_images": limits.max_face_images, "max_num_images": limits.max_num_images,
                            "max_side": limits.max_side, "max_steps": limits.max_steps}}

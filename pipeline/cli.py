@@ -235,7 +235,7 @@ def _generate(args) -> int:
     mask = load_image(args.mask_image, field=f"--mask-image {args.mask_image}") if args.mask_image else None
     control_images = [load_image(path, field=f"{flag} {path}") for _, (path, flag) in controls]
     paths = resolve_weights(args.weights)
-    offered = available_controlnets(paths.root)
+    offered = available_controlnets(paths.extras)
     for entry, (_, flag) in controls:
         if entry["type"] not in offered:
             raise InvalidParameter(flag, f"no ControlNet {entry['type']!r}: the weights root has no "

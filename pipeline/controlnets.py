@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .errors import InvalidParameter, InvalidWeights
+from .weights import ExtraWeights
 
 CONTROLNETS = "controlnets"
 ANNOTATORS = "annotators"
@@ -77,18 +78,14 @@ def split_images(entries: list[Any] | None) -> tuple[list[dict], list[Any]]:
     return params, images
 
 
-def available_controlnets(root: Path | None) -> list[str]:
-    """The names under ``controlnets/`` of a local weights root."""
-    folder = root / CONTROLNETS if root is not None else None
-    if folder is None or not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file() and NAME.fullmatch(p.name))
+def available_controlnets(extras: ExtraWeights | None) -> list[str]:
+    """The names under ``controlnets/`` of a weights root."""
+    return [name for name in extras.names(CONTROLNETS) if NAME.fullmatch(name)] if extras is not None else []
 
 
-def available_annotators(root: Path | None) -> list[str]:
-    """The annotators under ``annotators/`` of a local weights root, with canny (OpenCV)."""
-    folder = root / ANNOTATORS if root is not None else None
-    found = [p.name for p in folder.iterdir() if (p / "config.json").is_file()] if folder and folder.is_dir() else []
+def available_annotators(extras: ExtraWeights | None) -> list[str]:
+    """The annotators under ``annotators/`` of a weights root, with canny (OpenCV)."""
+    found = extras.names(ANNOTATORS) if extras is not None else []
     return sorted({"canny", *(name for name in found if name in PREPROCESSORS)})
 
 
@@ -101,8 +98,8 @@ def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) ->
 class Annotators:
     """Loads the annotators under ``annotators/`` when first needed (one copy per pipeline)."""
 
-    def __init__(self, root: Path | None, device, dtype) -> None:
-        self.root, self.device, self.dtype = root, device, dtype
+    def __init__(self, extras: ExtraWeights | None, device, dtype) -> None:
+        self.extras, self.device, self.dtype = extras, device, dtype
         self._depth = None
         self._lock = threading.Lock()
 
@@ -146,8 +143,8 @@ class Annotators:
             return self._depth
 
     def _folder(self, name: str) -> Path:
-        folder = self.root / ANNOTATORS / name if self.root is not None else None
-        if folder is None or not (folder / "config.json").is_file():
+        folder = self.extras.folder(ANNOTATORS, name) if self.extras is not None else None
+        if folder is None:
             raise MissingAnnotator(name)
         return folder
 
@@ -162,14 +159,14 @@ class ExtraControlNets:
     """The extra ControlNets under ``controlnets/``, loaded when first asked for, on the
     IdentityNet's device and dtype."""
 
-    def __init__(self, root: Path | None, device, dtype, cross_attention_dim: int) -> None:
-        self.root, self.device, self.dtype = root, device, dtype
+    def __init__(self, extras: ExtraWeights | None, device, dtype, cross_attention_dim: int) -> None:
+        self.extras, self.device, self.dtype = extras, device, dtype
         self.cross_attention_dim = cross_attention_dim  # the text tokens' width they must attend over
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def available(self) -> list[str]:
-        return available_controlnets(self.root)
+        return available_controlnets(self.extras)
 
     def get(self, name: str, field: str = "controlnets"):
         """The ControlNet ``controlnets/<name>/``; ``field`` names the request's entry when
@@ -184,8 +181,8 @@ class ExtraControlNets:
 
         from .adapter import AttnProcessor
 
-        folder = self.root / CONTROLNETS / name if self.root is not None else None
-        if folder is None or not (folder / "config.json").is_file():
+        folder = self.extras.folder(CONTROLNETS, name) if self.extras is not None else None
+        if folder is None:
             raise InvalidParameter(field, f"no ControlNet {name!r}: the weights root has no {CONTROLNETS}/{name}/ "
                                           f"(there: {', '.join(self.available()) or 'none'})")
         try:

@@ -51,7 +51,7 @@ from .params import GenerationParams, parse_params
 from .prompts import PromptTooLong, encode_weighted, sequence_length
 from .schedulers import make_scheduler
 from .styles import apply_style
-from .weights import HUB_REPOS, WeightsPaths, resolve_weights
+from .weights import HUB_REPOS, ExtraWeights, WeightsPaths, resolve_weights
 
 StepCallback = Callable[[int, int], None]
 
@@ -117,11 +117,11 @@ class InstantIDPipeline:
 
     def __init__(self, sdxl, image_proj: torch.nn.Module, face: FaceAnalyzer | None,
                  optimizations: Optimizations | None = None, *, applied: list[tuple[str, float]] | None = None,
-                 settings: RenderSettings | None = None, weights_root: str | Path | None = None) -> None:
+                 settings: RenderSettings | None = None, extras: ExtraWeights | None = None) -> None:
         """Wrap already assembled parts; :meth:`from_components` is the assembly (adapter
         installed, speed settings applied). ``settings``: what the render loop needs of the
-        speed settings (default: resolved here from ``optimizations``). ``weights_root``: a
-        local weights root, where extra ControlNets and annotators are found."""
+        speed settings (default: resolved here from ``optimizations``). ``extras``: where
+        extra ControlNets and annotators are found (:class:`~pipeline.weights.ExtraWeights`)."""
         self.sdxl = sdxl
         self.image_proj = image_proj
         self.face = face
@@ -142,9 +142,8 @@ class InstantIDPipeline:
         if out_dims != cross:
             raise AdapterWeightsError(f"the Resampler makes {out_dims}-wide tokens but the UNet attends over {cross}")
         self.sdxl.set_progress_bar_config(disable=True)
-        root = Path(weights_root) if weights_root is not None else None
-        self.extra_controlnets = ExtraControlNets(root, self._device, self._dtype, cross)
-        self.annotators = Annotators(root, self._device, self._dtype)
+        self.extra_controlnets = ExtraControlNets(extras, self._device, self._dtype, cross)
+        self.annotators = Annotators(extras, self._device, self._dtype)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -156,7 +155,7 @@ class InstantIDPipeline:
         controlnet=None,
         face: FaceAnalyzer | None = None,
         optimizations: Optimizations | dict | str | None = None,
-        weights_root: str | Path | None = None,
+        extras: ExtraWeights | str | Path | None = None,
     ) -> "InstantIDPipeline":
         """Assemble InstantID from loaded components; every way of loading ends here.
 
@@ -187,7 +186,7 @@ class InstantIDPipeline:
         sdxl.controlnet.set_attn_processor(AttnProcessor())
         applied = apply_optimizations(sdxl, opts)
         return cls(sdxl, image_proj, face, opts, applied=applied, settings=render_settings(opts, sdxl),
-                   weights_root=weights_root)
+                   extras=extras if isinstance(extras, ExtraWeights) or extras is None else ExtraWeights(extras))
 
     @classmethod
     def from_weights(
@@ -230,7 +229,7 @@ class InstantIDPipeline:
         sdxl.to(device)
         face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) if load_face \
             else None
-        return cls.from_components(sdxl, adapter, face=face, optimizations=opts, weights_root=paths.root)
+        return cls.from_components(sdxl, adapter, face=face, optimizations=opts, extras=paths.extras)
 
     @property
     def param_defaults(self) -> dict:

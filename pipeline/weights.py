@@ -51,7 +51,7 @@ class WeightsPaths:
     ip_adapter: Path | None  # ip-adapter.bin or .safetensors
     antelopev2: Path | None  # folder with the detector and the recogniser
     sdxl_config: str | None = None  # for a single-file checkpoint: a folder or hub repo with its configs
-    root: Path | None = None  # a local weights root (extra ControlNets and annotators are found there)
+    extras: "ExtraWeights | None" = None  # the root's optional parts (extra ControlNets, annotators)
 
     @property
     def sdxl_is_single_file(self) -> bool:
@@ -104,15 +104,47 @@ def resolve_weights(
     if "antelopev2" in locations:
         folder = fetcher.fetch(locations["antelopev2"], _antelope_filter)
         found["antelopev2"] = _check_antelope(folder, locations["antelopev2"])
-    return WeightsPaths(**found, sdxl_config=sdxl_config, root=weights_root(root_text))
+    return WeightsPaths(**found, sdxl_config=sdxl_config, extras=ExtraWeights(root_text, cache, s3_endpoint))
 
 
-def weights_root(root: str | os.PathLike | None) -> Path | None:
-    """``root`` as a local folder; None for an ``s3://`` or hub root (or none)."""
-    text = os.fspath(root) if root is not None else ""
-    if not text or text.startswith(("s3://", "hf://")) or text in HUB_ROOTS:
-        return None
-    return Path(text).expanduser()
+class ExtraWeights:
+    """The optional parts of a weights root, fetched when first needed: ``<group>/<name>/``
+    folders (``controlnets/canny/``, ``annotators/depth/``) of a local root, or of an
+    ``s3://`` root downloaded into the cache as the components are. A hub root has none."""
+
+    def __init__(self, root: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None,
+                 s3_endpoint: str | None = None) -> None:
+        text = os.fspath(root) if root is not None else ""
+        self.root = text if text and not text.startswith("hf://") and text not in HUB_ROOTS else None
+        self._fetcher = _Fetcher(Path(cache_dir) if cache_dir else default_cache_dir(), s3_endpoint)
+
+    def __repr__(self) -> str:  # keys get_pipeline's cache: the same root, the same key
+        return f"ExtraWeights({self.root!r})"
+
+    def names(self, group: str) -> list[str]:
+        """The folders under ``group`` that hold a ``config.json``."""
+        if self.root is None:
+            return []
+        if self.root.startswith("s3://"):
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if self._fetcher._client is None:
+                self._fetcher._client = s3_client(self._fetcher.s3_endpoint)
+            try:
+                keys = self._fetcher._list(S3Location.parse(_join(self.root, group), field="weights"))
+            except (BotoCoreError, ClientError):
+                return []
+            return sorted({key.split("/")[0] for key in keys if key.count("/") == 1 and key.endswith("/config.json")})
+        folder = Path(self.root).expanduser() / group
+        return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
+
+    def folder(self, group: str, name: str) -> Path | None:
+        """The local folder of ``group/name`` (downloaded first from S3); None when the root
+        has no such folder."""
+        if self.root is None:
+            return None
+        folder = self._fetcher.fetch(_join(self.root, f"{group}/{name}"), _extra_filter)
+        return folder if (folder / "config.json").is_file() else None
 
 
 def _join(root: str, name: str) -> str:
@@ -216,6 +248,11 @@ def _instantid_filter(relative: str, everything: set[str]) -> bool:
     if len(path.parts) == 1:
         return path.name in IP_ADAPTER_NAMES and (path.name == "ip-adapter.bin" or "ip-adapter.bin" not in everything)
     return path.parts[0] == "ControlNetModel" and path.suffix not in _SKIP_SUFFIXES and _preferred_weight(path, everything)
+
+
+def _extra_filter(relative: str, everything: set[str]) -> bool:
+    path = PurePosixPath(relative)
+    return path.suffix not in _SKIP_SUFFIXES and _preferred_weight(path, everything)
 
 
 def _antelope_filter(relative: str, everything: set[str]) -> bool:

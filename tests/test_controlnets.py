@@ -14,6 +14,7 @@ from pipeline.errors import InvalidParameter
 from pipeline.identitynet import window_keeps
 from pipeline.params import GenerationParams
 from pipeline.pipeline import RenderItem
+from pipeline.weights import ExtraWeights
 from tests.conftest import face_photo, pixels
 
 SMALL = dict(width=64, height=64, num_inference_steps=4, seed=3)
@@ -147,10 +148,10 @@ def test_bad_controlnet_entries_are_refused_before_any_work_naming_the_field(pip
 
 def test_missing_weights_name_their_folder(tmp_path, scene):
     with pytest.raises(InvalidParameter) as info:
-        ExtraControlNets(tmp_path, "cpu", torch.float32, 64).get("canny", "controlnets[1].type")
+        ExtraControlNets(ExtraWeights(tmp_path), "cpu", torch.float32, 96).get("canny", "controlnets[1].type")
     assert info.value.field == "controlnets[1].type" and "controlnets/canny/" in str(info.value)
     with pytest.raises(InvalidParameter) as info:
-        Annotators(tmp_path, "cpu", torch.float32).control_image("depth", scene, "controlnets[0].preprocessed")
+        Annotators(ExtraWeights(tmp_path), "cpu", torch.float32).control_image("depth", scene, "controlnets[0].preprocessed")
     assert info.value.field == "controlnets[0].preprocessed" and "annotators/depth/" in str(info.value)
 
 

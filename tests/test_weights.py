@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import WeightsNotFound
-from pipeline.weights import resolve_weights
+from pipeline.weights import ExtraWeights, resolve_weights
+from tests.conftest import face_photo
 
 REQUIRED = [
     "sdxl/model_index.json",
@@ -94,7 +95,7 @@ def files_under(root: Path) -> dict[str, int]:
 
 def component_files(root: Path) -> dict[str, int]:
     """The files of the components resolve_weights fetches (extra ControlNets and
-    annotators are read from a local root only, so far)."""
+    annotators are fetched when first needed)."""
     return {path: size for path, size in files_under(root).items()
             if path.split("/")[0] in ("sdxl", "instantid", "antelopev2")}
 
@@ -173,3 +174,27 @@ def test_a_changed_object_of_the_same_size_is_fetched_again(s3_server, s3_env, t
     # the cached tree holds the files only (the ETags are kept beside it)
     assert files_under(tmp_path / "s3") == {"changing/faces/glintr100.onnx": 1000,
                                             "changing/faces/scrfd_10g_bnkps.onnx": 300}
+
+
+def test_extra_controlnets_and_annotators_come_from_an_s3_root_when_first_needed(s3_weights, s3_env, weights_dir,
+                                                                                 tmp_path):
+    """Only the ControlNet asked for is downloaded (into the cache, as the components are),
+    and a pipeline's extra ControlNet loads from there."""
+    import torch
+
+    from pipeline.controlnets import Annotators, ExtraControlNets, available_annotators, available_controlnets
+
+    paths = resolve_weights(s3_weights, cache_dir=tmp_path)
+    extras = paths.extras
+    assert available_controlnets(extras) == ["canny", "depth", "pose"]
+    assert available_annotators(extras) == ["canny", "depth"]
+    cached = tmp_path / "s3" / "models" / "instantid" / "v1"
+    assert not (cached / "controlnets").exists()  # nothing fetched by resolving or listing
+    net = ExtraControlNets(extras, "cpu", torch.float32, 96).get("canny")  # the fixture UNet's width
+    assert files_under(cached / "controlnets") == {
+        path: size for path, size in files_under(weights_dir / "controlnets").items() if path.startswith("canny/")}
+    assert next(net.parameters()).dtype == torch.float32
+    assert extras.folder("controlnets", "sketch") is None
+    depth = Annotators(extras, "cpu", torch.float32).depth(face_photo())
+    assert depth.size == (256, 256) and (cached / "annotators" / "depth" / "model.safetensors").is_file()
+    assert ExtraWeights("hub").names("controlnets") == [] and ExtraWeights(None).folder("controlnets", "x") is None
