@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CANNY_THRESHOLDS = (100, 200)  # the reference's get_canny_image defaults
 PREPROCESSORS = ("canny", "depth")  # types with an annotator here; others need preprocessed images
 MAX_CONTROLNETS = 4
+
+
+def window_end(cls, value: float, info: ValidationInfo) -> float:
+    """A ControlNet window's end (validator of ``control_guidance_end``, here and in
+    :class:`~pipeline.params.GenerationParams`): above its start."""
+    start = info.data.get("control_guidance_start")
+    if start is not None and start >= value:
+        raise ValueError(f"must be above control_guidance_start ({value} <= {start})")
+    return value
 
 
 class ControlNetParams(BaseModel):
@@ -53,13 +63,7 @@ class ControlNetParams(BaseModel):
             raise ValueError(f"must be a folder name of lowercase letters, digits, '_' or '-' (got {value[:64]!r})")
         return value
 
-    @field_validator("control_guidance_end")
-    @classmethod
-    def _window(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("control_guidance_start")
-        if start is not None and start >= value:
-            raise ValueError(f"must be above control_guidance_start ({value} <= {start})")
-        return value
+    _window = field_validator("control_guidance_end")(classmethod(window_end))
 
 
 def split_images(entries: list[Any] | None) -> tuple[list[dict], list[Any]]:
@@ -195,3 +199,58 @@ class ExtraControlNets:
                                  f"the UNet's text tokens are {self.cross_attention_dim} wide (an SD 1.5 ControlNet?)")
         net.set_attn_processor(AttnProcessor())
         return net.to(self.device).eval()
+
+
+def control_images_for(entries: list[ControlNetParams], images, size: tuple[int, int], nets: ExtraControlNets,
+                       annotators: Annotators) -> tuple[np.ndarray, ...]:
+    """Each extra ControlNet's control image (its annotator's, unless preprocessed), framed
+    as the keypoints are; its weights are loaded here, so a missing one is refused before
+    any render."""
+    from .img2img import frame_picture
+
+    if len(images) != len(entries):
+        raise InvalidParameter(f"controlnets[{len(images)}].image", "is required")
+    framed = []
+    for k, (entry, image) in enumerate(zip(entries, images)):
+        nets.get(entry.type, f"controlnets[{k}].type")
+        if not entry.preprocessed:
+            image = annotators.control_image(entry.type, image, f"controlnets[{k}].preprocessed")
+        framed.append(frame_picture(image, size))
+    return tuple(framed)
+
+
+@dataclass
+class ExtraControl:
+    """One extra ControlNet in a render: its net, the steps it runs at, its control images
+    and strengths (per image, doubled for CFG)."""
+
+    net: Any
+    keeps: list[bool]
+    images: Any  # tensor
+    scale: Any  # tensor, one strength per row
+
+    @classmethod
+    def of(cls, net, index: int, items, keeps: list[bool], cfg: bool, per_item) -> "ExtraControl":
+        import torch
+
+        from .identitynet import to_tensor
+
+        weight = next(net.parameters())
+        images = torch.stack([to_tensor(i.controls[index]) for i in items]).to(weight.device, weight.dtype)
+        return cls(net, keeps, torch.cat([images, images]) if cfg else images,
+                   per_item([i.control_scales[index] for i in items]).view(-1, 1, 1, 1))
+
+    def add_residuals(self, down, mid, step: int, model_input, t, text, added):
+        """``down``/``mid`` (IdentityNet's, or None) plus this net's at ``step``, when its
+        window holds the step; it gets the text tokens."""
+        from .identitynet import scale_residual
+
+        if not self.keeps[step]:
+            return down, mid
+        more_down, more_mid = self.net(model_input, t, encoder_hidden_states=text, controlnet_cond=self.images,
+                                       conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
+        more_down = [scale_residual(d, self.scale, None) for d in more_down]
+        more_mid = scale_residual(more_mid, self.scale, None)
+        if down is None:
+            return more_down, more_mid
+        return [a + b for a, b in zip(down, more_down)], mid + more_mid

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .controlnets import MAX_CONTROLNETS, ControlNetParams
+from .controlnets import MAX_CONTROLNETS, ControlNetParams, window_end
 from .errors import InvalidParameter
 from .prompts import PromptSyntaxError, check_weights
 from .schedulers import SchedulerName
@@ -84,13 +84,7 @@ class GenerationParams(BaseModel):
         except InvalidParameter as error:
             raise ValueError(error.reason) from None
 
-    @field_validator("control_guidance_end")
-    @classmethod
-    def _window(cls, value: float, info: ValidationInfo) -> float:
-        start = info.data.get("control_guidance_start")
-        if start is not None and start >= value:
-            raise ValueError(f"must be above control_guidance_start ({value} <= {start})")
-        return value
+    _window = field_validator("control_guidance_end")(classmethod(window_end))
 
     @property
     def do_cfg(self) -> bool:

@@ -36,7 +36,7 @@ from PIL import Image
 from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, install_adapter_processors,
                       load_adapter_layers, load_image_proj, read_adapter_file, token_grids)
 from .assembly import SDXL_MODELS, controlnet_pipeline, load_single_file  # noqa: F401 - SDXL_MODELS re-exported
-from .controlnets import Annotators, ExtraControlNets, split_images
+from .controlnets import Annotators, ExtraControl, ExtraControlNets, control_images_for, split_images
 from .devices import resolve_device, resolve_dtype
 from .errors import InstantIDError, InvalidParameter
 from .face import FaceAnalyzer, FaceInfo
@@ -313,7 +313,8 @@ class InstantIDPipeline:
         strength = default_strength(spec.strength, mask is not None) if image is not None else None
         picture = frame_picture(image, (width, height)) if image is not None else None
         framed_mask = frame_mask(mask, image.size, (width, height)) if mask is not None else None
-        controls = self._control_images(spec, control_images, (width, height))
+        controls = control_images_for(spec.controlnets, control_images, (width, height), self.extra_controlnets,
+                                      self.annotators)
         options = RenderOptions(
             width=width,
             height=height,
@@ -351,21 +352,6 @@ class InstantIDPipeline:
             for seed in spec.seeds()
         ]
         return options, items
-
-    def _control_images(self, spec: GenerationParams, images: Sequence[Image.Image],
-                        size: tuple[int, int]) -> tuple[np.ndarray, ...]:
-        """Each extra ControlNet's control image (its annotator's, unless preprocessed),
-        framed as the keypoints are; its weights are loaded here, so a missing one is
-        refused before any render."""
-        if len(images) != len(spec.controlnets):
-            raise InvalidParameter(f"controlnets[{len(images)}].image", "is required")
-        framed = []
-        for k, (entry, image) in enumerate(zip(spec.controlnets, images)):
-            self.extra_controlnets.get(entry.type, f"controlnets[{k}].type")
-            if not entry.preprocessed:
-                image = self.annotators.control_image(entry.type, image, f"controlnets[{k}].preprocessed")
-            framed.append(frame_picture(image, size))
-        return tuple(framed)
 
     def _text_tokens(self, prompt: str, negative: str | None) -> int:
         try:
@@ -565,12 +551,8 @@ class InstantIDPipeline:
         control = ControlInputs(face_tokens, condition, added, cn_scale, mask)
         if cond_only:
             control = control.second_half()
-        extras = []  # the extra ControlNets: the text tokens, their own images, strengths and windows
-        for j, (name, *window) in enumerate(options.controlnets):
-            images = torch.stack([to_tensor(i.controls[j]) for i in items]).to(device, dtype)
-            extras.append((self.extra_controlnets.get(name), window_keeps(len(timesteps), *window),
-                           torch.cat([images, images]) if cfg else images,
-                           per_item([i.control_scales[j] for i in items]).view(-1, 1, 1, 1)))
+        extras = [ExtraControl.of(self.extra_controlnets.get(name), j, items, window_keeps(len(timesteps), *window),
+                                  cfg, per_item) for j, (name, *window) in enumerate(options.controlnets)]
         timings["prepare"] = _ms(clock, device)
 
         # 4. denoise
@@ -595,15 +577,8 @@ class InstantIDPipeline:
                 if cond_only:
                     down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                     mid = torch.cat([torch.zeros_like(mid), mid])
-            for net, keep, images, scale in extras:
-                if not keep[step]:
-                    continue
-                more_down, more_mid = net(model_input, t, encoder_hidden_states=text, controlnet_cond=images,
-                                          conditioning_scale=1.0, added_cond_kwargs=added, return_dict=False)
-                more_down = [scale_residual(d, scale, None) for d in more_down]
-                more_mid = scale_residual(more_mid, scale, None)
-                down = more_down if down is None else [a + b for a, b in zip(down, more_down)]
-                mid = more_mid if mid is None else mid + more_mid
+            for extra in extras:
+                down, mid = extra.add_residuals(down, mid, step, model_input, t, text, added)
             prediction = self.sdxl.unet(
                 model_input,
                 t,

@@ -506,6 +506,16 @@ def test_a_call_cancelled_while_queued_in_a_batch_does_not_cancel_a_later_one_wi
 # ----------------------------------------------------------------------------- img2img, inpainting
 
 
+def job_end(client, generation_id: str) -> dict:
+    """An async job's view once it has ended (waiting minutes at most: a slow machine is no failure)."""
+    deadline = time.monotonic() + 300
+    while (view := client.get(f"/v1/generations/{generation_id}", headers=auth()).json())["status"] not in (
+            "succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.2)
+    return view
+
+
 def test_inpainting_over_http_sync_and_async_keeps_the_unmasked_pixels(client, photo):
     """A face put into a picture: keypoints from the picture's face, the picture's own
     pixels outside the mask; the async job (its picture kept in the job's input) makes the
@@ -524,11 +534,7 @@ def test_inpainting_over_http_sync_and_async_keeps_the_unmasked_pixels(client, p
     assert (out[keep] == framed[keep]).all() and (out[~keep] != framed[~keep]).any()
 
     job = client.post("/v1/generations", json={**body, "async": True}, headers=auth()).json()
-    deadline = time.monotonic() + 300
-    while (view := client.get(f"/v1/generations/{job['id']}", headers=auth()).json())["status"] not in (
-            "succeeded", "failed", "canceled"):
-        assert time.monotonic() < deadline, view
-        time.sleep(0.2)
+    view = job_end(client, job["id"])
     assert view["status"] == "succeeded", view
     assert httpx.get(view["images"][0]["url"], timeout=60).content == \
         httpx.get(result["images"][0]["url"], timeout=60).content
@@ -570,11 +576,7 @@ def test_extra_controlnets_over_http_sync_and_async(client, photo):
     url = controlled.json()["images"][0]["url"]
     assert httpx.get(url, timeout=60).content != httpx.get(plain.json()["images"][0]["url"], timeout=60).content
     job = client.post("/v1/generations", json={**extra, "async": True}, headers=auth()).json()
-    deadline = time.monotonic() + 300
-    while (view := client.get(f"/v1/generations/{job['id']}", headers=auth()).json())["status"] not in (
-            "succeeded", "failed", "canceled"):
-        assert time.monotonic() < deadline, view
-        time.sleep(0.2)
+    view = job_end(client, job["id"])
     assert view["status"] == "succeeded", view
     assert httpx.get(view["images"][0]["url"], timeout=60).content == httpx.get(url, timeout=60).content
 
