@@ -306,9 +306,15 @@ class InstantIDPipeline:
             raise InvalidParameter("mask_image" if mask is not None else "strength",
                                    "needs image (the picture to start from)")
         width, height = self.output_size(spec, face, image.size if image is not None else None)
-        frame = Frame(face.image_size, (width, height))
-        kps = frame.points(np.asarray(face.kps))
-        box = tuple(float(v) for v in frame.box(np.asarray(face.bbox)))
+        source, kps, bbox = face.image_size, np.asarray(face.kps, float), np.asarray(face.bbox, float)
+        if image is not None and tuple(source) == reference_size(*image.size):
+            # the face was found in the picture, which the face stage stretched to multiples of 64: back
+            # to the picture's own pixels, so that the keypoints land on its face once both are framed
+            factor = np.array(image.size, float) / np.array(source, float)
+            source, kps, bbox = image.size, kps * factor, bbox * np.tile(factor, 2)
+        frame = Frame(source, (width, height))
+        kps = frame.points(kps)
+        box = tuple(float(v) for v in frame.box(bbox))
         prompt, negative = apply_style(spec.style, spec.prompt, spec.negative_prompt)
         strength = default_strength(spec.strength, mask is not None) if image is not None else None
         picture = frame_picture(image, (width, height)) if image is not None else None

@@ -181,3 +181,22 @@ def test_the_mask_is_framed_as_the_picture_and_binarised():
     assert framed[:, :30].min() == 255 and framed[:, 34:].max() == 0
     art = frame_picture(picture((200, 100)), (64, 64))
     assert art.shape == (64, 64, 3) and art.dtype == np.uint8
+
+
+def test_the_keypoints_land_on_the_pictures_face_although_the_face_stage_stretched_it(pipe):
+    """250x140 becomes 1280x704 in the face stage (multiples of 64: 1.8% wider); the
+    keypoints are mapped back, so they sit where the picture's face is in the output."""
+    from pipeline.keypoints import Frame, reference_size
+    from pipeline.params import GenerationParams
+
+    scene = face_photo(size=(250, 140), blobs=((212, 70, 25),))  # off centre: the stretch shows
+    face = pipe.analyze_faces([face_photo()], pose=scene)
+    assert face.image_size == reference_size(250, 140) == (1280, 704)
+    _, items = pipe.plan(GenerationParams(width=1024, height=576, seed=1), face, image=scene)
+    found = np.asarray(face.kps).mean(axis=0) * np.array([250 / 1280, 140 / 704])  # in the picture's pixels
+    expected = Frame((250, 140), (1024, 576)).points(found)[0]
+    assert np.abs(items[0].kps.mean(axis=0) - expected).max() < 0.5
+    stretched = Frame((1280, 704), (1024, 576)).points(np.asarray(face.kps).mean(axis=0))[0]
+    assert np.abs(stretched - expected).max() > 5  # what the keypoints would have been off by
+    x, y = (int(v) for v in expected)
+    assert items[0].init_image[y, x].min() > 150  # on the face blob of the framed picture
