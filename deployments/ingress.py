@@ -149,8 +149,8 @@ class Ingress:
                 return JSONResponse(self.views.generation(done, base), headers={"Idempotent-Replayed": "true"})
         try:
             await self.gate.charge_images(owner, body.num_images)
-            face = await self.submissions.face(body, owner, deadline)
             pictures = await self.submissions.pictures(body, owner)
+            face = await self.submissions.face(body, owner, deadline, pictures)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
                                             OutputSpec(format=body.output_format, quality=body.quality),

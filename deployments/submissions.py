@@ -22,12 +22,7 @@ from service.records import GenerationRecord, JobInput, JobRecord, OutputSpec, S
 from .api import GenerationRequest
 from .flow import GenerationFlow
 from .inputs import ImageInputs
-from .messages import Pictures
-
-
-def _layout(body: GenerationRequest) -> tuple[str | None, str]:
-    """Where the head pose comes from: ``pose_image``, else the picture to restyle."""
-    return (body.pose_image, "pose_image") if body.pose_image else (body.image, "image")
+from .messages import FaceJob, Pictures
 
 
 def generation_id(owner: str, key: str | None, body: GenerationRequest) -> tuple[str, str | None]:
@@ -49,23 +44,29 @@ class Submissions:
         self.results_s, self.claim_s = results_s, claim_s
         self._tasks: set[asyncio.Task] = set()
 
-    async def face(self, body: GenerationRequest, owner: str, deadline: float) -> FaceInfo:
+    async def face(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures) -> FaceInfo:
         """The face to render: analysed from the photos, or registered (with the head pose
-        of ``pose_image`` when given)."""
+        of ``pose_image``, else of the picture to restyle, when given)."""
         if body.face_id is None:
-            return await self.flow.analyze(await self._face_job(body, owner), deadline)
-        return await self.flow.registered_face(body.face_id, owner, await self._pose(body, owner, deadline))
+            return await self.flow.analyze(await self._face_job(body, owner, pictures), deadline)
+        return await self.flow.registered_face(body.face_id, owner,
+                                               await self._pose(body, owner, deadline, pictures))
 
-    async def _face_job(self, body: GenerationRequest, owner: str):
-        pose, name = _layout(body)
-        return await self.inputs.face_job(body.face_images, pose, body.face_combine, owner, pose_name=name)
+    async def _face_job(self, body: GenerationRequest, owner: str, pictures: Pictures) -> FaceJob:
+        if body.pose_image or pictures.image is None:
+            return await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
+        job = await self.inputs.face_job(body.face_images, None, body.face_combine, owner)
+        job.pose, job.pose_name = pictures.image, "image"  # the picture as read once (the render gets the same bytes)
+        return job
 
-    async def _pose(self, body: GenerationRequest, owner: str, deadline: float):
-        pose, name = _layout(body)
-        if not pose:
+    async def _pose(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures):
+        if body.pose_image:
+            job = await self.inputs.face_job([body.pose_image], None, "mean", owner)
+            job.names = ["pose_image"]
+        elif pictures.image is not None:
+            job = FaceJob(images=[pictures.image], names=["image"])
+        else:
             return None
-        job = await self.inputs.face_job([pose], None, "mean", owner)
-        job.names = [name]
         posed = await self.flow.analyze(job, deadline)
         return StoredFace.of(posed).public()
 
@@ -87,9 +88,10 @@ class Submissions:
                              image=pictures.image, mask_image=pictures.mask, controls=list(pictures.controls))
         if body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
-            job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline)
+            job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline, pictures)
         else:
-            job_input.face = StoredFace.of(await self.flow.analyze(await self._face_job(body, owner), deadline))
+            job_input.face = StoredFace.of(await self.flow.analyze(await self._face_job(body, owner, pictures),
+                                                                   deadline))
         now = time.time()
         record = JobRecord(id=generation_id, owner=owner, created_at=now, updated_at=now,
                            expires_at=now + self.results_s, request_hash=request_hash,
