@@ -7,9 +7,10 @@ added to IdentityNet's.
 Weights live in the weights root: ``controlnets/<name>/`` (diffusers layout; ``pose``,
 ``canny`` and ``depth`` for the reference's, any other folder name works too) and the
 annotators that make control images from photos under ``annotators/`` (``depth/``: a
-transformers depth-estimation model, DPT as the reference or Depth Anything). Canny runs
-on OpenCV with the reference's thresholds. A client may also send a ready-made control
-image (``preprocessed``).
+transformers depth-estimation model, DPT as the reference or Depth Anything;
+``openpose/``: OpenPose's body network, :mod:`pipeline.openpose`). Canny runs on OpenCV
+with the reference's thresholds. A client may also send a ready-made control image
+(``preprocessed``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .errors import InvalidParameter, InvalidWeights
+from .openpose import BODY_FILES
 from .weights import ExtraWeights
 
 CONTROLNETS = "controlnets"
 ANNOTATORS = "annotators"
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CANNY_THRESHOLDS = (100, 200)  # the reference's get_canny_image defaults
-PREPROCESSORS = ("canny", "depth")  # types with an annotator here; others need preprocessed images
+# The types with an annotator, and where its weights are: a folder under annotators/ and
+# the files that mark it (canny needs none). Other types need preprocessed images.
+ANNOTATOR_FOLDERS = {"depth": ("depth", ("config.json",)), "pose": ("openpose", BODY_FILES)}
+PREPROCESSORS = ("canny", *ANNOTATOR_FOLDERS)
 MAX_CONTROLNETS = 4
 
 
@@ -89,8 +94,11 @@ def available_controlnets(extras: ExtraWeights | None) -> list[str]:
 
 def available_annotators(extras: ExtraWeights | None) -> list[str]:
     """The annotators under ``annotators/`` of a weights root, with canny (OpenCV)."""
-    found = extras.names(ANNOTATORS) if extras is not None else []
-    return sorted({"canny", *(name for name in found if name in PREPROCESSORS)})
+    found = ["canny"]
+    for kind, (folder, markers) in ANNOTATOR_FOLDERS.items():
+        if extras is not None and folder in extras.names(ANNOTATORS, markers):
+            found.append(kind)
+    return sorted(found)
 
 
 def canny(image: Image.Image, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Image.Image:
@@ -104,16 +112,16 @@ class Annotators:
 
     def __init__(self, extras: ExtraWeights | None, device, dtype) -> None:
         self.extras, self.device, self.dtype = extras, device, dtype
-        self._depth = None
+        self._depth = self._pose = None
         self._lock = threading.Lock()
 
     def control_image(self, kind: str, image: Image.Image, field: str) -> Image.Image:
         """The control image of a photo (``field`` names the entry in errors)."""
         if kind == "canny":
             return canny(image)
-        if kind == "depth":
+        if kind in ANNOTATOR_FOLDERS:
             try:
-                return self.depth(image)
+                return self.depth(image) if kind == "depth" else self.pose(image)
             except MissingAnnotator as error:
                 raise InvalidParameter(field, error.reason) from None
         raise InvalidParameter(field, f"no annotator makes {kind!r} control images here (there is one for "
@@ -136,6 +144,24 @@ class Annotators:
         grey = (scaled * 255.0).clamp(0, 255).to(torch.uint8).cpu().numpy()
         return Image.fromarray(grey, "L").convert("RGB")
 
+    def pose(self, image: Image.Image) -> Image.Image:
+        """The OpenPose body pose image of a photo, at its size (black when no one is found)."""
+        return self._pose_model().pose_image(image)
+
+    def _pose_model(self):
+        with self._lock:
+            if self._pose is None:
+                from .openpose import BodyPose
+
+                folder = self._folder("pose")
+                path = next(folder / name for name in BODY_FILES if (folder / name).is_file())
+                try:
+                    self._pose = BodyPose(path, self.device, self.dtype)
+                except Exception as error:  # torch/safetensors raise many kinds for a bad file
+                    raise InvalidWeights(f"{ANNOTATORS}/openpose/{path.name}: cannot load it as OpenPose's body "
+                                         f"network: {' '.join(str(error).split())[:300]}") from None
+            return self._pose
+
     def _depth_model(self):
         with self._lock:
             if self._depth is None:
@@ -146,17 +172,19 @@ class Annotators:
                 self._depth = (model, AutoImageProcessor.from_pretrained(str(folder)))
             return self._depth
 
-    def _folder(self, name: str) -> Path:
-        folder = self.extras.folder(ANNOTATORS, name) if self.extras is not None else None
+    def _folder(self, kind: str) -> Path:
+        name, markers = ANNOTATOR_FOLDERS[kind]
+        folder = self.extras.folder(ANNOTATORS, name, markers) if self.extras is not None else None
         if folder is None:
-            raise MissingAnnotator(name)
+            raise MissingAnnotator(kind, name, markers)
         return folder
 
 
 class MissingAnnotator(InvalidParameter):
-    def __init__(self, name: str) -> None:
-        super().__init__("controlnets", f"the {name} annotator is missing (no {ANNOTATORS}/{name}/ in the weights "
-                                        "root): send a ready-made control image with preprocessed: true")
+    def __init__(self, kind: str, name: str, markers: tuple[str, ...]) -> None:
+        super().__init__("controlnets", f"the {kind} annotator is missing (no {ANNOTATORS}/{name}/ with "
+                                        f"{' or '.join(markers)} in the weights root): send a ready-made control "
+                                        "image with preprocessed: true")
 
 
 class ExtraControlNets:
@@ -180,10 +208,14 @@ class ExtraControlNets:
                 self._loaded[name] = self._load(name, field)
             return self._loaded[name]
 
+    def add(self, name: str, net) -> None:
+        """Use ``net`` (a diffusers ControlNetModel already in memory) as ``name``, as if it
+        were ``controlnets/<name>/``."""
+        with self._lock:
+            self._loaded[name] = self._prepare(net, f"the ControlNet {name!r}")
+
     def _load(self, name: str, field: str):
         from diffusers import ControlNetModel
-
-        from .adapter import AttnProcessor
 
         folder = self.extras.folder(CONTROLNETS, name) if self.extras is not None else None
         if folder is None:
@@ -194,11 +226,16 @@ class ExtraControlNets:
         except Exception as error:  # diffusers raises many kinds for a bad folder
             raise InvalidWeights(f"{CONTROLNETS}/{name}/: cannot load it as a ControlNet: "
                                  f"{' '.join(str(error).split())[:300]}") from None
+        return self._prepare(net, f"{CONTROLNETS}/{name}/")
+
+    def _prepare(self, net, where: str):
+        from .adapter import AttnProcessor
+
         if net.config.cross_attention_dim != self.cross_attention_dim:
-            raise InvalidWeights(f"{CONTROLNETS}/{name}/ attends over {net.config.cross_attention_dim}-wide tokens, "
+            raise InvalidWeights(f"{where} attends over {net.config.cross_attention_dim}-wide tokens, "
                                  f"the UNet's text tokens are {self.cross_attention_dim} wide (an SD 1.5 ControlNet?)")
         net.set_attn_processor(AttnProcessor())
-        return net.to(self.device).eval()
+        return net.to(self.device, self.dtype).eval().requires_grad_(False)
 
 
 def control_images_for(entries: list[ControlNetParams], images, size: tuple[int, int], nets: ExtraControlNets,

@@ -11,6 +11,7 @@
                                 glintr100.onnx (an ArcFace-signature recogniser)
     controlnets/{pose,canny,depth}/  extra SDXL ControlNets (diffusers layout, IdentityNet's topology)
     annotators/depth/           a tiny DPT depth estimator (transformers layout)
+    annotators/openpose/body_pose_model.pth  OpenPose's body network at tiny widths (published keys)
 
 ``write_sdxl_single_file(root / "sdxl", path)`` writes that SDXL again as one .safetensors
 checkpoint in the original Stability (SGM) key layout, as single-file fine-tunes are published.
@@ -71,6 +72,7 @@ def write_fixtures(root: str | Path) -> Path:
     for name in EXTRA_CONTROLNETS:  # the reference's multi-ControlNet set, same topology as IdentityNet
         write_identitynet(unet, root / "controlnets" / name, dtype=torch.float16)  # as published: fp16
     write_depth_annotator(root / "annotators" / "depth")
+    write_openpose_annotator(root / "annotators" / "openpose" / "body_pose_model.pth")
     return root
 
 
@@ -86,6 +88,30 @@ def write_depth_annotator(folder: Path) -> None:
                        backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False)
     DPTForDepthEstimation(config).eval().save_pretrained(str(folder))
     DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(str(folder))
+
+
+def write_openpose_annotator(path: Path) -> None:
+    """OpenPose's body network (VGG front end, six two-branch stages, 38 field and 19 heatmap
+    channels, the published kernel sizes and key names) with every hidden width 8, saved as
+    the published ``.pth`` state dict."""
+    from torch import nn
+
+    from .openpose import _stages
+
+    width, fields, heat = 8, 38, 19
+    state = {}
+    for block, names in _stages():
+        convs = [n for n in names if n != "pool"]
+        for k, name in enumerate(convs):
+            last = k == len(convs) - 1
+            inputs = 3 if name == "conv1_1" else (fields + heat + width if name.startswith("Mconv1_") else width)
+            outputs = (fields if block.endswith("L1") else heat) if last and block != "front" else width
+            kernel = 7 if name.startswith("Mconv") and int(name[5]) <= 5 else 1 if (
+                name.startswith("Mconv") or name.startswith(("conv5_4", "conv5_5"))) else 3
+            conv = nn.Conv2d(inputs, outputs, kernel)
+            state[f"{name}.weight"], state[f"{name}.bias"] = conv.weight.detach(), conv.bias.detach()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, str(path))
 
 
 # --------------------------------------------------------------------------- SDXL

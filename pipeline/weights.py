@@ -121,8 +121,8 @@ class ExtraWeights:
     def __repr__(self) -> str:  # keys get_pipeline's cache: the same root, the same key
         return f"ExtraWeights({self.root!r})"
 
-    def names(self, group: str) -> list[str]:
-        """The folders under ``group`` that hold a ``config.json``."""
+    def names(self, group: str, markers: tuple[str, ...] = ("config.json",)) -> list[str]:
+        """The folders under ``group`` that hold one of the ``markers`` files."""
         if self.root is None:
             return []
         if self.root.startswith("s3://"):
@@ -134,17 +134,19 @@ class ExtraWeights:
                 keys = self._fetcher._list(S3Location.parse(_join(self.root, group), field="weights"))
             except (BotoCoreError, ClientError):
                 return []
-            return sorted({key.split("/")[0] for key in keys if key.count("/") == 1 and key.endswith("/config.json")})
+            return sorted({key.split("/")[0] for key in keys if key.count("/") == 1 and key.split("/")[1] in markers})
         folder = Path(self.root).expanduser() / group
-        return sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file()) if folder.is_dir() else []
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if any((p / marker).is_file() for marker in markers))
 
-    def folder(self, group: str, name: str) -> Path | None:
+    def folder(self, group: str, name: str, markers: tuple[str, ...] = ("config.json",)) -> Path | None:
         """The local folder of ``group/name`` (downloaded first from S3); None when the root
-        has no such folder."""
+        has no such folder or it holds none of the ``markers`` files."""
         if self.root is None:
             return None
         folder = self._fetcher.fetch(_join(self.root, f"{group}/{name}"), _extra_filter)
-        return folder if (folder / "config.json").is_file() else None
+        return folder if any((folder / marker).is_file() for marker in markers) else None
 
 
 def _join(root: str, name: str) -> str:

@@ -81,7 +81,6 @@ def generate(weights_dir, photos, tmp_path, *extra, face="face.png"):
         (("--image", "{photos}/pose.jpg", "--strength", "1.5"), "face.png", EXIT_INVALID, "strength:"),
         (("--controlnet", "canny"), "face.png", EXIT_INVALID, "--controlnet: expected TYPE:IMAGE[:SCALE]"),
         (("--controlnet", "sketch:{photos}/pose.jpg"), "face.png", EXIT_INVALID, "no controlnets/sketch/"),
-        (("--controlnet", "pose:{photos}/pose.jpg"), "face.png", EXIT_INVALID, "preprocessed: true"),
         (("--controlnet", "canny:/nowhere/edges.png"), "face.png", EXIT_INVALID, "edges.png: file not found"),
         (("--controlnet", "canny:{photos}/pose.jpg:7"), "face.png", EXIT_INVALID, "controlnets[0].scale"),
     ],

@@ -34,6 +34,7 @@ LAYOUT = [
     "annotators/depth/config.json",
     "annotators/depth/model.safetensors",
     "annotators/depth/preprocessor_config.json",
+    "annotators/openpose/body_pose_model.pth",
 ]
 
 

@@ -563,7 +563,7 @@ def test_extra_controlnets_over_http_sync_and_async(client, photo):
     async job (its control images kept in the job's input) makes the same bytes; the
     options list what the deployment has."""
     offered = client.get("/v1/options").json()
-    assert offered["controlnets"] == ["canny", "depth", "pose"] and offered["annotators"] == ["canny", "depth"]
+    assert offered["controlnets"] == ["canny", "depth", "pose"] and offered["annotators"] == ["canny", "depth", "pose"]
     scene = data_url(face_photo(size=(160, 128), blobs=((80, 60, 30), (20, 100, 10))))
     body = {"face_images": [photo], "seed": 11, **SMALL}
     plain = generate(client, body)
@@ -583,7 +583,8 @@ def test_extra_controlnets_over_http_sync_and_async(client, photo):
 
 @pytest.mark.parametrize("entry,status,code,field", [
     ({"type": "sketch", "image": "PHOTO"}, 422, "invalid_parameter", "controlnets[0].type"),
-    ({"type": "pose", "image": "PHOTO"}, 422, "invalid_parameter", "controlnets[0].preprocessed"),
+    ({"type": "pose", "image": "PHOTO", "control_guidance_start": 0.6, "control_guidance_end": 0.5}, 422,
+     "invalid_parameter", "controlnets[0].control_guidance_end"),
     ({"type": "canny"}, 422, "invalid_parameter", "controlnets[0].image"),
     ({"type": "canny", "image": "PHOTO", "scale": 9}, 422, "invalid_parameter", "controlnets[0].scale"),
     ({"type": "canny", "image": b64(b"not an image")}, 400, "invalid_image", "controlnets[0].image"),

@@ -187,7 +187,7 @@ def test_extra_controlnets_and_annotators_come_from_an_s3_root_when_first_needed
     paths = resolve_weights(s3_weights, cache_dir=tmp_path)
     extras = paths.extras
     assert available_controlnets(extras) == ["canny", "depth", "pose"]
-    assert available_annotators(extras) == ["canny", "depth"]
+    assert available_annotators(extras) == ["canny", "depth", "pose"]
     cached = tmp_path / "s3" / "models" / "instantid" / "v1"
     assert not (cached / "controlnets").exists()  # nothing fetched by resolving or listing
     net = ExtraControlNets(extras, "cpu", torch.float32, 96).get("canny")  # the fixture UNet's width
@@ -195,6 +195,8 @@ def test_extra_controlnets_and_annotators_come_from_an_s3_root_when_first_needed
         path: size for path, size in files_under(weights_dir / "controlnets").items() if path.startswith("canny/")}
     assert next(net.parameters()).dtype == torch.float32
     assert extras.folder("controlnets", "sketch") is None
-    depth = Annotators(extras, "cpu", torch.float32).depth(face_photo())
-    assert depth.size == (256, 256) and (cached / "annotators" / "depth" / "model.safetensors").is_file()
+    annotators = Annotators(extras, "cpu", torch.float32)
+    depth, pose = annotators.depth(face_photo()), annotators.pose(face_photo())
+    assert depth.size == pose.size == (256, 256) and (cached / "annotators" / "depth" / "model.safetensors").is_file()
+    assert (cached / "annotators" / "openpose" / "body_pose_model.pth").is_file()
     assert ExtraWeights("hub").names("controlnets") == [] and ExtraWeights(None).folder("controlnets", "x") is None
