@@ -64,6 +64,16 @@ LADDER: tuple[tuple[str, dict[str, Any]], ...] = (
     ("+compile", {"compile": "regional"}),
 )
 
+# Cases beside the plain render, measured on the reference path and on "all": one extra
+# ControlNet (the reference's canny: a full-size SDXL ControlNet, IdentityNet's architecture)
+# and img2img at strength 0.6 (the schedule's last 60% of the steps run).
+VARIANTS: tuple[tuple[str, str], ...] = (
+    ("+canny", "one extra ControlNet (canny, full SDXL size), strength 0.5"),
+    ("+img2img", "img2img at strength 0.6: int(steps * 0.6) steps run"),
+)
+IMG2IMG_STRENGTH = 0.6
+CANNY_SCALE = 0.5
+
 TINY_RESAMPLER = dict(embed_dims=512, hidden_dims=128, depth=4, heads=2, num_queries=16, ffn_ratio=4)
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
@@ -127,7 +137,8 @@ def _embeddings_pipeline_class():
 
 def build_pipeline(arch: Arch, device, opts, seed: int = 0):
     """The architecture with random weights (the same for a given seed), assembled and
-    ``opts`` applied by ``InstantIDPipeline.from_components``, as ``from_weights`` does."""
+    ``opts`` applied by ``InstantIDPipeline.from_components``, as ``from_weights`` does; an
+    extra ControlNet of IdentityNet's architecture is there as ``canny``."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
@@ -142,10 +153,12 @@ def build_pipeline(arch: Arch, device, opts, seed: int = 0):
         controlnet = ControlNetModel.from_unet(unet)
         vae = AutoencoderKL.from_config(arch.vae)
         resampler = IPAdapterPlusImageProjection(dim_head=64, **arch.resampler)
-    with torch.no_grad():  # IdentityNet's zero-initialised convolutions would make it a no-op
-        for param in controlnet.parameters():
-            if param.dim() > 0 and not param.is_meta and not param.any():
-                param.normal_(0.0, 0.02)
+        canny = ControlNetModel.from_unet(unet)
+    with torch.no_grad():  # zero-initialised convolutions would make the ControlNets no-ops
+        for net in (controlnet, canny):
+            for param in net.parameters():
+                if param.dim() > 0 and not param.is_meta and not param.any():
+                    param.normal_(0.0, 0.02)
     # the adapter file's contents, in the published key scheme (face K/V per cross-attention position)
     ip_adapter = {}
     for position, _name, attn in cross_attention_layers(unet):
@@ -158,20 +171,38 @@ def build_pipeline(arch: Arch, device, opts, seed: int = 0):
         for group in ("image_proj", "ip_adapter"):
             assert {k: tuple(v.shape) for k, v in adapter[group].items()} == {k: tuple(v) for k, v in
                                                                              arch.layout[group].items()}, group
-    for module in (unet, controlnet, vae):
+    for module in (unet, controlnet, vae, canny):
         module.to(device=device, dtype=dtype).eval().requires_grad_(False)
     parts = {"unet": unet, "vae": vae, "scheduler": EulerDiscreteScheduler(**SDXL_SCHEDULER)}
-    return _embeddings_pipeline_class().from_components(parts, adapter, controlnet=controlnet, optimizations=opts)
+    pipe = _embeddings_pipeline_class().from_components(parts, adapter, controlnet=controlnet, optimizations=opts)
+    pipe.extra_controlnets.add("canny", canny)
+    return pipe
 
 
-def make_items(pipe, batch: int, width: int, height: int, guidance: float):
+def make_items(pipe, batch: int, width: int, height: int, guidance: float, variant: str = ""):
+    """``batch`` items (seeded); ``variant`` "+canny" gives each a control image for the extra
+    ControlNet, "+img2img" a starting picture."""
     from pipeline.pipeline import RenderItem
 
     rng = np.random.default_rng(7)
     embed = int(pipe.image_proj.proj_in.in_features)
     kps = np.array([[0.4, 0.4], [0.6, 0.4], [0.5, 0.55], [0.42, 0.7], [0.58, 0.7]]) * [width, height]
-    return [RenderItem(prompt="bench", negative_prompt=None, embedding=(rng.standard_normal(embed) * 20).astype(
-        np.float32), kps=kps, seed=100 + k, guidance_scale=guidance) for k in range(batch)]
+    items = []
+    for k in range(batch):
+        picture = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        extra = {"+canny": dict(controls=(picture,), control_scales=(CANNY_SCALE,)),
+                 "+img2img": dict(init_image=picture)}.get(variant, {})
+        items.append(RenderItem(prompt="bench", negative_prompt=None, embedding=(rng.standard_normal(embed) * 20).astype(
+            np.float32), kps=kps, seed=100 + k, guidance_scale=guidance, **extra))
+    return items
+
+
+def make_options(size: int, steps: int, cfg: bool, variant: str = ""):
+    from pipeline.pipeline import RenderOptions
+
+    extra = {"+canny": dict(controlnets=(("canny", 0.0, 1.0),)),
+             "+img2img": dict(strength=IMG2IMG_STRENGTH)}.get(variant, {})
+    return RenderOptions(width=size, height=size, num_inference_steps=steps, do_cfg=cfg, **extra)
 
 
 def synchronize(device) -> None:
@@ -187,6 +218,8 @@ def time_render(pipe, items, options, *, repeats: int, warmup: int) -> dict[str,
     device = pipe.device
     marks: dict[int, float] = {}
     steps = options.num_inference_steps
+    if options.strength is not None:  # img2img: only the schedule's tail runs, numbered from 1
+        steps = int(steps * options.strength)
 
     def on_step(step: int, total: int) -> None:
         if step in (1, total):
@@ -242,18 +275,24 @@ def _register_cpu_sdpa_formula() -> None:
 
 def count_flops(pipe, items, options) -> float:
     """FLOPs per image at ``options.num_inference_steps`` steps: counted at 1 and 2 steps
-    (what does not repeat per step, e.g. the VAE decode, cancels out of the difference)."""
+    run (what does not repeat per step, e.g. the VAE decode, cancels out of the difference);
+    img2img runs ``int(steps * strength)`` of the steps."""
+    import math
+
     from torch.utils.flop_counter import FlopCounterMode
 
     _register_cpu_sdpa_formula()
 
-    def total(steps: int) -> int:
+    strength = options.strength or 1.0
+
+    def total(run: int) -> int:  # the schedule length at which `run` steps run
         with FlopCounterMode(display=False) as counter:
-            pipe.render(items, replace(options, num_inference_steps=steps))
+            pipe.render(items, replace(options, num_inference_steps=math.ceil(run / strength - 1e-9)))
         return counter.get_total_flops()
 
     one, two = total(1), total(2)
-    return (one + (options.num_inference_steps - 1) * (two - one)) / len(items)
+    runs = int(options.num_inference_steps * strength) if options.strength else options.num_inference_steps
+    return (one + (runs - 1) * (two - one)) / len(items)
 
 
 def matmul_tflops(device) -> float:
@@ -331,27 +370,27 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
     # compiled rung starts only with that much budget left
     compile_reserve = 90.0 if device.type == "cuda" and compile_backend == "inductor" else 0.0
 
-    def measure(pipe, rung: str, steps_: int, cfg: bool, batch: int) -> None:
+    def measure(pipe, rung: str, steps_: int, cfg: bool, batch: int, variant: str = "") -> None:
         opts = pipe.optimizations
-        case = f"{rung}@{steps_}steps{'_cfg' if cfg else ''}_b{batch}"
-        common = dict(case=case, rung=rung, dtype=str(pipe.dtype).removeprefix("torch."), fuse_qkv=opts.fuse_qkv,
+        case = f"{rung}{variant}@{steps_}steps{'_cfg' if cfg else ''}_b{batch}"
+        common = dict(case=case, rung=rung + variant, dtype=str(pipe.dtype).removeprefix("torch."), fuse_qkv=opts.fuse_qkv,
                       channels_last=opts.channels_last, identitynet_cond_only=opts.identitynet_cond_only,
                       compile=opts.compile, width=size, height=size, steps=steps_, cfg=cfg, batch=batch)
         if over_budget():
             results.add(status="skipped: time budget", **common)
             return
         guidance = 5.0 if cfg else 0.0
-        items = make_items(pipe, batch, size, size, guidance)
-        options = RenderOptions(width=size, height=size, num_inference_steps=steps_, do_cfg=cfg)
+        items = make_items(pipe, batch, size, size, guidance, variant)
+        options = make_options(size, steps_, cfg, variant)
         try:
             timing = time_render(pipe, items, options, repeats=repeats, warmup=warmup)
         except Exception as error:  # e.g. out of memory, a compile failure: recorded, the run goes on
             results.add(status=f"error: {type(error).__name__}: {' '.join(str(error).split())[:200]}", **common)
             free(device)
             return
-        key = (steps_, cfg, batch)
+        key = (steps_, cfg, batch, variant)
         cond_only = cfg and opts.identitynet_cond_only
-        flop_key = (steps_, cfg, cond_only)
+        flop_key = (steps_, cfg, cond_only, variant)
         if flop_key not in flops and opts.compile == "off":
             flops[flop_key] = count_flops(pipe, items[:1], options)
         images = timing.pop("images")
@@ -359,8 +398,11 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
             reference_images[key], reference_time[key] = images, timing["s_per_image_median"]
         per_image = flops.get(flop_key)
         achieved = per_image / timing["s_per_image_median"] / 1e12 if per_image else None
-        base = reference_time.get((steps_, cfg, 1))  # per image, against the reference at batch 1
-        note = "fp16 is GPU-only: fp32 on CPU" if rung == "reference" and device.type != "cuda" else None
+        base = reference_time.get((steps_, cfg, 1, variant))  # per image, against the reference at batch 1
+        notes = [dict(VARIANTS)[variant]] if variant else []
+        if rung == "reference" and device.type != "cuda":
+            notes.append("fp16 is GPU-only: fp32 on CPU")
+        note = "; ".join(notes) or None
         if opts.compile == "off":
             timing["compile_s"] = None  # nothing compiles: the first call's extra time is in first_call_s
         results.add(
@@ -379,13 +421,15 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
     pipe = build_pipeline(arch, device, settings(0))
     measure(pipe, "reference", steps, True, 1)
     if not over_budget():
-        probe = make_items(pipe, 1, size, size, 5.0)
-        cond = RenderOptions(width=size, height=size, num_inference_steps=steps, do_cfg=True)
         reference_settings = pipe.settings  # the same eager model, IdentityNet on the conditional half
         pipe.settings = replace(reference_settings, identitynet_cond_only=True)
-        flops[(steps, True, True)] = count_flops(pipe, probe, cond)
+        for variant in ("", *(name for name, _ in VARIANTS)):
+            probe = make_items(pipe, 1, size, size, 5.0, variant)
+            flops[(steps, True, True, variant)] = count_flops(pipe, probe, make_options(size, steps, True, variant))
         pipe.settings = reference_settings
     measure(pipe, "reference", fast_steps, False, 1)
+    for variant, _ in VARIANTS:
+        measure(pipe, "reference", steps, True, 1, variant)
     del pipe
     free(device)
     # 2. the ladder, one setting more at each rung; the last rung is "all of them"
@@ -399,6 +443,8 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
         measure(pipe, rung, steps, True, 1)
         if index == last:
             measure(pipe, rung, fast_steps, False, 1)
+            for variant, _ in VARIANTS:
+                measure(pipe, rung, steps, True, 1, variant)
             for batch in batches:
                 if batch != 1:
                     measure(pipe, rung, steps, True, batch)

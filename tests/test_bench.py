@@ -109,6 +109,10 @@ def test_gpu_script_runs_tiny_on_cpu(background):
                                                          "+identitynet_cond_only", "all"} <= set(rungs)
     assert {r["batch"] for r in records} == {"1", "2"}
     assert all(float(r["flops_per_image_t"]) > 0 for r in records)  # counted, not guessed
+    flops = {r["rung"]: float(r["flops_per_image_t"]) for r in records if r["cfg"] == "true" and r["batch"] == "1"}
+    assert {"reference+canny", "reference+img2img", "all+canny", "all+img2img"} <= set(flops)
+    # one more ControlNet per step costs FLOPs; img2img at strength 0.6 runs 1 of the 2 steps
+    assert flops["reference+canny"] > flops["reference"] > flops["reference+img2img"]
     assert records[0]["note"] == "fp16 is GPU-only: fp32 on CPU"
     face = rows(tmp_path / "face.csv", FACE_COLUMNS, required=FACE_COLUMNS[:-1])
     assert [r["method"] for r in face] == ["analyze", "analyze_batch"]
