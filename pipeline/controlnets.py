@@ -189,10 +189,12 @@ class MissingAnnotator(InvalidParameter):
 
 class ExtraControlNets:
     """The extra ControlNets under ``controlnets/``, loaded when first asked for, on the
-    IdentityNet's device and dtype."""
+    IdentityNet's device and dtype, with its speed settings (``optimizations``)."""
 
-    def __init__(self, extras: ExtraWeights | None, device, dtype, cross_attention_dim: int) -> None:
+    def __init__(self, extras: ExtraWeights | None, device, dtype, cross_attention_dim: int,
+                 optimizations=None) -> None:
         self.extras, self.device, self.dtype = extras, device, dtype
+        self.optimizations = optimizations
         self.cross_attention_dim = cross_attention_dim  # the text tokens' width they must attend over
         self._loaded: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -235,7 +237,12 @@ class ExtraControlNets:
             raise InvalidWeights(f"{where} attends over {net.config.cross_attention_dim}-wide tokens, "
                                  f"the UNet's text tokens are {self.cross_attention_dim} wide (an SD 1.5 ControlNet?)")
         net.set_attn_processor(AttnProcessor())
-        return net.to(self.device, self.dtype).eval().requires_grad_(False)
+        net = net.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.optimizations is not None:
+            from .optimize import optimize_extra_controlnet
+
+            optimize_extra_controlnet(net, self.optimizations)
+        return net
 
 
 def control_images_for(entries: list[ControlNetParams], images, size: tuple[int, int], nets: ExtraControlNets,

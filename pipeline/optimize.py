@@ -313,6 +313,31 @@ def apply_optimizations(sdxl, opts: Optimizations) -> list[tuple[str, float]]:
     return applied
 
 
+def optimize_extra_controlnet(net, opts: Optimizations) -> list[str]:
+    """The speed settings IdentityNet gets, for an extra ControlNet loaded later (its
+    attention already runs through our :class:`~pipeline.adapter.AttnProcessor`). A request
+    LoRA never reaches these nets, so their fused projections stay on."""
+    from diffusers.models.attention_processor import Attention
+
+    done = []
+    if opts.fuse_qkv:
+        for module in net.modules():
+            if isinstance(module, Attention) and not getattr(module, "fused_projections", False):
+                module.fuse_projections()
+        done.append("fuse_qkv")
+    if opts.channels_last:
+        to_channels_last(net)
+        done.append("channels_last")
+    if opts.compile != "off":
+        kwargs: dict[str, Any] = {"backend": opts.compile_backend}
+        if opts.compile_backend == "inductor" and opts.compile_mode != "default":
+            kwargs["mode"] = opts.compile_mode
+        for part in (regional_blocks(net) if opts.compile == "regional" else [net]):
+            part.compile(**kwargs)
+        done.append(f"compile:{opts.compile}")
+    return done
+
+
 @dataclass(frozen=True)
 class RenderSettings:
     """What the render loop needs of the speed settings, resolved once when the pipeline

@@ -142,7 +142,7 @@ class InstantIDPipeline:
         if out_dims != cross:
             raise AdapterWeightsError(f"the Resampler makes {out_dims}-wide tokens but the UNet attends over {cross}")
         self.sdxl.set_progress_bar_config(disable=True)
-        self.extra_controlnets = ExtraControlNets(extras, self._device, self._dtype, cross)
+        self.extra_controlnets = ExtraControlNets(extras, self._device, self._dtype, cross, self.optimizations)
         self.annotators = Annotators(extras, self._device, self._dtype)
 
     # ------------------------------------------------------------------ loading

@@ -210,6 +210,19 @@ def test_regional_compile_warms_up_request_shapes_and_keeps_its_fused_state(pipe
     assert all(m.fused_projections for m in compiled.sdxl.unet.modules() if isinstance(m, Attention))
     compiled(face, "x", seed=3, num_images=2, width=64, height=64, num_inference_steps=1)
     assert counters["stats"]["unique_graphs"] > graphs  # a batch size not warmed up does compile
+    extra = regional_blocks(compiled.extra_controlnets.get("canny"))  # a ControlNet loaded later: compiled too
+    assert extra and all(block._compiled_call_impl is not None for block in extra)
+
+
+def test_extra_controlnets_get_the_speed_settings_and_keep_the_images(pipe, face):
+    fast = load(pipe.extra_controlnets.extras.root, fuse_qkv=True, channels_last=True)
+    net = fast.extra_controlnets.get("canny")
+    layers = [m for m in net.modules() if isinstance(m, Attention)]
+    assert layers and all(m.fused_projections and (hasattr(m, "to_qkv") or hasattr(m, "to_kv")) for m in layers)
+    assert net.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not net.conv_in.weight.is_contiguous()
+    scene = face_photo(size=(96, 80), blobs=((48, 40, 20),), color=(220, 200, 90))
+    extra = dict(seed=5, controlnets=[{"type": "canny", "image": scene, "scale": 0.9}], **SMALL)
+    assert max_diff(pipe(face, "x", **extra).images[0], fast(face, "x", **extra).images[0]) <= 1
 
 
 def describe(value):
