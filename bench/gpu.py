@@ -339,7 +339,7 @@ def run_gpu(out: Path, *, tiny: bool, size: int, steps: int, fast_steps: int, ba
             warmup: int, budget_s: float, compile_backend: str, compile_mode: str, device_name: str = "auto",
             skip: tuple[str, ...] = ()) -> tuple[Results, Results]:
     from pipeline.optimize import Optimizations
-    from pipeline.pipeline import RenderOptions, resolve_device
+    from pipeline.pipeline import resolve_device
 
     started_all = time.perf_counter()
     device = resolve_device(device_name)
