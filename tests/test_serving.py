@@ -314,9 +314,10 @@ def test_overload_is_503_with_retry_after(tight_url, photo):
 
 
 def test_a_key_flooding_the_service_does_not_turn_another_keys_requests_away(tight_url, photo):
-    """Key A sends six renders at once: one renders, one waits, four are refused (503, for A
-    only). Key B's render, sent once A's refusals came back (A's two still in flight), waits
-    for its turn behind A's render, not behind A's whole burst, and succeeds."""
+    """Key A sends six renders at once: one renders, one waits, the others are refused (503,
+    for A only; when A's first render ends before all six have arrived, a later one takes its
+    place, so "the others" are up to four). Key B's render, sent once A's first refusal came
+    back, waits for its turn behind A's, not behind A's whole burst, and succeeds."""
     import threading
 
     body = {"face_images": [photo], "width": 128, "height": 128, "num_inference_steps": 20}
@@ -330,14 +331,15 @@ def test_a_key_flooding_the_service_does_not_turn_another_keys_requests_away(tig
     thread = threading.Thread(target=lambda: asyncio.run(burst()))
     thread.start()
     deadline = time.monotonic() + 240
-    while sum(r.status_code == 503 for r in list(flood)) < 4:
+    while not any(r.status_code == 503 for r in list(flood)):
         assert time.monotonic() < deadline and thread.is_alive(), [r.status_code for r in flood]
         time.sleep(0.05)
     with httpx.Client(base_url=tight_url, timeout=300, headers=auth(KEY_B)) as c:
         theirs = c.post("/v1/generations", json={**body, "seed": 99})
     thread.join(timeout=600)
     assert theirs.status_code == 200, theirs.text
-    assert sorted(r.status_code for r in flood) == [200, 200, 503, 503, 503, 503]
+    codes = sorted(r.status_code for r in flood)
+    assert len(codes) == 6 and set(codes) == {200, 503} and codes.count(200) >= 2, codes
     for response in flood:
         if response.status_code == 503:
             assert_error(response, 503, "overloaded")
