@@ -220,7 +220,11 @@ class StepLoop:
         finished = [s for s in slots if s.finished]
         self._report(slots)
         if finished:
-            self._finish(key, finished)
+            try:
+                self._finish(key, finished)
+            except Exception as error:  # a failed decode fails the requests it held
+                for request in {id(s.request): s.request for s in finished}.values():
+                    self.cancel(request, error)
         return True
 
     def _forward(self, slots: list[_Slot]) -> None:
@@ -289,6 +293,8 @@ class StepLoop:
 
         # 4. each image's own scheduler steps its own slice
         for k, (slot, t) in enumerate(zip(slots, timesteps)):
+            from .pipeline import _step_params
+
             extra = {"generator": [slot.generator]} if "generator" in _step_params(slot.scheduler) else {}
             slot.latents = slot.scheduler.step(prediction[k:k + 1], t, slot.latents, **extra, return_dict=False)[0]
             if slot.start is not None:
@@ -358,9 +364,4 @@ class StepLoop:
             if all(i is not None for i in request.images) and not request.done.is_set():
                 request.done.set()
 
-
-def _step_params(scheduler) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(scheduler.step).parameters)
 

@@ -154,3 +154,16 @@ def test_bad_input_is_refused_when_added(pipe, face):
     assert info.value.field == "max_images"
     assert not loop.step()
 
+
+
+def test_a_failed_decode_fails_its_request_and_the_loop_goes_on(pipe, face, monkeypatch):
+    loop = StepLoop(pipe)
+    broken = loop.add(items(face, seed=1), options(1))
+    monkeypatch.setattr(pipe, "_decode", lambda latents: (_ for _ in ()).throw(RuntimeError("decoder down")))
+    loop.run()
+    with pytest.raises(RuntimeError, match="decoder down"):
+        broken.result(0)
+    monkeypatch.undo()
+    later = loop.add(items(face, seed=2), options(1))
+    loop.run()
+    assert len(later.result(0)) == 1 and loop.pending == 0
