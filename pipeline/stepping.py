@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,18 +57,32 @@ def group_key(options: "RenderOptions") -> tuple:
             tuple(name for name, *_ in options.controlnets))
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """One call's images (they share options); done when each is rendered, or on failure."""
+    """One call's images (they share options); done when each is rendered, or on failure.
+    ``on_done(request)`` is called once, from the thread that settles it."""
 
     items: list
     options: Any
     on_step: Any = None
+    on_done: Callable[["Request"], None] | None = None
     images: list = field(default_factory=list)
     error: BaseException | None = None
     slots: list = field(default_factory=list)
     reported: int = 0  # the last step on_step was told
     done: threading.Event = field(default_factory=threading.Event)
+    forwards: int = 0  # forwards its images took part in ...
+    shared: int = 0  # ... and the images of those forwards, summed
+    times: dict[str, float] = field(default_factory=dict)  # perf_counter: added, first_step, last_step, done
+
+    @property
+    def started(self) -> bool:
+        return self.forwards > 0
+
+    @property
+    def mean_batch(self) -> float:
+        """Images per forward, on average over the forwards it took part in."""
+        return self.shared / self.forwards if self.forwards else 0.0
 
     def result(self, timeout: float | None = None) -> list:
         if not self.done.wait(timeout):
@@ -75,8 +91,32 @@ class Request:
             raise self.error
         return self.images
 
+    def settle(self, error: BaseException | None = None) -> None:
+        """End it (with ``error``, or its images); the first call wins."""
+        with _settling:
+            if self.done.is_set():
+                return
+            if error is not None:
+                self.error = error
+            self.times["done"] = time.perf_counter()
+            self.done.set()
+        if self.on_done is not None:
+            self.on_done(self)
 
-@dataclass
+    def timings_ms(self) -> dict[str, float]:
+        """Where its time went: preparing (encoding), waiting for a place, denoising, and
+        decoding; ``render`` is all of it."""
+        t = self.times
+        marks = [("prepare", "submitted", "added"), ("queue", "added", "first_step"),
+                 ("denoise", "first_step", "last_step"), ("decode", "last_step", "done"),
+                 ("render", "submitted", "done")]
+        return {name: round((t[b] - t[a]) * 1000, 2) for name, a, b in marks if a in t and b in t}
+
+
+_settling = threading.Lock()
+
+
+@dataclass(eq=False)
 class _Slot:
     """One image in flight and everything its rows of a forward need."""
 
@@ -116,30 +156,47 @@ class StepLoop:
     runs one denoising step of one group; ``run`` steps until nothing is left. One thread
     steps; others may ``add`` meanwhile (arrivals join at the next step)."""
 
-    def __init__(self, pipe: "InstantIDPipeline", max_images: int = 8) -> None:
-        if max_images < 1:
-            raise InvalidParameter("max_images", "must be at least 1")
+    def __init__(self, pipe: "InstantIDPipeline", max_images: int = 8,
+                 on_forward: Callable[[int, float], None] | None = None) -> None:
         self.pipe = pipe
         self.max_images = max_images
+        self.on_forward = on_forward  # (images, seconds) after each forward, for metrics
         self._groups: dict[tuple, list[_Slot]] = {}  # by arrival
         self._lock = threading.Lock()
-        self.forwards = 0  # batched forwards run (a test and a benchmark read it)
-        self.batch_sizes: list[int] = []
+        self.forwards = 0  # batched forwards run (tests and benchmarks read these)
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # the latest forwards' images
+
+    @property
+    def max_images(self) -> int:
+        return self._max_images
+
+    @max_images.setter
+    def max_images(self, value: int) -> None:
+        if int(value) < 1:
+            raise InvalidParameter("max_images", "must be at least 1")
+        self._max_images = int(value)
 
     # ------------------------------------------------------------------ admission
     def add(self, items: Sequence["RenderItem"], options: "RenderOptions",
-            on_step: "StepCallback | None" = None) -> Request:
+            on_step: "StepCallback | None" = None, on_done: Callable[[Request], None] | None = None) -> Request:
         """Check and prepare ``items`` (one request); they start at the next step of
         their group. Bad input is refused here, before any step."""
         pipe = self.pipe
         items = list(items)
         pipe._check(items, options)
-        request = Request(items, options, on_step)
+        request = Request(items, options, on_step, on_done)
+        request.times["submitted"] = time.perf_counter()
         with pipe._lock:
             request.slots = [self._prepare(request, k) for k in range(len(items))]
+        request.times["added"] = time.perf_counter()
         with self._lock:
             self._groups.setdefault(group_key(options), []).extend(request.slots)
         return request
+
+    def slots(self) -> list[_Slot]:
+        """The images in the loop now (a copy)."""
+        with self._lock:
+            return [slot for slots in self._groups.values() for slot in slots]
 
     @property
     def pending(self) -> int:
@@ -155,9 +212,7 @@ class StepLoop:
                     self._groups[key] = kept
                 else:
                     del self._groups[key]
-        if not request.done.is_set():
-            request.error = error
-            request.done.set()
+        request.settle(error)
 
     def _prepare(self, request: Request, index: int) -> _Slot:
         pipe, item, options = self.pipe, request.items[index], request.options
@@ -210,6 +265,7 @@ class StepLoop:
                 return False
             key = min(self._groups, key=lambda k: self._groups[k][0].arrival)
             slots = self._groups[key][: self.max_images]
+        started = time.perf_counter()
         try:
             with self.pipe._lock, torch.inference_mode():
                 self._forward(slots)
@@ -217,6 +273,7 @@ class StepLoop:
             for request in {id(s.request): s.request for s in slots}.values():
                 self.cancel(request, error)
             return True
+        self._count(slots, started)
         finished = [s for s in slots if s.finished]
         self._report(slots)
         if finished:
@@ -301,8 +358,21 @@ class StepLoop:
                 slot.latents = slot.start.keep_unmasked(slot.latents, slot.noise, slot.scheduler, slot.timesteps,
                                                         slot.step)
             slot.step += 1
+
+    def _count(self, slots: list[_Slot], started: float) -> None:
+        now = time.perf_counter()
+        n = len(slots)
         self.forwards += 1
         self.batch_sizes.append(n)
+        for slot in slots:
+            request = slot.request
+            request.forwards += 1
+            request.shared += n
+            request.times.setdefault("first_step", started)
+            if all(s.finished for s in request.slots):
+                request.times.setdefault("last_step", now)
+        if self.on_forward is not None:
+            self.on_forward(n, now - started)
 
     def _residuals(self, net, picked: list[int], model_input, t_all, tokens, condition, added, scale, mask):
         """``net``'s residuals for the rows ``picked``, scaled (and masked), zero on the other
@@ -361,7 +431,7 @@ class StepLoop:
             if not request.images:
                 request.images = [None] * len(request.items)
             request.images[slot.index] = image
-            if all(i is not None for i in request.images) and not request.done.is_set():
-                request.done.set()
+            if all(i is not None for i in request.images):
+                request.settle()
 
 

@@ -69,7 +69,7 @@ def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[Groups, dict[i
     errors: dict[int, BaseException] = {}
     for index, request in enumerate(requests):
         try:
-            options, items = pipe.plan(request.params, request.face, **_pictures(request))
+            options, items = pipe.plan(request.params, request.face, **pictures(request))
         except InstantIDError as error:
             errors[index] = error
             continue
@@ -77,7 +77,7 @@ def plan_groups(pipe, requests: Sequence[RenderRequest]) -> tuple[Groups, dict[i
     return groups, errors
 
 
-def _pictures(request: RenderRequest) -> dict:
+def pictures(request: RenderRequest) -> dict:
     """A request's picture and mask, decoded (within the image limits)."""
     from pipeline.images import load_image
 
