@@ -2,8 +2,8 @@
 case: every setting, the hardware, the date, the median and spread over timed runs after
 warm-up) and ``OUT/NAME.md`` (the same as a table), and prints the table.
 
-    python -m bench cpu                 # overhead, batching, cold start, weight loading (CPU, fixture weights)
-    python -m bench overhead|batching|serving|coldstart|loading
+    python -m bench cpu                 # overhead, batching, load, cold start, weight loading (CPU, fixture weights)
+    python -m bench overhead|batching|load|serving|coldstart|loading   # serving: the first three on one Ray
     python -m bench gpu                 # the published-size architecture on a GPU (see bench/gpu.py)
     python -m bench gpu --tiny          # the same script on CPU at tiny sizes (what the tests run)
     python -m bench report OUT          # every table in OUT
@@ -21,11 +21,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-CPU_BENCHES = ("overhead", "batching", "coldstart", "loading")
+CPU_BENCHES = ("overhead", "batching", "load", "coldstart", "loading")
+SERVING_BENCHES = ("overhead", "batching", "load")  # on one ServeSession
 
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 2:
+        raise argparse.ArgumentTypeError(f"a fraction of capacity in (0, 2], not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in (*CPU_BENCHES, "serving", "cpu"):
         sub = commands.add_parser(name, help=f"{name} benchmark" if name in CPU_BENCHES else
-                                  ("overhead and batching on one Ray" if name == "serving" else "every CPU benchmark"))
+                                  ("overhead, batching and load on one Ray" if name == "serving"
+                                   else "every CPU benchmark"))
         common(sub)
         sub.add_argument("--weights", help="a weights root (default: fixture weights written to a temp dir)")
         sub.add_argument("--smallest", action="store_true", help="the smallest sizes and fewest runs (tests)")
@@ -49,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--concurrency", type=_ints, help="batching: client concurrencies (default 1,4,8)")
         sub.add_argument("--batch-sizes", type=_ints, help="batching: max_batch_images values (default 1,4)")
         sub.add_argument("--requests-per-client", type=int, help="batching: requests per client per round (2)")
+        sub.add_argument("--load", type=_fraction, default=0.7, dest="load_fraction",
+                         help="load: arrival rate as a fraction of the static path's capacity (default 0.7)")
+        sub.add_argument("--load-requests", type=int, help="load: requests per loop (default 60; smallest 6)")
+        sub.add_argument("--steps-mix", type=_ints, help="load: step counts drawn per request (default 2,4,8,16)")
+        sub.add_argument("--load-size", type=int, help="load: image side (default 128; smallest 64)")
+        sub.add_argument("--capacity", type=float, help="load: images/s to take as capacity instead of measuring it")
+        sub.add_argument("--seed", type=int, default=0, help="load: the arrival schedule's seed")
         sub.add_argument("--coldstart-repeats", type=int, help="cold starts to time (default 2)")
         sub.add_argument("--published-size", type=Path, metavar="DIR",
                          help="loading: also time a published-size random-weight tree in DIR (written if missing, "
@@ -118,7 +134,7 @@ def _cpu(args) -> int:
     os.environ.pop("RAY_ADDRESS", None)  # a benchmark starts Ray clusters of its own, never joins one
     small = args.smallest
     which = CPU_BENCHES if args.command == "cpu" else (
-        ("overhead", "batching") if args.command == "serving" else (args.command,))
+        SERVING_BENCHES if args.command == "serving" else (args.command,))
     workdir = Path(tempfile.mkdtemp(prefix="ib-", dir="/tmp"))
     tables = []
     try:
@@ -127,7 +143,7 @@ def _cpu(args) -> int:
             from pipeline.fixtures import write_fixtures
 
             weights = str(write_fixtures(workdir / "weights"))
-        if "overhead" in which or "batching" in which:
+        if set(SERVING_BENCHES) & set(which):
             from .serving import ServeSession, run_batching, run_overhead
 
             batch_sizes = args.batch_sizes or [1, 4]
@@ -146,6 +162,16 @@ def _cpu(args) -> int:
                         requests_per_client=args.requests_per_client or (1 if small else 2),
                         repeats=args.repeats or (1 if small else 3),
                         warmup=(0 if small else 1) if args.warmup is None else args.warmup))
+                if "load" in which:
+                    from .load import run_load
+
+                    size = args.load_size or (64 if small else 128)
+                    tables.append(run_load(
+                        session, args.out, width=size, height=size, guidance=5.0,
+                        steps_mix=args.steps_mix or ([1, 3] if small else [2, 4, 8, 16]),
+                        fraction=args.load_fraction, requests=args.load_requests or (6 if small else 60),
+                        max_batch_images=4, capacity_requests=6 if small else 32, seed=args.seed,
+                        capacity=args.capacity))
         if "coldstart" in which:
             from .coldstart import run_coldstart
 

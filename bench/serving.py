@@ -5,7 +5,9 @@ on a loopback Ray, over real HTTP:
   call in this process (face analysis + render + PNG encoding: the work the service does
   for the request), interleaved, as a ratio at p50 and p95.
 * ``batching``: throughput (images/s) at concurrency 1/4/8, with the Generator's
-  ``max_batch_images`` (its ``user_config``) at 1 vs 4.
+  ``max_batch_images`` (its ``user_config``) at 1 vs 4, in serve_config.yaml's loop.
+* ``load`` (:mod:`bench.load`): open-loop Poisson load, the static and the step-level
+  loop side by side.
 
 The Generator replica gets ``num_cpus`` = this machine's cores, so its torch uses as many
 threads as the direct call does (Ray sets ``OMP_NUM_THREADS`` from ``num_cpus``).
@@ -28,7 +30,7 @@ from .images import data_url, synthetic_face
 OVERHEAD_COLUMNS = ("width", "height", "steps", "cfg", "torch_threads", "direct_median_s", "direct_p95_s",
                     "http_median_s", "http_p95_s", "ratio_p50", "ratio_p95", "overhead_p50_ms", "overhead_p95_ms",
                     "server_total_median_ms")
-BATCHING_COLUMNS = ("max_batch_images", "concurrency", "requests", "width", "height", "steps",
+BATCHING_COLUMNS = ("batching", "max_batch_images", "concurrency", "requests", "width", "height", "steps",
                     "images_per_s_median", "images_per_s_min", "images_per_s_max", "images_per_s_spread_pct",
                     "latency_p50_s", "latency_p95_s", "mean_batch_size", "speedup_vs_batch1")
 
@@ -49,7 +51,7 @@ class ServeSession:
         self.workdir = Path(workdir)
         self.threads = threads or os.cpu_count() or 1
         self.url = ""
-        self.deployed: tuple[int, float] | None = None
+        self.deployed: tuple[int, float, str] | None = None  # max_batch_images, batch_wait_timeout_s, batching
         self._args = None
         self._pin_versions = True
 
@@ -65,28 +67,31 @@ class ServeSession:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
-    def deploy(self, max_batch_images: int = 4, *, batch_wait_timeout_s: float = 0.05) -> None:
-        """Run the app with this Generator ``user_config`` (nothing to do when it already runs)."""
-        if self.deployed == (max_batch_images, batch_wait_timeout_s):
-            return
+    def deploy(self, max_batch_images: int = 4, *, batch_wait_timeout_s: float = 0.05,
+               batching: str | None = None) -> None:
+        """Run the app with this Generator ``user_config`` (nothing to do when it already
+        runs); ``batching`` None: serve_config.yaml's loop."""
         from ray import serve
 
         from deployments.app import build_app
         from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
         from service.config import AppArgs
 
+        options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
+                                     cpu_cap=0.5)
+        generator = options["Generator"]
+        batching = batching or generator.get("user_config", {}).get("batching", "step")
+        if self.deployed == (max_batch_images, batch_wait_timeout_s, batching):
+            return
         if self._args is None:  # made once: the signing keys of this session stay put across redeploys
             # requests ask for one image each; max_num_images is also the Generator's smallest batch cap
             self._args = AppArgs.model_validate({"weights": self.weights, "storage": str(self.workdir / "storage"),
                                                  "auth": {"disabled": True}, "limits": {"max_num_images": 1},
                                                  "url_signing_key": secrets.token_hex(32),
                                                  "webhook_signing_key": secrets.token_hex(32)})
-        options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
-                                     cpu_cap=0.5)
-        generator = options["Generator"]
         generator.setdefault("ray_actor_options", {})["num_cpus"] = self.threads  # torch threads = the cores
         generator["user_config"] = {**generator.get("user_config", {}), "max_batch_images": max_batch_images,
-                                    "batch_wait_timeout_s": batch_wait_timeout_s}
+                                    "batch_wait_timeout_s": batch_wait_timeout_s, "batching": batching}
         if self._pin_versions:
             pinned = {name: {**entry, "version": "bench", "_internal": True} for name, entry in options.items()}
             try:
@@ -96,7 +101,7 @@ class ServeSession:
         if not self._pin_versions:
             app = build_app(self._args, options)
         serve.run(app, name="bench", route_prefix="/")
-        self.deployed = (max_batch_images, batch_wait_timeout_s)
+        self.deployed = (max_batch_images, batch_wait_timeout_s, batching)
 
     def __exit__(self, *exc) -> None:
         import ray
@@ -179,16 +184,18 @@ def run_batching(session: ServeSession, out: Path, *, width: int, height: int, s
 
     results = Results(out, "batching", BATCHING_COLUMNS, repeats=repeats, warmup=warmup,
                       title="Batching: throughput by concurrency and the Generator's max_batch_images",
-                      table=("max_batch_images", "concurrency", "requests", "images_per_s_median",
+                      table=("batching", "max_batch_images", "concurrency", "requests", "images_per_s_median",
                              "images_per_s_spread_pct", "latency_p50_s", "latency_p95_s", "mean_batch_size",
                              "speedup_vs_batch1"))
     photo_url = data_url(synthetic_face())
     seed = iter(range(10**9))
     lock = threading.Lock()
     measured: dict[tuple[int, int], dict] = {}
+    loops: dict[int, str] = {}
     current = session.deployed[0] if session.deployed else None
     for batch in sorted(batch_sizes, key=lambda b: b != current):  # what runs already first
-        session.deploy(batch)
+        session.deploy(batch)  # serve_config.yaml's loop
+        loops[batch] = session.deployed[2]
         with httpx.Client(base_url=session.url, timeout=600,
                           limits=httpx.Limits(max_connections=max(concurrencies) + 2)) as client:
             for concurrency in concurrencies:
@@ -225,7 +232,8 @@ def run_batching(session: ServeSession, out: Path, *, width: int, height: int, s
             m = measured[(batch, concurrency)]
             t, lat = m["throughput"], m["latency"]
             base = measured[(batch_sizes[0], concurrency)]["throughput"]["median"]
-            results.add(case=f"batch{batch}_c{concurrency}", max_batch_images=batch, concurrency=concurrency,
+            results.add(case=f"batch{batch}_c{concurrency}", batching=loops[batch], max_batch_images=batch,
+                        concurrency=concurrency,
                         requests=concurrency * requests_per_client, width=width, height=height, steps=steps,
                         images_per_s_median=t["median"], images_per_s_min=t["min"], images_per_s_max=t["max"],
                         images_per_s_spread_pct=t["spread_pct"], latency_p50_s=lat["median"],

@@ -4,6 +4,7 @@ case with every column (and the markdown table). Timings are never asserted."""
 from __future__ import annotations
 
 import csv
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,10 +75,12 @@ def test_statistics_and_columns(tmp_path):
     assert [r["case"] for r in rows(tmp_path / "unit.csv", ("a", "b"))] == ["x", "w"]
 
 
-def test_serving_overhead_and_batching(background, weights_dir, tmp_path):
+def test_serving_overhead_batching_and_load(background, weights_dir, tmp_path):
     """Over 60 s: the serving benchmark's own Ray and app (deployed once, reconfigured for
-    each batch size), measured at the smallest size. (Two minutes on a quiet machine, over
-    six and a half with one core kept busy: its limit is half an hour.)"""
+    each batch size and batching loop), measured at the smallest size. (Two to three minutes
+    on a quiet machine, several times that with one core kept busy: its limit is half an
+    hour.)"""
+    from bench.load import LOAD_COLUMNS
     from bench.serving import BATCHING_COLUMNS, OVERHEAD_COLUMNS
 
     bench("serving", "--smallest", "--weights", str(weights_dir), "--out", str(tmp_path), timeout=1800)
@@ -86,6 +89,11 @@ def test_serving_overhead_and_batching(background, weights_dir, tmp_path):
     batching = rows(tmp_path / "batching.csv", BATCHING_COLUMNS, required=BATCHING_COLUMNS)
     assert {(r["max_batch_images"], r["concurrency"]) for r in batching} == {("1", "1"), ("1", "4"), ("4", "1"),
                                                                               ("4", "4")}
+    assert {r["batching"] for r in batching} == {"step"}  # serve_config.yaml's loop
+    load = rows(tmp_path / "load.csv", LOAD_COLUMNS, required=LOAD_COLUMNS)
+    assert [r["batching"] for r in load] == ["request", "step"]  # one schedule, both loops
+    assert all((r["answered"], r["failed"], r["steps_mix"]) == ("6", "0", "1/3") for r in load)
+    assert all(float(r["images_per_s"]) > 0 and float(r["mean_batch_size"]) >= 1 for r in load)
 
 
 def test_weight_loading(background, weights_dir, tmp_path):
@@ -123,3 +131,18 @@ def test_report_prints_every_table(tmp_path):
     Results(tmp_path, "two", ("a",)).close()
     proc = bench("report", str(tmp_path))
     assert proc.stdout.count("### ") == 2
+
+
+def test_the_load_schedule_is_poisson_at_the_rate_and_the_same_for_a_seed():
+    from bench.load import poisson_schedule
+
+    schedule = poisson_schedule(4000, 2.0, [2, 4, 8], seed=3)
+    assert schedule == poisson_schedule(4000, 2.0, [2, 4, 8], seed=3) != poisson_schedule(4000, 2.0, [2, 4, 8], 4)
+    arrivals = [at for at, _ in schedule]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert arrivals[0] == 0 and min(gaps) >= 0
+    assert abs(sum(gaps) / len(gaps) - 0.5) < 0.05  # mean gap 1/rate
+    assert abs(statistics.pstdev(gaps) - 0.5) < 0.05  # exponential: the spread equals the mean
+    assert {steps for _, steps in schedule} == {2, 4, 8}
+    with pytest.raises(ValueError, match="positive rate"):
+        poisson_schedule(10, 0.0, [2], seed=0)
