@@ -263,8 +263,9 @@ def s3_app(ray_runtime, weights_dir, s3_server):
                    "max_body_bytes": 4 * 1024 * 1024},
     }
     options = local_test_options(graceful_shutdown_timeout_s=5)
-    # requests sent together are batched together, even when they reach the Generator apart
-    options["Generator"]["user_config"]["batch_wait_timeout_s"] = 0.5
+    # the static loop (the local app runs the default, step-level one); requests sent
+    # together are batched together, even when they reach the Generator apart
+    options["Generator"]["user_config"].update(batching="request", batch_wait_timeout_s=0.5)
     serve.run(build_app(args, options), name="s3app", route_prefix="/s3app")
     ray_runtime.apps["s3_app"] = "s3app"
     return {"url": f"{url}/s3app", "bucket": "hardening", "prefix": "svc", "app": "s3app"}

@@ -1,5 +1,6 @@
 """The Generator deployment's class, in-process (no Ray): with ``compile`` on it renders its
-warm-up shapes while it starts, so no request pays for compiling."""
+warm-up shapes while it starts, so no request pays for compiling; its batching loop is a
+``user_config`` choice."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def test_with_compile_on_the_generator_warms_its_shapes_up_before_it_takes_traff
     assert all(w["seconds"] > 0 for w in warmed)
     eager = make(None, str(weights_dir), warmup_shapes=[(64, 64, 1)])
     assert eager.ready()["warmed"] == []  # nothing to compile: it takes traffic at once
+
+
+def test_the_batching_loop_is_chosen_in_user_config_and_a_bad_choice_is_refused(weights_dir):
+    from pipeline.errors import InvalidParameter
+
+    generator = Generator.func_or_class(None, str(weights_dir))
+    assert generator.status()["batching"] == "step"  # the default, before any user_config
+    generator.reconfigure({"batching": "request", "max_batch_images": 2})
+    assert generator.status() == {"batching": "request", "rendering": 0, "waiting": 0}
+    assert generator.ready()["batching"] == "request"
+    with pytest.raises(InvalidParameter) as refused:
+        generator.reconfigure({"batching": "iteration"})
+    assert refused.value.field == "batching" and "'step'" in str(refused.value)
+    assert generator.batching == "request"  # the last good config stays
+    generator.reconfigure({"batching": "step", "max_batch_images": 3})
+    assert generator.batching == "step" and generator.max_batch_images == 3

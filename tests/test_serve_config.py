@@ -6,6 +6,7 @@ import pytest
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import DEPLOYMENTS, build_app
+from deployments.generator import BATCHING
 from deployments.local import application_config, deployment_options, load_serve_config
 from service.config import AppArgs
 
@@ -38,6 +39,7 @@ def test_every_stage_is_configured_for_production(config):
     assert 0 < face["ray_actor_options"]["num_gpus"] < 1 and face["ray_actor_options"]["accelerator_type"]
     assert generator["ray_actor_options"]["num_gpus"] == 1 and generator["ray_actor_options"]["accelerator_type"]
     assert generator["max_ongoing_requests"] >= generator["user_config"]["max_batch_images"]
+    assert generator["user_config"]["batching"] == BATCHING[0]  # the loop the load benchmark chose, stated
     assert face["max_ongoing_requests"] >= face["user_config"]["max_batch_size"]
     for name in ("Ingress", "FaceEmbedder", "Generator", "Postprocessor"):  # the stages that scale
         entry = deployments[name]
