@@ -149,17 +149,21 @@ def image_bytes(view: dict) -> list[bytes]:
     return [httpx.get(image["url"], timeout=60).content for image in view["images"]]
 
 
-def assert_same_images(view: dict, other: dict) -> None:
+def assert_same_images(view: dict, other: dict, within: int = 0) -> None:
+    """The same images: byte for byte, or with no pixel more than ``within`` levels apart
+    (what a batched render promises against a lone one)."""
     import io
 
     import numpy as np
     from PIL import Image
 
     ours, theirs = image_bytes(view), image_bytes(other)
+    assert len(ours) == len(theirs), (len(ours), len(theirs))
     if ours != theirs:
         diffs = [int(np.abs(np.asarray(Image.open(io.BytesIO(a)), int) - np.asarray(Image.open(io.BytesIO(b)), int))
                      .max()) for a, b in zip(ours, theirs)]
-        raise AssertionError(f"images differ (largest pixel difference per image: {diffs})")
+        if max(diffs) > within:
+            raise AssertionError(f"images differ (largest pixel difference per image: {diffs})")
 
 
 def renders(storage_dir, generation_id: str) -> list:
@@ -206,7 +210,10 @@ def test_a_job_whose_runner_is_killed_mid_render_is_taken_over_and_ends_as_if_un
     assert len(renders(storage_dir, job["id"])) == 1  # stored once
     undisturbed = client.post("/v1/generations", json={"face_id": face_id, "seed": 21, **MEDIUM})
     assert undisturbed.status_code == 200, undisturbed.text
-    assert_same_images(final, undisturbed.json())  # the same images, byte for byte
+    # the same images; within 1/255, not byte for byte: the killed runner's call can stay in
+    # the Generator's step loop until it ends, and the taken-over render then shares its
+    # forwards (a batched image agrees with a lone one within 1/255: test_serving checks it)
+    assert_same_images(final, undisturbed.json(), within=1)
 
 
 def test_webhook_gets_one_signed_post_after_retries(client, photo):
@@ -258,11 +265,12 @@ def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if
         client, face_id, storage_dir, local_app):
     """Over 60 s: a redeploy starts new replicas (and drains the old ones) while four renders
     run. Every replica of the JobRunner and the Generator is replaced (a changed config) while
-    one job renders and another waits: each ends succeeded, its images the bytes an undisturbed
+    one job renders and another waits: each ends succeeded, its images those an undisturbed
     render makes, stored once. The two have different sizes, so neither shares a batch with
-    the other (a batched render agrees with a lone one within 1/255, not bit for bit:
-    test_serving checks that). (Last in this module: the app stays redeployed, unchanged
-    otherwise, for the modules after it.)"""
+    the other; a handed-over render can still share step-loop forwards with its own first
+    attempt when both reach the same Generator replica, so images agree within 1/255 (a
+    batched render's promise: test_serving checks it), not always bit for bit. (Last in this
+    module: the app stays redeployed, unchanged otherwise, for the modules after it.)"""
     import threading
 
     from ray import serve
@@ -287,4 +295,4 @@ def test_jobs_running_through_a_redeploy_with_a_changed_config_all_succeed_as_if
     for body, final in zip(bodies, finals):
         assert len(renders(storage_dir, final["id"])) == 1
         undisturbed = client.post("/v1/generations", json={k: v for k, v in body.items() if k != "async"})
-        assert_same_images(final, undisturbed.json())
+        assert_same_images(final, undisturbed.json(), within=1)
