@@ -89,5 +89,11 @@ class ContinuousRenderer:
     def _drive(self) -> None:
         while not self._closed:
             self._wake.clear()
-            if not self.loop.step():
+            try:
+                busy = self.loop.step()
+            except Exception as error:  # noqa: BLE001 - a fault outside a forward: its images fail, the loop lives
+                for handle in {id(s.request): s.request for s in self.loop.slots()}.values():
+                    self.loop.cancel(handle, error)
+                continue
+            if not busy:
                 self._wake.wait(IDLE_WAKE_S)

@@ -129,3 +129,21 @@ def test_bad_parameters_are_refused_at_submission_naming_the_field(renderer, fac
         renderer.submit(request(face, "bad", lora="/nowhere/lora.safetensors"))
     assert refused.value.field == "lora"
     assert renderer.loop.slots() == []
+
+
+def test_a_fault_between_forwards_fails_the_requests_in_the_loop_and_the_loop_goes_on(renderer, face,
+                                                                                      monkeypatch):
+    report = renderer.loop._report
+    faults = [RuntimeError("a fault outside the forward")]
+
+    def faulty(slots):
+        if faults:
+            raise faults.pop()
+        report(slots)
+
+    monkeypatch.setattr(renderer.loop, "_report", faulty)
+    failed = renderer.submit(request(face, "failed", seed=1))
+    with pytest.raises(RuntimeError, match="outside the forward"):
+        failed.result(300)  # settled with the fault: its caller never hangs
+    assert renderer.loop.slots() == []
+    assert len(renderer.submit(request(face, "next", seed=2)).result(300)) == 1  # the thread still steps
