@@ -57,13 +57,11 @@ class ServeSession:
 
     def __enter__(self) -> "ServeSession":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throw-away local cluster, as in the tests
-        from ray import serve
-
-        from deployments.ray_setup import init_loopback_ray
+        from deployments.ray_setup import init_loopback_ray, start_serve
 
         init_loopback_ray(num_cpus=max(16, 2 * (self.threads + 2)), temp_dir=str(self.workdir / "ray"))
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)
         self.url = f"http://127.0.0.1:{port}"
         return self
 

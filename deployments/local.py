@@ -130,7 +130,7 @@ def serve_locally(
     """Run until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down cleanly."""
     from ray import serve
 
-    from .ray_setup import init_loopback_ray
+    from .ray_setup import init_loopback_ray, start_serve
 
     application = application_config(load_serve_config(config_path))
     args = local_args(application, weights=weights, storage=storage, s3_endpoint_url=s3_endpoint,
@@ -142,7 +142,7 @@ def serve_locally(
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     init_loopback_ray(num_cpus=max(os.cpu_count() or 1, 4))
     try:
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host, port)
         serve.run(build_app(args, options), name=application["name"], route_prefix=application.get("route_prefix", "/"))
         if on_ready is not None:
             on_ready(f"http://{host}:{port}")

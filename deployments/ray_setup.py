@@ -77,3 +77,35 @@ def init_loopback_ray(*, num_cpus: int | None = None, num_gpus: int | None = Non
         logging_level="WARNING",
         log_to_driver=os.environ.get("INSTANTID_RAY_LOGS") == "1",
     )
+
+
+def start_serve(host: str, port: int, *, proxy_wait_s: float = 600.0) -> None:
+    """``serve.start`` with its HTTP proxy on ``host:port``, patient on a loaded machine.
+
+    Serve waits a fixed 60 s for its proxy (``HTTP_PROXY_TIMEOUT``, no setting) and then
+    raises, though the proxy is usually still starting. Past that, wait for the proxy to
+    answer ``/-/healthz`` (up to ``proxy_wait_s``) and connect to the running controller."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from ray import serve
+
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        return
+    except TimeoutError as error:
+        if "HTTP proxies not available" not in str(error):
+            raise
+    deadline = time.monotonic() + proxy_wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/-/healthz", timeout=10) as answer:
+                if answer.status == 200:
+                    break
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve's HTTP proxy on {host}:{port} did not answer in {proxy_wait_s:.0f} s")
+        time.sleep(1.0)
+    serve.start(http_options={"host": host, "port": port})  # the controller runs: this connects to it

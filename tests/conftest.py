@@ -98,16 +98,14 @@ class RayRuntime:
 
     def ensure(self) -> str:
         if self.url is None:
-            from ray import serve
-
-            from deployments.ray_setup import init_loopback_ray
+            from deployments.ray_setup import init_loopback_ray, start_serve
             from tests.s3server import free_ports
 
             # its nodes get the test S3 server's endpoint and credentials, as cluster nodes get theirs
             os.environ.update(self.s3_server.env())
             init_loopback_ray(num_cpus=16, temp_dir=self.temp_dir)
             port = free_ports(1)[0]
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            start_serve("127.0.0.1", port)
             self.url = f"http://127.0.0.1:{port}"
         return self.url
 
