@@ -72,13 +72,14 @@ class ServeSession:
         from ray import serve
 
         from deployments.app import build_app
+        from deployments.generator import BATCHING
         from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
         from service.config import AppArgs
 
         options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
                                      cpu_cap=0.5)
         generator = options["Generator"]
-        batching = batching or generator.get("user_config", {}).get("batching", "step")
+        batching = batching or generator.get("user_config", {}).get("batching", BATCHING[0])
         if self.deployed == (max_batch_images, batch_wait_timeout_s, batching):
             return
         if self._args is None:  # made once: the signing keys of this session stay put across redeploys

@@ -86,7 +86,6 @@ def start_serve(host: str, port: int, *, proxy_wait_s: float = 600.0) -> None:
     raises, though the proxy is usually still starting. Past that, wait for the proxy to
     answer ``/-/healthz`` (up to ``proxy_wait_s``) and connect to the running controller."""
     import time
-    import urllib.error
     import urllib.request
 
     from ray import serve
@@ -103,7 +102,7 @@ def start_serve(host: str, port: int, *, proxy_wait_s: float = 600.0) -> None:
             with urllib.request.urlopen(f"http://{host}:{port}/-/healthz", timeout=10) as answer:
                 if answer.status == 200:
                     break
-        except (OSError, urllib.error.URLError):
+        except OSError:  # refused, reset, or an HTTP error (urllib's errors are OSErrors)
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve's HTTP proxy on {host}:{port} did not answer in {proxy_wait_s:.0f} s")
