@@ -108,3 +108,19 @@ def start_serve(host: str, port: int, *, proxy_wait_s: float = 600.0) -> None:
             raise TimeoutError(f"Serve's HTTP proxy on {host}:{port} did not answer in {proxy_wait_s:.0f} s")
         time.sleep(1.0)
     serve.start(http_options={"host": host, "port": port})  # the controller runs: this connects to it
+
+
+def stop_ray_now() -> None:
+    """End this process's Ray and every Serve replica on it at once, without Serve's
+    graceful drain of each application (seconds per app), and forget Serve's cached
+    controller client so that a Ray started later in this process gets its own. (The cache
+    is keyed by job id, which a fresh cluster hands out again from 1.) For throw-away
+    clusters: tests and benchmarks; a user's ``instantid serve`` drains gracefully."""
+    import ray
+
+    ray.shutdown()
+    try:
+        from ray.serve.context import _set_global_client
+    except ImportError:  # a Ray without it: nothing cached there to forget
+        return
+    _set_global_client(None)

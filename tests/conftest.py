@@ -109,18 +109,15 @@ class RayRuntime:
             self.url = f"http://127.0.0.1:{port}"
         return self.url
 
-    def stop(self, *, last: bool = False) -> None:
-        """Stop Serve and Ray (``last``: at the session's end, Ray alone, which ends every
-        replica at once; Serve's own shutdown waits for each app to drain)."""
-        import ray
-        from ray import serve
+    def stop(self) -> None:
+        """Stop Ray, which ends every replica at once (Serve's own shutdown would wait for
+        each app to drain: seconds per app)."""
+        from deployments.ray_setup import stop_ray_now
 
         if self.url is not None:
             try:
-                if not last:
-                    serve.shutdown()  # forgets this Ray's controller, for the next one started
+                stop_ray_now()  # no drain: every replica ends with its Ray
             finally:
-                ray.shutdown()
                 self.url = None
                 self.apps.clear()
 
@@ -149,7 +146,7 @@ def ray_runtime(tmp_path_factory, s3_server):
     _RUNTIME.append(runtime)
     yield runtime
     _RUNTIME.clear()
-    runtime.stop(last=True)
+    runtime.stop()
     shutil.rmtree(temp, ignore_errors=True)
 
 
