@@ -13,6 +13,7 @@ same seeds, the same bytes, stored once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import secrets
@@ -36,6 +37,13 @@ from .webhooks import deliver, key_secret, resolve_target
 logger = logging.getLogger("ray.serve")
 MAX_ATTEMPTS = 10  # runners a job may be started on (takeovers, hand-overs) before it is failed
 TICK_S = 0.25  # how often a running job's runner looks at its lease, its replica and its progress
+
+
+def delivery_id(job_id: str, event: str) -> str:
+    """The same for every delivery of one job's event, by whichever runner makes it: a
+    runner that takes a job over while its first runner was delivering delivers again
+    (delivery is at least once), and the receiver knows it for the same event."""
+    return hashlib.sha256(f"{job_id}\0{event}".encode()).hexdigest()[:24]
 
 
 class _Lease:
@@ -130,6 +138,8 @@ class JobRunner:
             await asyncio.to_thread(erase_generation, self.flow.storage, job_id)
             await asyncio.to_thread(self.jobs.finish, job_id, record.owner)
             return "done"
+        if lease.lost.is_set():  # another runner took the job over: it delivers and finishes
+            return "lost"
         if record.webhook is not None and record.webhook.delivered is None:
             try:
                 await self._deliver(record)
@@ -221,9 +231,10 @@ class JobRunner:
         result = None
         if record.status == "succeeded":
             result = await asyncio.to_thread(load_generation, self.flow.storage, record.id, record.owner)
+        event = f"generation.{record.status}"
         outcome = await deliver(
-            record.webhook.url, self.views.job(record, result, None), event=f"generation.{record.status}",
-            secret=key_secret(self.webhook_key, record.owner), delivery_id=secrets.token_hex(12),
+            record.webhook.url, self.views.job(record, result, None), event=event,
+            secret=key_secret(self.webhook_key, record.owner), delivery_id=delivery_id(record.id, event),
             attempts=self.args.webhook_max_attempts, backoff_s=self.args.webhook_backoff_s,
             check=lambda url: resolve_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private))
         await self._save(record, webhook=record.webhook.model_copy(

@@ -4,7 +4,9 @@ A job's ``webhook_url`` receives one POST when the job ends. The body is the job
 ``GET /v1/generations/{id}`` shows it; the headers carry::
 
     X-InstantID-Event:      generation.succeeded | generation.failed | generation.canceled
-    X-InstantID-Delivery:   a unique id (the same across retries of one delivery)
+    X-InstantID-Delivery:   the event's id: the same across retries, and when a runner that
+                            took the job over delivers it again (delivery is at least once:
+                            receivers drop an id they have already processed)
     X-InstantID-Signature:  t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>
 
 The secret is per API key (``GET /v1/webhooks/secret``). Receivers recompute the HMAC
