@@ -4,6 +4,7 @@ warm-up) and ``OUT/NAME.md`` (the same as a table), and prints the table.
 
     python -m bench cpu                 # overhead, batching, load, cold start, weight loading (CPU, fixture weights)
     python -m bench overhead|batching|load|serving|coldstart|loading   # serving: the first three on one Ray
+    python -m bench fetch               # weights from S3: one stream vs parallel ranged GETs (SeaweedFS)
     python -m bench gpu                 # the published-size architecture on a GPU (see bench/gpu.py)
     python -m bench gpu --tiny          # the same script on CPU at tiny sizes (what the tests run)
     python -m bench report OUT          # every table in OUT
@@ -72,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--loading-dtype", default="fp32", help="loading: dtype to load in (fp32 or bf16 on CPU)")
         sub.add_argument("--keep", action="store_true", help="keep the temp dir (logs, storage, weights)")
 
+    fetch = commands.add_parser("fetch", help="weights from S3: one stream per file vs parallel ranged GETs")
+    common(fetch)
+    fetch.add_argument("--smallest", action="store_true", help="the smallest tree and fewest runs (tests)")
+    fetch.add_argument("--total-mib", type=int, help="size of the random weights tree (default 1024; smallest 48)")
+    fetch.add_argument("--part-mib", type=int, default=8, help="ranged GET size for single-part objects")
+    fetch.add_argument("--workers", type=int, default=8, help="ranged GETs in flight per file")
+    fetch.add_argument("--s3-endpoint", help="an S3 endpoint (default: a SeaweedFS started on loopback)")
+    fetch.add_argument("--stream-mbps", type=float, default=50.0,
+                       help="the per-connection cap of the second measurement, MB/s (a remote store's one stream)")
+
     gpu = commands.add_parser("gpu", help="published-size architecture: reference vs ladder vs all (GPU)")
     common(gpu)
     gpu.add_argument("--tiny", action="store_true", help="tiny configuration on CPU (or wherever --device says)")
@@ -108,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "gpu":
         return _gpu(args)
+    if args.command == "fetch":
+        from .fetching import run_fetching
+
+        small = args.smallest
+        print(run_fetching(args.out, total_mib=args.total_mib or (48 if small else 1024),
+                           repeats=args.repeats or (1 if small else 3), warmup=0 if args.warmup is None else args.warmup,
+                           endpoint=args.s3_endpoint, part_mib=args.part_mib, workers=args.workers,
+                           stream_mbps=args.stream_mbps).markdown())
+        return 0
     return _cpu(args)
 
 

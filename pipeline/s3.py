@@ -29,7 +29,8 @@ class S3Location:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
-def s3_client(endpoint_url: str | None = None, region: str | None = None, *, max_attempts: int = 5):
+def s3_client(endpoint_url: str | None = None, region: str | None = None, *, max_attempts: int = 5,
+              max_pool_connections: int = 10):
     """A boto3 S3 client with retries, SigV4 and, for custom endpoints (any
     S3-compatible server), path-style addressing.
 
@@ -46,6 +47,7 @@ def s3_client(endpoint_url: str | None = None, region: str | None = None, *, max
         s3={"addressing_style": "path" if endpoint_url else "auto"},
         connect_timeout=10,
         read_timeout=60,
+        max_pool_connections=max_pool_connections,
     )
     region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     # A fresh session: boto3's default session caches the credentials it first found.

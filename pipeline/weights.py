@@ -7,7 +7,9 @@ Hugging Face hub, in the published layout::
     antelopev2/                 scrfd_10g_bnkps.onnx, glintr100.onnx (+ the pack's other models)
 
 Remote files are downloaded once into a local cache (one process downloads, the others
-on the node wait for it) and everything is then read from disk. A cached S3 file is used
+on the node wait for it) and everything is then read from disk. From S3, files come several
+at once, each in parallel ranged GETs, checked against their ETag and resumed after an
+interruption (:mod:`pipeline.transfer`). A cached S3 file is used
 again only while the object is the one it was downloaded from: its ETag (the S3 content
 tag) is recorded at download, outside the cached tree, and compared with the listing at
 every resolve, so a changed object is fetched again even when its size is unchanged. Hub
@@ -26,6 +28,7 @@ from typing import Callable
 from .errors import InvalidParameter, WeightsNotFound
 from .face import DETECTOR_FILE, RECOGNIZER_FILE
 from .s3 import S3Location, s3_client
+from .transfer import PART_BYTES, WORKERS, ContentMismatch, ObjectChanged, fetch_object, run_all
 
 COMPONENTS = ("sdxl", "instantid", "antelopev2")
 HUB_REPOS = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "instantid": "InstantX/InstantID"}
@@ -288,6 +291,8 @@ class _Fetcher:
         self.cache = cache
         self.s3_endpoint = s3_endpoint
         self._client = None
+        self.part_bytes, self.workers, self.files_at_once = PART_BYTES, WORKERS, 4
+        self.fetched: list = []  # a transfer.Fetched per file fetched (not found in the cache)
 
     def fetch(self, location: str, keep: Callable[[str, set[str]], bool]) -> Path:
         if location.startswith("s3://"):
@@ -300,8 +305,8 @@ class _Fetcher:
     def _fetch_s3(self, where: S3Location, keep) -> Path:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        if self._client is None:
-            self._client = s3_client(self.s3_endpoint)
+        if self._client is None:  # a connection for every part in flight
+            self._client = s3_client(self.s3_endpoint, max_pool_connections=self.workers * self.files_at_once + 2)
         local = self.cache / "s3" / where.bucket / where.prefix
         try:
             objects = self._list(where)
@@ -315,9 +320,11 @@ class _Fetcher:
             self._download(where.bucket, where.prefix, local, int(head["ContentLength"]), _etag(head))
             return local
         everything = set(objects)
-        for relative, (size, etag) in sorted(objects.items()):
-            if keep(relative, everything):
-                self._download(where.bucket, where.key(relative), local / relative, size, etag)
+        wanted = [(relative, size, etag) for relative, (size, etag) in sorted(objects.items())
+                  if keep(relative, everything)]
+        # several files at once (most of a tree is small files), each in parallel parts
+        run_all(lambda item: self._download(where.bucket, where.key(item[0]), local / item[0], item[1], item[2]),
+                wanted, self.files_at_once, "s3-file")
         return local
 
     def _list(self, where: S3Location) -> dict[str, tuple[int, str]]:
@@ -342,6 +349,9 @@ class _Fetcher:
             return False
 
     def _download(self, bucket: str, key: str, target: Path, size: int, etag: str, attempts: int = 3) -> None:
+        """Parallel ranged GETs into the cache, checked against the ETag, resumed from
+        where an interrupted fetch stopped (:mod:`pipeline.transfer`); one process per
+        file on a node (a file lock), the others wait and find it cached."""
         from filelock import FileLock
 
         record = self._etag_record(bucket, key)
@@ -351,26 +361,22 @@ class _Fetcher:
         with FileLock(str(target) + ".lock"):
             if self._is_cached(target, record, size, etag):
                 return  # another process finished it while we waited
-            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-            try:
-                for _ in range(attempts):
-                    self._client.download_file(bucket, key, str(partial))
+            for _ in range(attempts):
+                record.unlink(missing_ok=True)  # no record says "fetch again", whatever happens next
+                try:
+                    self.fetched.append(fetch_object(self._client, bucket, key, target, size=size, etag=etag,
+                                                     part_bytes=self.part_bytes, workers=self.workers))
+                except ObjectChanged:  # replaced since it was listed: fetch what is there now
                     head = self._client.head_object(Bucket=bucket, Key=key)
-                    now = (int(head["ContentLength"]), _etag(head))
-                    if now != (size, etag):  # replaced while it was listed or fetched: fetch what is there now
-                        size, etag = now
-                        continue
-                    got = partial.stat().st_size
-                    if got != size:
-                        raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"downloaded {got} bytes, expected {size}")
-                    record.unlink(missing_ok=True)  # no record says "fetch again", whatever happens next
-                    os.replace(partial, target)
-                    record.parent.mkdir(parents=True, exist_ok=True)
-                    record.write_text(etag)
-                    return
-                raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"it changed during each of {attempts} downloads")
-            finally:
-                partial.unlink(missing_ok=True)
+                    size, etag = int(head["ContentLength"]), _etag(head)
+                    continue
+                except ContentMismatch:
+                    continue
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(etag)
+                return
+            raise WeightsNotFound(f"s3://{bucket}/{key}", "S3",
+                                  f"it changed, or its bytes did not match its ETag, in each of {attempts} fetches")
 
     # Hugging Face hub ------------------------------------------------------
     def _fetch_hub(self, spec: str, keep) -> Path:
