@@ -149,9 +149,11 @@ def fetch_object(client, bucket: str, key: str, target: str | os.PathLike, *, si
                 offset = start
                 try:
                     for chunk in body.iter_chunks(_CHUNK):
-                        os.pwrite(fd, chunk, offset)
                         digest.update(chunk)
-                        offset += len(chunk)
+                        view = memoryview(chunk)
+                        while view:  # a write may take fewer bytes than given
+                            written = os.pwrite(fd, view, offset)
+                            view, offset = view[written:], offset + written
                 finally:
                     body.close()
                 if offset != end:

@@ -352,6 +352,7 @@ class _Fetcher:
         """Parallel ranged GETs into the cache, checked against the ETag, resumed from
         where an interrupted fetch stopped (:mod:`pipeline.transfer`); one process per
         file on a node (a file lock), the others wait and find it cached."""
+        from botocore.exceptions import BotoCoreError, ClientError
         from filelock import FileLock
 
         record = self._etag_record(bucket, key)
@@ -361,6 +362,7 @@ class _Fetcher:
         with FileLock(str(target) + ".lock"):
             if self._is_cached(target, record, size, etag):
                 return  # another process finished it while we waited
+            why = "it changed, or its bytes did not match its ETag,"
             for _ in range(attempts):
                 record.unlink(missing_ok=True)  # no record says "fetch again", whatever happens next
                 try:
@@ -372,11 +374,13 @@ class _Fetcher:
                     continue
                 except ContentMismatch:
                     continue
+                except (BotoCoreError, ClientError) as error:  # the connection dropped...: resume from the journal
+                    why = f"{type(error).__name__}: {error}: failed"
+                    continue
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(etag)
                 return
-            raise WeightsNotFound(f"s3://{bucket}/{key}", "S3",
-                                  f"it changed, or its bytes did not match its ETag, in each of {attempts} fetches")
+            raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"{why} in each of {attempts} fetches")
 
     # Hugging Face hub ------------------------------------------------------
     def _fetch_hub(self, spec: str, keep) -> Path:
