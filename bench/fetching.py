@@ -171,6 +171,7 @@ def fetcher(endpoint: str, target: Path, part_bytes: int, workers: int) -> tuple
 def run_fetching(out: Path, *, total_mib: int, repeats: int, warmup: int, endpoint: str | None = None,
                  part_mib: int = 8, workers: int = 8, stream_mbps: float = 50.0) -> Results:
     from pipeline.s3 import s3_client
+    from pipeline.weights import FILES_AT_ONCE
 
     results = Results(out, "fetching", COLUMNS, repeats=repeats, warmup=warmup,
                       title="Weights from S3 into the node cache: one stream per file vs parallel ranged GETs",
@@ -227,7 +228,7 @@ def run_fetching(out: Path, *, total_mib: int, repeats: int, warmup: int, endpoi
                 results.add(case=f"{method}_{'direct' if cap is None else 'capped'}", method=method,
                             endpoint=where, link=link, files=files, bytes=size,
                             part_mib=part_mib if parallel else "whole", workers=workers if parallel else 1,
-                            files_at_once=4 if parallel else 1, median_s=stats["median"], min_s=stats["min"],
+                            files_at_once=FILES_AT_ONCE if parallel else 1, median_s=stats["median"], min_s=stats["min"],
                             spread_pct=stats["spread_pct"], mb_per_s=size / stats["median"] / 1e6,
                             speedup_vs_one_stream=base / stats["median"],
                             check=",".join(sorted(checks)) if parallel else "none")

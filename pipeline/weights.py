@@ -36,6 +36,7 @@ HUB_ROOTS = ("hf://", "hub")
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 _SKIP_SUFFIXES = (".msgpack", ".onnx", ".onnx_data", ".ckpt", ".pb", ".xml", ".h5", ".ot")
 IP_ADAPTER_NAMES = ("ip-adapter.bin", "ip-adapter.safetensors")
+FILES_AT_ONCE = 4  # files of one tree fetched from S3 at once (each in WORKERS ranged parts)
 
 
 def default_cache_dir() -> Path:
@@ -291,7 +292,7 @@ class _Fetcher:
         self.cache = cache
         self.s3_endpoint = s3_endpoint
         self._client = None
-        self.part_bytes, self.workers, self.files_at_once = PART_BYTES, WORKERS, 4
+        self.part_bytes, self.workers, self.files_at_once = PART_BYTES, WORKERS, FILES_AT_ONCE
         self.fetched: list = []  # a transfer.Fetched per file fetched (not found in the cache)
 
     def fetch(self, location: str, keep: Callable[[str, set[str]], bool]) -> Path:
