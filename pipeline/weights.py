@@ -363,25 +363,28 @@ class _Fetcher:
         with FileLock(str(target) + ".lock"):
             if self._is_cached(target, record, size, etag):
                 return  # another process finished it while we waited
-            why = "it changed, or its bytes did not match its ETag,"
+            why, changed = "", False
             for _ in range(attempts):
                 record.unlink(missing_ok=True)  # no record says "fetch again", whatever happens next
                 try:
+                    if changed:  # replaced since it was listed: fetch what is there now
+                        head = self._client.head_object(Bucket=bucket, Key=key)
+                        size, etag = int(head["ContentLength"]), _etag(head)
                     self.fetched.append(fetch_object(self._client, bucket, key, target, size=size, etag=etag,
                                                      part_bytes=self.part_bytes, workers=self.workers))
-                except ObjectChanged:  # replaced since it was listed: fetch what is there now
-                    head = self._client.head_object(Bucket=bucket, Key=key)
-                    size, etag = int(head["ContentLength"]), _etag(head)
+                except ObjectChanged:
+                    why, changed = "it changed while it was fetched", True
                     continue
-                except ContentMismatch:
+                except ContentMismatch as error:
+                    why = str(error)
                     continue
                 except (BotoCoreError, ClientError) as error:  # the connection dropped...: resume from the journal
-                    why = f"{type(error).__name__}: {error}: failed"
+                    why = f"{type(error).__name__}: {error}"
                     continue
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(etag)
                 return
-            raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"{why} in each of {attempts} fetches")
+            raise WeightsNotFound(f"s3://{bucket}/{key}", "S3", f"{attempts} fetches failed, the last: {why}")
 
     # Hugging Face hub ------------------------------------------------------
     def _fetch_hub(self, spec: str, keep) -> Path:
