@@ -4,6 +4,7 @@ warm-up) and ``OUT/NAME.md`` (the same as a table), and prints the table.
 
     python -m bench cpu                 # overhead, batching, load, cold start, weight loading (CPU, fixture weights)
     python -m bench overhead|batching|load|serving|coldstart|loading   # serving: the first three on one Ray
+                                        # coldstart: `instantid serve` from nothing, and scale from zero
     python -m bench fetch               # weights from S3: one stream vs parallel ranged GETs (SeaweedFS)
     python -m bench gpu                 # the published-size architecture on a GPU (see bench/gpu.py)
     python -m bench gpu --tiny          # the same script on CPU at tiny sizes (what the tests run)
@@ -28,6 +29,17 @@ SERVING_BENCHES = ("overhead", "batching", "load")  # on one ServeSession
 
 def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
+
+
+COLDSTART_KINDS = ("serve", "zero")
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(kinds) - set(COLDSTART_KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"kinds of cold start are {', '.join(COLDSTART_KINDS)}, not {text!r}")
+    return kinds
 
 
 def _fraction(text: str) -> float:
@@ -66,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--load-size", type=int, help="load: image side (default 128; smallest 64)")
         sub.add_argument("--capacity", type=float, help="load: images/s to take as capacity instead of measuring it")
         sub.add_argument("--seed", type=int, default=0, help="load: the arrival schedule's seed")
-        sub.add_argument("--coldstart-repeats", type=int, help="cold starts to time (default 2)")
+        sub.add_argument("--coldstart-repeats", type=int, help="cold starts to time, each kind (default 2)")
+        sub.add_argument("--coldstart-kinds", type=_kinds, default=list(COLDSTART_KINDS),
+                         help="coldstart: serve (`instantid serve` from nothing), zero (the Generator scaled to zero "
+                              "on a running app), or both (default serve,zero)")
         sub.add_argument("--published-size", type=Path, metavar="DIR",
                          help="loading: also time a published-size random-weight tree in DIR (written if missing, "
                               "about 10 GB; never commit it)")
@@ -193,10 +208,19 @@ def _cpu(args) -> int:
                         max_batch_images=4, capacity_requests=6 if small else 32, seed=args.seed,
                         capacity=args.capacity))
         if "coldstart" in which:
-            from .coldstart import run_coldstart
+            from .coldstart import run_coldstart, run_scale_from_zero, scale_to_zero
 
-            tables.append(run_coldstart(weights, args.out, width=64, height=64, steps=1 if small else 2,
-                                        repeats=args.coldstart_repeats or (1 if small else 2)))
+            repeats = args.coldstart_repeats or (1 if small else 2)
+            if "serve" in args.coldstart_kinds:
+                tables.append(run_coldstart(weights, args.out, width=64, height=64, steps=1 if small else 2,
+                                            repeats=repeats))
+            if "zero" in args.coldstart_kinds:
+                from .serving import ServeSession
+
+                with ServeSession(weights, workdir / "zero") as session:
+                    session.deploy_changed(scale_to_zero)
+                    tables.append(run_scale_from_zero(session.url, args.out, width=64, height=64,
+                                                      steps=1 if small else 2, cycles=repeats))
         if "loading" in which:
             from .loading import run_loading
 

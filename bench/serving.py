@@ -69,12 +69,8 @@ class ServeSession:
                batching: str | None = None) -> None:
         """Run the app with this Generator ``user_config`` (nothing to do when it already
         runs); ``batching`` None: serve_config.yaml's loop."""
-        from ray import serve
-
-        from deployments.app import build_app
         from deployments.generator import BATCHING
         from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
-        from service.config import AppArgs
 
         options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
                                      cpu_cap=0.5)
@@ -82,6 +78,29 @@ class ServeSession:
         batching = batching or generator.get("user_config", {}).get("batching", BATCHING[0])
         if self.deployed == (max_batch_images, batch_wait_timeout_s, batching):
             return
+        generator["user_config"] = {**generator.get("user_config", {}), "max_batch_images": max_batch_images,
+                                    "batch_wait_timeout_s": batch_wait_timeout_s, "batching": batching}
+        self._run(options)
+        self.deployed = (max_batch_images, batch_wait_timeout_s, batching)
+
+    def deploy_changed(self, change) -> None:
+        """Run the app with serve_config.yaml's deployment options as ``change`` (a function
+        of the options by deployment name) makes them, e.g.
+        :func:`bench.coldstart.scale_to_zero`."""
+        from deployments.local import application_config, deployment_options, has_gpu, load_serve_config
+
+        options = deployment_options(application_config(load_serve_config()), gpus=has_gpu(), max_replicas=1,
+                                     cpu_cap=0.5)
+        self._run(change(options))
+        self.deployed = None  # a later deploy() runs its own config again
+
+    def _run(self, options: dict[str, dict]) -> None:
+        from ray import serve
+
+        from deployments.app import build_app
+        from service.config import AppArgs
+
+        generator = options["Generator"]
         if self._args is None:  # made once: the signing keys of this session stay put across redeploys
             # requests ask for one image each; max_num_images is also the Generator's smallest batch cap
             self._args = AppArgs.model_validate({"weights": self.weights, "storage": str(self.workdir / "storage"),
@@ -89,8 +108,6 @@ class ServeSession:
                                                  "url_signing_key": secrets.token_hex(32),
                                                  "webhook_signing_key": secrets.token_hex(32)})
         generator.setdefault("ray_actor_options", {})["num_cpus"] = self.threads  # torch threads = the cores
-        generator["user_config"] = {**generator.get("user_config", {}), "max_batch_images": max_batch_images,
-                                    "batch_wait_timeout_s": batch_wait_timeout_s, "batching": batching}
         if self._pin_versions:
             pinned = {name: {**entry, "version": "bench", "_internal": True} for name, entry in options.items()}
             try:
@@ -100,12 +117,13 @@ class ServeSession:
         if not self._pin_versions:
             app = build_app(self._args, options)
         serve.run(app, name="bench", route_prefix="/")
-        self.deployed = (max_batch_images, batch_wait_timeout_s, batching)
 
     def __exit__(self, *exc) -> None:
-        import ray
+        from deployments.ray_setup import stop_ray_now
 
-        ray.shutdown()  # the session's own cluster: every replica goes with it (no graceful drain to wait for)
+        # the session's own cluster: every replica goes with it (no graceful drain to wait for), and
+        # Serve forgets it (a later session in this process starts a cluster of its own)
+        stop_ray_now()
 
 
 def free_port() -> int:

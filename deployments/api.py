@@ -141,7 +141,8 @@ class Job(BaseModel):
 
     id: str
     status: JobStatus
-    stage: str | None = Field(None, description="queued, face, rendering, storing, done")
+    stage: str | None = Field(None, description="queued, face, starting (a Generator replica is starting: the "
+                                                "service had scaled it to zero), rendering, storing, done")
     progress: Progress | None = None
     created_at: float | None = None
     updated_at: float | None = None

@@ -15,8 +15,10 @@ from service.lookup import load_face
 from service.records import Face, GenerationRecord, OutputSpec
 from service.storage import Storage
 
-from .calls import call, stream
 from service.config import AppArgs
+
+from .calls import call, stream
+from .health import ReplicaWatch
 from .messages import FaceJob, GenerationJob, Pictures, StoredGeneration
 
 EventSink = Callable[[dict], None]
@@ -27,6 +29,7 @@ class GenerationFlow:
         self.face, self.generator, self.args, self.storage = face, generator, args, storage
         # this replica's renders reach the Generator a few at a time, API keys taking turns
         self.fair = FairQueue(args.fairness.renders_at_once, args.fairness.waiting_per_key, args.retry_after_s)
+        self.generators = ReplicaWatch("Generator")  # none running: autoscaled to zero, one is starting
 
     async def analyze(self, job: FaceJob, deadline: float) -> FaceInfo:
         return await call(self.face.embed.remote(job), deadline, "face analysis", retry_after_s=self.args.retry_after_s)
@@ -62,6 +65,7 @@ class GenerationFlow:
                       output: OutputSpec, request_hash: str | None, deadline: float,
                       notify: EventSink, pictures: Pictures) -> StoredGeneration:
         lora = self.args.loras.get(params.lora) if params.lora else None
+        waited_ms = None  # for a replica to start
         record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
         job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face,
@@ -69,10 +73,19 @@ class GenerationFlow:
                             output, record)
         for attempt in range(2):
             try:
+                # no Generator replica runs (scaled to zero): the call waits while Serve starts one
+                starting = None if await self.generators.running() else time.monotonic()
+                if starting is not None:
+                    notify({"stage": "starting"})
                 response = self.generator.options(stream=True).generate.remote(job)
                 async for event in stream(response, deadline, "generation", retry_after_s=self.args.retry_after_s):
+                    if starting is not None:  # the first event: a replica has the call
+                        waited_ms, starting = round((time.monotonic() - starting) * 1000, 2), None
                     if event["type"] == "result":
-                        return event["result"]
+                        stored = event["result"]
+                        if waited_ms is not None:
+                            stored.timings_ms = {"starting": waited_ms, **stored.timings_ms}
+                        return stored
                     notify({"stage": event.get("stage", "rendering"),
                             **{k: event[k] for k in ("step", "total") if k in event}})
                 raise Unavailable("the generation ended without a result", self.args.retry_after_s)

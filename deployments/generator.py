@@ -51,6 +51,7 @@ def _count_images(calls: list[_Call]) -> int:
     return sum(call.job.request.params.num_images for call in calls)
 
 
+WARMUP_EAGER = (64, 64, 1)  # (width, height, batch) of the warm-up render without `compile`
 BATCHING = ("step", "request")  # user_config ``batching``; the first is the default
 
 
@@ -69,11 +70,13 @@ class Generator:
         self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False, optimizations=optimizations)
         # a single request of the largest allowed num_images must always fit one batch
         self.min_batch_images = min_batch_images
-        self.warmed: list[dict] = []
-        if self.pipe.optimizations.compile != "off":  # compile now, not inside the first requests' timeouts
-            timed = self.pipe.warmup_shapes(warmup_shapes or [])
-            self.warmed = [{"width": w, "height": h, "batch": b, "seconds": round(s, 2)}
-                           for (w, h, b), s in timed.items()]
+        # ready only once it renders at full speed: the first render's one-time costs (kernels
+        # loaded, memory pools grown; with `compile` on, each shape compiled) paid now, not inside
+        # the first requests' timeouts. Compiled: every shape it will serve; eager: one small render.
+        compiled = self.pipe.optimizations.compile != "off"
+        timed = self.pipe.warmup_shapes((warmup_shapes or []) if compiled else [WARMUP_EAGER])
+        self.warmed = [{"width": w, "height": h, "batch": b, "seconds": round(s, 2)}
+                       for (w, h, b), s in timed.items()]
         self._rendering = 0  # batches being rendered now
         self._waiting: set[int] = set()  # ids (id()) of the calls not in a rendering batch yet
         self.batching = BATCHING[0]
@@ -108,10 +111,12 @@ class Generator:
 
     async def generate(self, job: GenerationJob):
         """Render ``job`` (batched with compatible others), then have it stored. A stream:
-        ``{"type": "progress", "step", "total"}`` while denoising, ``{"type": "stage",
+        ``{"type": "stage", "stage": "rendering"}`` at once, ``{"type": "progress", "step",
+        "total"}`` while denoising, ``{"type": "stage",
         "stage": "storing"}``, then ``{"type": "result", "result": StoredGeneration}``.
         Cancelling the stream stops the render at its next step when no other call
         shares its batch."""
+        yield {"type": "stage", "stage": "rendering"}  # this replica has the call (it may have just started)
         call = _Call(job, asyncio.get_running_loop())
         if self.batching == "step":
             batch = asyncio.ensure_future(self._generate_stepped(call))

@@ -1,9 +1,10 @@
 """`make demo`'s script end to end, run as `python -m bench coldstart` runs it: `instantid
 serve` with an API key (its digest in $INSTANTID_API_KEY_SHA256) from nothing (its own Ray
 and the whole app), one real HTTP generation, a clean Ctrl-C stop, and the cold start's
-timings from it. The one end-to-end run of the demo, of `instantid serve` and of the
-cold-start benchmark (the session's Ray, started by the same `init_loopback_ray`, is checked
-for loopback-only listeners in test_serving)."""
+timings from it. The one end-to-end run of the demo, of `instantid serve` and of that kind of
+cold start (the session's Ray, started by the same `init_loopback_ray`, is checked for
+loopback-only listeners in test_serving; the scale-from-zero kind runs in
+test_scale_to_zero, on the session's Ray)."""
 
 import json
 
@@ -17,7 +18,9 @@ def test_demo_serves_a_generation_stops_cleanly_and_times_its_cold_start(tmp_pat
     fixture weights save the demo writing its own."""
     from bench.coldstart import COLUMNS
 
-    bench("coldstart", "--smallest", "--weights", str(weights_dir), "--out", str(tmp_path), timeout=900)
+    bench("coldstart", "--smallest", "--coldstart-kinds", "serve", "--weights", str(weights_dir),
+          "--out", str(tmp_path), timeout=900)
+    assert not (tmp_path / "scale_from_zero.csv").exists()  # the kind not asked for
     [record] = rows(tmp_path / "coldstart.csv", COLUMNS, required=COLUMNS)
     assert float(record["first_200_median_s"]) >= float(record["ready_median_s"]) > 0
     assert float(record["shutdown_median_s"]) > 0

@@ -91,3 +91,26 @@ def test_the_app_refuses_to_start_without_lasting_signing_keys(monkeypatch):
     monkeypatch.delenv("INSTANTID_URL_SIGNING_KEY")
     local = local_args(application_config(load_serve_config()), weights="w", auth={"disabled": True})
     assert len(local.signing_keys().url) == 64 and local.signing_keys().webhook == "w" * 32
+
+
+def test_the_commented_scale_to_zero_option_is_a_valid_generator_config():
+    """serve_config.yaml shows scale-to-zero as commented lines under the Generator's
+    autoscaling_config: uncommented, Ray takes them and the Generator may have no replica."""
+    import re
+
+    import yaml
+
+    from deployments.local import DEFAULT_CONFIG
+
+    text = DEFAULT_CONFIG.read_text()
+    options = re.findall(r"^(\s+)# (min_replicas|initial_replicas|downscale_to_zero_delay_s): (\d+)$", text, re.M)
+    assert [name for _, name, _ in options] == ["min_replicas", "initial_replicas", "downscale_to_zero_delay_s"]
+    uncommented = re.sub(r"^(\s+)# ((?:min_replicas|initial_replicas|downscale_to_zero_delay_s): \d+)$", r"\1\2",
+                         text, flags=re.M)
+    # the uncommented lines replace the ones above them (YAML keeps a repeated key's last value)
+    config = yaml.safe_load(uncommented)
+    schema = ServeDeploySchema.model_validate(config)
+    [generator] = [d for d in schema.applications[0].deployments if d.name == "Generator"]
+    scaling = generator.autoscaling_config
+    assert scaling["min_replicas"] == 0 and scaling["initial_replicas"] == 0
+    assert scaling["downscale_to_zero_delay_s"] > 0 and scaling["max_replicas"] >= 1
