@@ -234,7 +234,8 @@ def _cpu(args) -> int:
 
                     write_published_size_fixtures(args.published_size)
                 trees.append(("published_size", args.published_size))
-            tables.append(run_loading(trees, args.out, dtype=args.loading_dtype, repeats=repeats, warmup=warmup))
+            tables.append(run_loading(trees, args.out, dtype=args.loading_dtype, repeats=repeats, warmup=warmup,
+                                      dtype_cache=workdir / "dtype-cache"))
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

@@ -3,7 +3,10 @@
 read the same bytes, as a ratio, with the files in the page cache ("warm") and evicted
 from it before each run ("cold", ``posix_fadvise(DONTNEED)``: best effort, no root
 needed). A ratio near 1 means loading is I/O-bound; well above 1, the time goes to
-building models and converting tensors."""
+building models and converting tensors. Three paths side by side, alternating: ``plain``
+(the loader alone: the reference), ``prefetch`` (a thread reads the files ahead of it,
+:mod:`pipeline.prefetch`) and ``cached`` (prefetch, and the model folders read from a copy
+already in the dtype loaded, :mod:`pipeline.dtype_cache`)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ from pathlib import Path
 
 from .common import Results, summarize
 
-COLUMNS = ("tree", "cache", "dtype", "files", "bytes", "read_median_s", "read_gb_per_s", "load_median_s",
-           "load_min_s", "load_max_s", "load_spread_pct", "ratio_load_to_read")
+COLUMNS = ("tree", "cache", "path", "dtype", "files", "bytes", "read_median_s", "read_gb_per_s", "load_median_s",
+           "load_min_s", "load_max_s", "load_spread_pct", "ratio_load_to_read", "converted_once_s")
 CHUNK = 16 * 1024 * 1024
 
 
@@ -43,43 +46,72 @@ def read_all(files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def load_once(root: Path, dtype: str) -> float:
+PATHS = ("plain", "prefetch", "cached")
+
+
+def load_once(root: Path, dtype: str, path: str = "cached", dtype_cache: Path | None = None) -> float:
+    """One ``from_weights``: ``plain`` (the loader alone), ``prefetch`` (the files read
+    ahead of it), ``cached`` (prefetch, and model folders in another dtype read from
+    their converted copy in ``dtype_cache``)."""
     from pipeline.pipeline import InstantIDPipeline
 
     started = time.perf_counter()
-    pipe = InstantIDPipeline.from_weights(root, device="cpu", dtype=dtype)
+    pipe = InstantIDPipeline.from_weights(root, device="cpu", dtype=dtype, prefetch=path != "plain",
+                                          dtype_cache=dtype_cache if path == "cached" else None)
     elapsed = time.perf_counter() - started
     del pipe
     gc.collect()
     return elapsed
 
 
+def files_loaded(root: Path, dtype: str, dtype_cache: Path) -> tuple[list[Path], float]:
+    """The files the ``cached`` path reads (the converted copies where there are some, made
+    now if missing) and the seconds making them took."""
+    from pipeline.devices import resolve_dtype
+    from pipeline.dtype_cache import in_dtype
+    from pipeline.weights import resolve_weights
+
+    paths = resolve_weights(root)
+    started = time.perf_counter()
+    folders = [in_dtype(folder, resolve_dtype(dtype), dtype_cache) for folder in (paths.sdxl, paths.controlnet)]
+    converted_s = time.perf_counter() - started
+    rest = [p for p in tree_files(root) if not any(p.is_relative_to(f) for f in (paths.sdxl, paths.controlnet))]
+    return rest + [p for folder in folders for p in tree_files(folder)], converted_s
+
+
 def run_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats: int, warmup: int,
-                caches: tuple[str, ...] = ("warm", "cold")) -> Results:
-    """``trees``: (name, root) pairs, e.g. the fixture tree and a published-size one."""
+                dtype_cache: Path, caches: tuple[str, ...] = ("warm", "cold")) -> Results:
+    """``trees``: (name, root) pairs, e.g. the fixture tree and a published-size one.
+    ``dtype_cache``: where the ``cached`` path keeps its converted copies (made before
+    the timed runs; the seconds that took are the rows' ``converted_once_s``)."""
     results = Results(out, "loading", COLUMNS, repeats=repeats, warmup=warmup,
                       title="Weight loading: from_weights vs reading the same bytes",
-                      table=("tree", "cache", "dtype", "bytes", "read_median_s", "read_gb_per_s", "load_median_s",
-                             "load_spread_pct", "ratio_load_to_read"))
+                      table=("tree", "cache", "path", "dtype", "bytes", "read_median_s", "read_gb_per_s",
+                             "load_median_s", "load_spread_pct", "ratio_load_to_read", "converted_once_s"))
     for tree, root in trees:
-        files = tree_files(root)
-        size = sum(p.stat().st_size for p in files)
+        files = {path: tree_files(root) for path in PATHS}
+        files["cached"], converted_s = files_loaded(root, dtype, dtype_cache)
         for _ in range(warmup):  # imports, first-use initialisation
-            read_all(files)
-            load_once(root, dtype)
+            read_all(files["plain"])
+            load_once(root, dtype, "plain")
         for cache in caches:
-            reads, loads = [], []
-            for _ in range(repeats):
-                if cache == "cold":
-                    evict(files)
-                reads.append(read_all(files))
-                if cache == "cold":
-                    evict(files)
-                loads.append(load_once(root, dtype))
-            r, ld = summarize(reads), summarize(loads)
-            results.add(case=f"{tree}_{cache}", tree=tree, cache=cache, dtype=dtype, files=len(files), bytes=size,
-                        read_median_s=r["median"], read_gb_per_s=size / r["median"] / 1e9,
-                        load_median_s=ld["median"], load_min_s=ld["min"], load_max_s=ld["max"],
-                        load_spread_pct=ld["spread_pct"], ratio_load_to_read=ld["median"] / r["median"])
+            reads, loads = {path: [] for path in PATHS}, {path: [] for path in PATHS}
+            for _ in range(repeats):  # the paths alternate, each after a read of the files it loads
+                for path in PATHS:
+                    if cache == "cold":
+                        evict(files[path])
+                    reads[path].append(read_all(files[path]))
+                    if cache == "cold":
+                        evict(files[path])
+                    loads[path].append(load_once(root, dtype, path, dtype_cache))
+            for path in PATHS:
+                r, ld = summarize(reads[path]), summarize(loads[path])
+                size = sum(p.stat().st_size for p in files[path])
+                results.add(case=f"{tree}_{cache}_{path}", tree=tree, cache=cache, path=path, dtype=dtype,
+                            files=len(files[path]), bytes=size, read_median_s=r["median"],
+                            read_gb_per_s=size / r["median"] / 1e9, load_median_s=ld["median"], load_min_s=ld["min"],
+                            load_max_s=ld["max"], load_spread_pct=ld["spread_pct"],
+                            ratio_load_to_read=ld["median"] / r["median"],
+                            converted_once_s=converted_s if path == "cached" else "")
     results.close()
     return results

@@ -26,7 +26,7 @@ from ray import serve
 
 from pipeline import get_pipeline
 from pipeline.errors import InvalidParameter
-from pipeline.weights import resolve_weights
+from pipeline.weights import default_cache_dir, resolve_weights
 from service.batching import GroupReport, render_requests
 from service.continuous import ContinuousRenderer
 
@@ -67,7 +67,9 @@ class Generator:
                  optimizations: str | None = None, warmup_shapes: list | None = None) -> None:
         self.postprocessor = postprocessor
         paths = resolve_weights(weights, components=("sdxl", "instantid"), cache_dir=cache, s3_endpoint=s3_endpoint)
-        self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False, optimizations=optimizations)
+        # the node cache also keeps model folders converted to the dtype loaded (once per node)
+        self.pipe = get_pipeline(paths, device=device, dtype=dtype, load_face=False, optimizations=optimizations,
+                                 dtype_cache=cache or default_cache_dir())
         # a single request of the largest allowed num_images must always fit one batch
         self.min_batch_images = min_batch_images
         # ready only once it renders at full speed: the first render's one-time costs (kernels

@@ -255,11 +255,12 @@ class AttnProcessor:
 class IdentityAttnProcessor(nn.Module):
     """Decoupled cross-attention with face tokens (see the module docstring)."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int) -> None:
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, dtype=dtype)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, dtype=dtype)
         self.to_kv_ip: nn.Linear | None = None  # set by fuse(): k|v of the face tokens in one product
 
     @torch.no_grad()
@@ -381,9 +382,10 @@ def install_adapter_processors(unet, num_tokens: int) -> dict[str, IdentityAttnP
     for name in unet.attn_processors:
         if name in cross:
             position, attn = cross[name]
-            with torch.device(param.device):
-                processor = IdentityAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, num_tokens)
-            processor.to(dtype=param.dtype)
+            with torch.device("meta"):  # no random init: load_adapter_layers fills them
+                processor = IdentityAttnProcessor(attn.to_k.out_features, attn.to_k.in_features, num_tokens,
+                                                  dtype=param.dtype)
+            processor.to_empty(device=param.device)
             processors[name] = adapters[str(position)] = processor
         else:
             processors[name] = AttnProcessor()

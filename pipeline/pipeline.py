@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, instal
 from .assembly import SDXL_MODELS, controlnet_pipeline, load_single_file  # noqa: F401 - SDXL_MODELS re-exported
 from .controlnets import Annotators, ExtraControl, ExtraControlNets, control_images_for, split_images
 from .devices import resolve_device, resolve_dtype
+from .dtype_cache import in_dtype
 from .errors import InstantIDError, InvalidParameter
 from .face import FaceAnalyzer, FaceInfo
 from .identitynet import ControlInputs, box_mask, scale_residual, to_tensor, window_keeps
@@ -48,10 +49,11 @@ from .keypoints import Frame, draw_keypoints, reference_size
 from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
                        resolve_load_settings, set_fused_projections)
 from .params import GenerationParams, parse_params
+from .prefetch import model_files, prefetching
 from .prompts import PromptTooLong, encode_weighted, sequence_length
 from .schedulers import make_scheduler
 from .styles import apply_style
-from .weights import HUB_REPOS, ExtraWeights, WeightsPaths, resolve_weights
+from .weights import HUB_REPOS, SDXL_COMPONENTS, ExtraWeights, WeightsPaths, resolve_weights
 
 StepCallback = Callable[[int, int], None]
 
@@ -198,13 +200,19 @@ class InstantIDPipeline:
         providers: str | Sequence[str] = "auto",
         load_face: bool = True,
         optimizations: Optimizations | dict | str | None = None,
+        prefetch: bool = True,
+        dtype_cache: str | Path | None = None,
         **resolve_kwargs,
     ) -> "InstantIDPipeline":
         """Load every component from a weights root (see :mod:`pipeline.weights`) and
         assemble them with :meth:`from_components`. ``optimizations``: speed settings
         (:class:`~pipeline.optimize.Optimizations`, a dict of its fields, or names as
         ``instantid generate --optimize`` takes them); a bad combination is refused before
-        any weights are read."""
+        any weights are read. ``prefetch``: a thread reads the weight files ahead of the
+        loader (:mod:`pipeline.prefetch`; the same weights either way). ``dtype_cache``: a
+        folder where model folders whose files hold another dtype than the one loaded are
+        kept converted, once per node (:mod:`pipeline.dtype_cache`; the same values as a
+        conversion while loading)."""
         from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
         opts = Optimizations.parse(optimizations)
@@ -218,17 +226,24 @@ class InstantIDPipeline:
             needed = ("sdxl", "instantid", "antelopev2") if load_face else ("sdxl", "instantid")
             weights = resolve_weights(weights, components=needed, **resolve_kwargs)
         paths = weights
-        controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
-        if paths.sdxl_is_single_file:
-            sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
-        else:
-            sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
-                str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
-            )
-        adapter = read_adapter_file(paths.ip_adapter)
-        sdxl.to(device)
-        face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) if load_face \
-            else None
+        if dtype_cache is not None and not paths.sdxl_is_single_file:
+            paths = replace(paths, sdxl=in_dtype(paths.sdxl, dtype, Path(dtype_cache)),
+                            controlnet=in_dtype(paths.controlnet, dtype, Path(dtype_cache)))
+        sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, sorted(SDXL_COMPONENTS))
+        # in the order they load (a pipeline's parts load in model_index.json's order: by name)
+        in_order = [*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter]
+        with prefetching(in_order, enabled=prefetch):
+            controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
+            if paths.sdxl_is_single_file:
+                sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
+            else:
+                sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
+                    str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
+                )
+            adapter = read_adapter_file(paths.ip_adapter)
+            sdxl.to(device)
+            face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) \
+                if load_face else None
         return cls.from_components(sdxl, adapter, face=face, optimizations=opts, extras=paths.extras)
 
     @property

@@ -83,7 +83,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     weights: str = Field(description="Weights root: a folder, s3://bucket/prefix, or 'hub'.")
-    weights_cache: str | None = Field(None, description="Local cache for remote weights.")
+    weights_cache: str | None = Field(None, description="Local cache (per node) for remote weights, and for model "
+                                                       "folders converted to the dtype the Generator loads.")
     storage: str = Field("out/storage", description="Outputs and records: a folder or s3://bucket/prefix.")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (default: AWS / AWS_ENDPOINT_URL).")
     presign_endpoint_url: str | None = Field(None, description="Endpoint clients use for presigned URLs.")

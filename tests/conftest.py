@@ -29,6 +29,15 @@ for _name, _seconds in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"),
                         ("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5"),
                         ("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "0")):
     os.environ.setdefault(_name, _seconds)
+# the node cache (remote weights, weights converted to the dtype loaded) of this session
+# only, never the user's ~/.cache: every process the suite starts inherits it
+if "INSTANTID_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["INSTANTID_CACHE"] = tempfile.mkdtemp(prefix="instantid-cache-")
+    atexit.register(shutil.rmtree, os.environ["INSTANTID_CACHE"], True)
 # the app signs links and webhooks with keys from the environment (as production does)
 os.environ.setdefault("INSTANTID_URL_SIGNING_KEY", "test-url-signing-key-0123456789")
 os.environ.setdefault("INSTANTID_WEBHOOK_SIGNING_KEY", "test-webhook-signing-key-0123456789")
