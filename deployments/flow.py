@@ -3,6 +3,7 @@ request (the ingress) and an async job (the job runner)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -36,8 +37,6 @@ class GenerationFlow:
 
     async def registered_face(self, face_id: str, owner: str, pose: Face | None = None) -> FaceInfo:
         """A registered face, with the head pose of another photo when one was analysed."""
-        import asyncio
-
         record = await asyncio.to_thread(load_face, self.storage, face_id, owner, delete_expired=True)
         info = record.face.to_info()
         if pose is not None:
@@ -73,23 +72,41 @@ class GenerationFlow:
                             output, record)
         for attempt in range(2):
             try:
-                # no Generator replica runs (scaled to zero): the call waits while Serve starts one
-                starting = None if await self.generators.running() else time.monotonic()
-                if starting is not None:
-                    notify({"stage": "starting"})
+                called = time.monotonic()
                 response = self.generator.options(stream=True).generate.remote(job)
-                async for event in stream(response, deadline, "generation", retry_after_s=self.args.retry_after_s):
-                    if starting is not None:  # the first event: a replica has the call
-                        waited_ms, starting = round((time.monotonic() - starting) * 1000, 2), None
-                    if event["type"] == "result":
-                        stored = event["result"]
-                        if waited_ms is not None:
-                            stored.timings_ms = {"starting": waited_ms, **stored.timings_ms}
-                        return stored
-                    notify({"stage": event.get("stage", "rendering"),
-                            **{k: event[k] for k in ("step", "total") if k in event}})
+                starting, first = self._tell_if_starting(notify), True
+                try:
+                    async for event in stream(response, deadline, "generation",
+                                              retry_after_s=self.args.retry_after_s):
+                        if first:  # a replica has the call: it waited for one to start if none ran
+                            first = False
+                            if starting.done() and starting.exception() is None and starting.result():
+                                waited_ms = round((time.monotonic() - called) * 1000, 2)
+                            starting.cancel()  # nobody is told "starting" from now on
+                        if event["type"] == "result":
+                            stored = event["result"]
+                            if waited_ms is not None:
+                                stored.timings_ms = {"starting": waited_ms, **stored.timings_ms}
+                            return stored
+                        notify({"stage": event.get("stage", "rendering"),
+                                **{k: event[k] for k in ("step", "total") if k in event}})
+                finally:
+                    starting.cancel()
                 raise Unavailable("the generation ended without a result", self.args.retry_after_s)
             except Unavailable:
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def _tell_if_starting(self, notify: EventSink) -> asyncio.Future:
+        """Ask, beside the call, whether a Generator replica runs; when none does (scaled to
+        zero: the call waits while Serve starts one), tell the caller ``starting``. The
+        future's result: whether it did."""
+
+        async def ask() -> bool:
+            if await self.generators.running():
+                return False
+            notify({"stage": "starting"})
+            return True
+
+        return asyncio.ensure_future(ask())
