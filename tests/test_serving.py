@@ -470,7 +470,9 @@ def test_health_answers_while_the_generator_is_full(tight_url, face):
     from ray.serve.exceptions import BackPressureError
 
     running = generate_stream("tight", generation(face, "g_" + "r" * 22, **SLOW))
-    assert next(iter(running))["type"] == "progress"  # rendering
+    events = iter(running)
+    assert next(events) == {"type": "stage", "stage": "rendering"}  # the replica has the call
+    assert next(events)["type"] == "progress"  # rendering
     queued = generate_stream("tight", generation(face, "g_" + "q" * 22, seed=2, **SMALL))
     try:
         with pytest.raises(BackPressureError):  # full: the slot and the queue are taken
@@ -492,7 +494,8 @@ def test_a_call_cancelled_while_queued_in_a_batch_does_not_cancel_a_later_one_wi
 
     generator = serve.get_deployment_handle("Generator", app_name="s3app")
     running = generate_stream("s3app", generation(face, "g_" + "s" * 22, **SLOW))
-    assert next(iter(running))["type"] == "progress"
+    events = iter(running)
+    assert next(events) == {"type": "stage", "stage": "rendering"} and next(events)["type"] == "progress"
     retried = generation(face, "g_" + "t" * 22, seed=77, **SMALL)
     waiting = generate_stream("s3app", retried)
     deadline = time.monotonic() + 240
