@@ -37,8 +37,8 @@ def state_of(status: str, replicas: dict[str, int]) -> str:
     return "unavailable"
 
 
-def _stages(app: str | None = None) -> list[dict]:
-    app = app or serve.get_replica_context().app_name
+def _stages() -> list[dict]:
+    app = serve.get_replica_context().app_name
     deployments = serve.status().applications[app].deployments
     stages = []
     for name, stage in STAGES.items():

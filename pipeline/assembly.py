@@ -1,15 +1,48 @@
-"""Assembling the SDXL ControlNet pipeline InstantID runs on: from one original-layout
-checkpoint, or from another SDXL pipeline or a dict of its parts."""
+"""Assembling the SDXL ControlNet pipeline InstantID runs on: from a weights tree (a
+diffusers folder or one original-layout checkpoint, the IdentityNet, the ip-adapter file),
+or from another SDXL pipeline or a dict of its parts."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from .adapter import read_adapter_file
+from .dtype_cache import in_dtype
 from .errors import InvalidParameter, InvalidWeights
+from .prefetch import model_files, prefetching
+from .weights import HUB_REPOS, SDXL_COMPONENTS, WeightsPaths
 
 SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def load_sdxl_parts(paths: WeightsPaths, dtype: torch.dtype, device: torch.device, *, prefetch: bool = True,
+                    dtype_cache: str | Path | None = None):
+    """The SDXL ControlNet pipeline (the IdentityNet as its ControlNet) on ``device`` in
+    ``dtype``, and the ip-adapter file's contents. ``prefetch``: the files read ahead of
+    the loader, in the order it reads them (:mod:`pipeline.prefetch`); ``dtype_cache``:
+    model folders in another dtype read from their copy in ``dtype``, made once
+    (:mod:`pipeline.dtype_cache`)."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    if dtype_cache is not None and not paths.sdxl_is_single_file:
+        paths = replace(paths, sdxl=in_dtype(paths.sdxl, dtype, Path(dtype_cache)),
+                        controlnet=in_dtype(paths.controlnet, dtype, Path(dtype_cache)))
+    # in the order they load (a pipeline's parts load in model_index.json's order: by name)
+    sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, sorted(SDXL_COMPONENTS))
+    with prefetching([*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter], enabled=prefetch):
+        controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
+        if paths.sdxl_is_single_file:
+            sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
+        else:
+            sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
+                str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
+            )
+        adapter = read_adapter_file(paths.ip_adapter)
+        sdxl.to(device)
+    return sdxl, adapter
 
 
 def load_single_file(path: Path, config: str, controlnet, dtype: torch.dtype):

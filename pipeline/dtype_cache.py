@@ -59,20 +59,17 @@ def _convert(source: Path, target: Path, dtype: torch.dtype) -> None:
     save_file(tensors, str(target), metadata=metadata)
 
 
-def _mirror(folder: Path, building: Path, dtype: torch.dtype) -> int:
-    converted = 0
+def _mirror(folder: Path, building: Path, dtype: torch.dtype) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         target = building / path.relative_to(folder)
         target.parent.mkdir(parents=True, exist_ok=True)
         if needs_conversion(path, dtype):
             _convert(path, target, dtype)
-            converted += 1
         else:
             try:
                 os.link(path, target)
             except OSError:  # another filesystem, or links not allowed
                 shutil.copy2(path, target)
-    return converted
 
 
 def in_dtype(folder: Path, dtype: torch.dtype, cache_dir: Path) -> Path:

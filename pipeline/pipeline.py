@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +34,10 @@ import torch
 from PIL import Image
 
 from .adapter import (AdapterWeightsError, AttnProcessor, FaceRegionMask, install_adapter_processors,
-                      load_adapter_layers, load_image_proj, read_adapter_file, token_grids)
-from .assembly import SDXL_MODELS, controlnet_pipeline, load_single_file  # noqa: F401 - SDXL_MODELS re-exported
+                      load_adapter_layers, load_image_proj, token_grids)
+from .assembly import SDXL_MODELS, controlnet_pipeline, load_sdxl_parts  # noqa: F401 - SDXL_MODELS re-exported
 from .controlnets import Annotators, ExtraControl, ExtraControlNets, control_images_for, split_images
 from .devices import resolve_device, resolve_dtype
-from .dtype_cache import in_dtype
 from .errors import InstantIDError, InvalidParameter
 from .face import FaceAnalyzer, FaceInfo
 from .identitynet import ControlInputs, box_mask, scale_residual, to_tensor, window_keeps
@@ -49,11 +48,10 @@ from .keypoints import Frame, draw_keypoints, reference_size
 from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
                        resolve_load_settings, set_fused_projections)
 from .params import GenerationParams, parse_params
-from .prefetch import model_files, prefetching
 from .prompts import PromptTooLong, encode_weighted, sequence_length
 from .schedulers import make_scheduler
 from .styles import apply_style
-from .weights import HUB_REPOS, SDXL_COMPONENTS, ExtraWeights, WeightsPaths, resolve_weights
+from .weights import ExtraWeights, WeightsPaths, resolve_weights
 
 StepCallback = Callable[[int, int], None]
 
@@ -213,8 +211,6 @@ class InstantIDPipeline:
         folder where model folders whose files hold another dtype than the one loaded are
         kept converted, once per node (:mod:`pipeline.dtype_cache`; the same values as a
         conversion while loading)."""
-        from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-
         opts = Optimizations.parse(optimizations)
         device = resolve_device(device)
         dtype, providers = resolve_load_settings(opts, device, dtype, providers)
@@ -225,26 +221,10 @@ class InstantIDPipeline:
         if not isinstance(weights, WeightsPaths):
             needed = ("sdxl", "instantid", "antelopev2") if load_face else ("sdxl", "instantid")
             weights = resolve_weights(weights, components=needed, **resolve_kwargs)
-        paths = weights
-        if dtype_cache is not None and not paths.sdxl_is_single_file:
-            paths = replace(paths, sdxl=in_dtype(paths.sdxl, dtype, Path(dtype_cache)),
-                            controlnet=in_dtype(paths.controlnet, dtype, Path(dtype_cache)))
-        sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, sorted(SDXL_COMPONENTS))
-        # in the order they load (a pipeline's parts load in model_index.json's order: by name)
-        in_order = [*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter]
-        with prefetching(in_order, enabled=prefetch):
-            controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
-            if paths.sdxl_is_single_file:
-                sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
-            else:
-                sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
-                    str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
-                )
-            adapter = read_adapter_file(paths.ip_adapter)
-            sdxl.to(device)
-            face = FaceAnalyzer(paths.antelopev2, providers=providers, batch_recognition=opts.face_batch) \
-                if load_face else None
-        return cls.from_components(sdxl, adapter, face=face, optimizations=opts, extras=paths.extras)
+        sdxl, adapter = load_sdxl_parts(weights, dtype, device, prefetch=prefetch, dtype_cache=dtype_cache)
+        face = FaceAnalyzer(weights.antelopev2, providers=providers, batch_recognition=opts.face_batch) \
+            if load_face else None
+        return cls.from_components(sdxl, adapter, face=face, optimizations=opts, extras=weights.extras)
 
     @property
     def param_defaults(self) -> dict:
