@@ -222,7 +222,7 @@ def _cpu(args) -> int:
                     tables.append(run_scale_from_zero(session.url, args.out, width=64, height=64,
                                                       steps=1 if small else 2, cycles=repeats))
         if "loading" in which:
-            from .loading import run_loading
+            from .loading import run_component_loading, run_loading
 
             repeats = args.repeats or (1 if small else 5)
             warmup = (0 if small else 1) if args.warmup is None else args.warmup
@@ -236,6 +236,8 @@ def _cpu(args) -> int:
                 trees.append(("published_size", args.published_size))
             tables.append(run_loading(trees, args.out, dtype=args.loading_dtype, repeats=repeats, warmup=warmup,
                                       dtype_cache=workdir / "dtype-cache"))
+            tables.append(run_component_loading(trees, args.out, dtype=args.loading_dtype, repeats=repeats,
+                                                dtype_cache=workdir / "dtype-cache"))
     finally:
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)

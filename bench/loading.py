@@ -115,3 +115,73 @@ def run_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats
                             converted_once_s=converted_s if path == "cached" else "")
     results.close()
     return results
+
+
+# ----------------------------------------------------------------------------- per component
+
+COMPONENT_COLUMNS = ("tree", "component", "path", "dtype", "files", "bytes", "read_median_s", "load_median_s",
+                     "load_min_s", "load_max_s", "ratio_load_to_read")
+COMPONENTS = ("unet", "controlnet", "text_encoder_2", "text_encoder", "vae", "ip_adapter")
+
+
+def component_loads(root: Path, dtype: str, dtype_cache: Path | None) -> dict[str, tuple[list[Path], object]]:
+    """Each model of the tree alone: (its weight files, a function loading it in ``dtype``
+    as ``from_weights`` does), from the tree (``dtype_cache`` None) or from its copies in
+    ``dtype`` (made if missing)."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipeline.adapter import read_adapter_file
+    from pipeline.devices import resolve_dtype
+    from pipeline.dtype_cache import in_dtype
+    from pipeline.prefetch import model_files
+    from pipeline.weights import resolve_weights
+
+    paths, torch_dtype = resolve_weights(root), resolve_dtype(dtype)
+    sdxl, controlnet = paths.sdxl, paths.controlnet
+    if dtype_cache is not None:
+        sdxl, controlnet = (in_dtype(folder, torch_dtype, dtype_cache) for folder in (sdxl, controlnet))
+
+    def model(cls, folder: Path):
+        return model_files(folder), lambda: cls.from_pretrained(str(folder), dtype=torch_dtype)
+
+    def adapter():
+        state = read_adapter_file(paths.ip_adapter)
+        return {group: {k: t.to(torch_dtype) for k, t in tensors.items()} for group, tensors in state.items()}
+
+    return {"unet": model(UNet2DConditionModel, sdxl / "unet"), "controlnet": model(ControlNetModel, controlnet),
+            "text_encoder_2": model(CLIPTextModelWithProjection, sdxl / "text_encoder_2"),
+            "text_encoder": model(CLIPTextModel, sdxl / "text_encoder"), "vae": model(AutoencoderKL, sdxl / "vae"),
+            "ip_adapter": ([paths.ip_adapter], adapter)}
+
+
+def run_component_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats: int,
+                          dtype_cache: Path) -> Results:
+    """Each model alone, cold: its load against a cold read of its files, from the tree
+    (``plain``: the conversion to ``dtype`` while loading) and from its copy already in
+    ``dtype`` (``cached``). No prefetch: one model's files are read by its loader alone."""
+    results = Results(out, "loading_components", COMPONENT_COLUMNS, repeats=repeats, warmup=1,
+                      title="Weight loading per model, cold: its load vs a cold read of its files",
+                      table=("tree", "component", "path", "dtype", "bytes", "read_median_s", "load_median_s",
+                             "ratio_load_to_read"))
+    for tree, root in trees:
+        for path, cache in (("plain", None), ("cached", dtype_cache)):
+            for component, (files, load) in component_loads(root, dtype, cache).items():
+                load()  # warm-up: imports, first use
+                reads, loads = [], []
+                for _ in range(repeats):
+                    evict(files)
+                    reads.append(read_all(files))
+                    evict(files)
+                    started = time.perf_counter()
+                    loaded = load()
+                    loads.append(time.perf_counter() - started)
+                    del loaded
+                    gc.collect()
+                r, ld = summarize(reads), summarize(loads)
+                results.add(case=f"{tree}_{component}_{path}", tree=tree, component=component, path=path, dtype=dtype,
+                            files=len(files), bytes=sum(p.stat().st_size for p in files), read_median_s=r["median"],
+                            load_median_s=ld["median"], load_min_s=ld["min"], load_max_s=ld["max"],
+                            ratio_load_to_read=ld["median"] / r["median"])
+    results.close()
+    return results

@@ -105,6 +105,13 @@ def test_weight_loading(background, weights_dir, tmp_path):
                                                           for path in ("plain", "prefetch", "cached")]
     assert all(int(r["bytes"]) > 0 and float(r["load_median_s"]) > 0 for r in records)
     assert [r["converted_once_s"] != "" for r in records] == [False, False, True] * 2
+    from bench.loading import COMPONENT_COLUMNS, COMPONENTS
+
+    parts = rows(tmp_path / "loading_components.csv", COMPONENT_COLUMNS, required=COMPONENT_COLUMNS)
+    assert [(r["path"], r["component"]) for r in parts] == [(path, c) for path in ("plain", "cached")
+                                                           for c in COMPONENTS]
+    # each model's bytes are part of the tree's: together they are all of the plain path's but the face models
+    assert sum(int(r["bytes"]) for r in parts if r["path"] == "plain") < int(records[0]["bytes"])
 
 
 def test_weights_from_s3_one_stream_and_parallel_ranged(tmp_path):
