@@ -7,12 +7,12 @@
   seconds to its image (Serve starts a replica, which loads its weights and warms up),
   beside a generation on the warm replica.
 
-Each ``instantid serve`` cold start is one run of ``make demo``'s script (``scripts/demo.py``: the server with an
-API key, as in production, one generation over HTTP, a clean stop as Ctrl-C does), which
-times itself: when the server printed its ready line, its first 200, and how long the clean
-stop took. Every run's output (its report, image, store and logs) is kept in
-``OUT/coldstart-runs/N``. The server gets a Ray temp dir of its own (``RAY_TMPDIR``), so it
-never joins another Ray on the machine.
+Each ``instantid serve`` cold start is one run of ``make demo``'s script
+(``scripts/demo.py``: the server with an API key, as in production, one generation over
+HTTP, a clean stop as Ctrl-C does), which times itself: when the server printed its ready
+line, its first 200, and how long the clean stop took. Every run's output (its report,
+image, store and logs) is kept in ``OUT/coldstart-runs/N``. The server gets a Ray temp dir
+of its own (``RAY_TMPDIR``), so it never joins another Ray on the machine.
 """
 
 from __future__ import annotations
@@ -144,11 +144,10 @@ def run_scale_from_zero(url: str, out: Path, *, width: int, height: int, steps: 
                     if "starting" not in response.json()["timings_ms"]:
                         raise RuntimeError("the generation sent at zero replicas did not wait for one to start")
                     start.append(response.json()["timings_ms"]["starting"] / 1000)
-    zero_s = summarize(zero)
+    zero_s, warm_s = summarize(zero), summarize(warm)
     results.add(case="generator_from_zero", width=width, height=height, steps=steps, cycles=cycles,
                 zero_to_image_median_s=zero_s["median"], zero_to_image_min_s=zero_s["min"],
                 zero_to_image_max_s=zero_s["max"], replica_start_median_s=summarize(start)["median"],
-                warm_median_s=summarize(warm)["median"],
-                zero_over_warm=round(zero_s["median"] / summarize(warm)["median"], 1))
+                warm_median_s=warm_s["median"], zero_over_warm=round(zero_s["median"] / warm_s["median"], 1))
     results.close()
     return results

@@ -68,15 +68,15 @@ def files_loaded(root: Path, dtype: str, dtype_cache: Path) -> tuple[list[Path],
     """The files the ``cached`` path reads (the converted copies where there are some, made
     now if missing) and the seconds making them took."""
     from pipeline.devices import resolve_dtype
-    from pipeline.dtype_cache import in_dtype
+    from pipeline.dtype_cache import paths_in_dtype
     from pipeline.weights import resolve_weights
 
     paths = resolve_weights(root)
     started = time.perf_counter()
-    folders = [in_dtype(folder, resolve_dtype(dtype), dtype_cache) for folder in (paths.sdxl, paths.controlnet)]
+    copies = paths_in_dtype(paths, resolve_dtype(dtype), dtype_cache)
     converted_s = time.perf_counter() - started
     rest = [p for p in tree_files(root) if not any(p.is_relative_to(f) for f in (paths.sdxl, paths.controlnet))]
-    return rest + [p for folder in folders for p in tree_files(folder)], converted_s
+    return rest + tree_files(copies.sdxl) + tree_files(copies.controlnet), converted_s
 
 
 def run_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats: int, warmup: int,
@@ -133,14 +133,14 @@ def component_loads(root: Path, dtype: str, dtype_cache: Path | None) -> dict[st
 
     from pipeline.adapter import read_adapter_file
     from pipeline.devices import resolve_dtype
-    from pipeline.dtype_cache import in_dtype
+    from pipeline.dtype_cache import paths_in_dtype
     from pipeline.prefetch import model_files
     from pipeline.weights import resolve_weights
 
     paths, torch_dtype = resolve_weights(root), resolve_dtype(dtype)
-    sdxl, controlnet = paths.sdxl, paths.controlnet
     if dtype_cache is not None:
-        sdxl, controlnet = (in_dtype(folder, torch_dtype, dtype_cache) for folder in (sdxl, controlnet))
+        paths = paths_in_dtype(paths, torch_dtype, dtype_cache)
+    sdxl, controlnet = paths.sdxl, paths.controlnet
 
     def model(cls, folder: Path):
         return model_files(folder), lambda: cls.from_pretrained(str(folder), dtype=torch_dtype)

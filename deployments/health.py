@@ -23,6 +23,11 @@ def _value(enum_or_str) -> str:
     return str(getattr(enum_or_str, "value", enum_or_str))
 
 
+def _replicas(deployment) -> dict[str, int]:
+    """A deployment's replica count by state (``RUNNING``, ``STARTING``...), from serve.status()."""
+    return {_value(k): v for k, v in deployment.replica_states.items()}
+
+
 def state_of(status: str, replicas: dict[str, int]) -> str:
     """``running`` (a replica serves), ``scaled_to_zero`` (the autoscaler's target is no
     replica: Serve calls a deployment HEALTHY only when its target is met, and it has none
@@ -45,7 +50,7 @@ def _stages() -> list[dict]:
         if name not in deployments:
             continue
         status = _value(deployments[name].status)
-        replicas = {_value(k): v for k, v in deployments[name].replica_states.items()}
+        replicas = _replicas(deployments[name])
         stages.append({"stage": stage, "status": status, "state": state_of(status, replicas), "replicas": replicas})
     return stages
 
@@ -70,8 +75,7 @@ class ReplicaWatch:
 
     def _running(self) -> bool:
         app = serve.get_replica_context().app_name
-        states = serve.status().applications[app].deployments[self.deployment].replica_states
-        return bool({_value(k): v for k, v in states.items()}.get("RUNNING"))
+        return bool(_replicas(serve.status().applications[app].deployments[self.deployment]).get("RUNNING"))
 
     async def running(self) -> bool:
         if time.monotonic() - self._running_at < self.ttl_s:

@@ -4,13 +4,12 @@ or from another SDXL pipeline or a dict of its parts."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .adapter import read_adapter_file
-from .dtype_cache import in_dtype
+from .dtype_cache import paths_in_dtype
 from .errors import InvalidParameter, InvalidWeights
 from .prefetch import model_files, prefetching
 from .weights import HUB_REPOS, SDXL_COMPONENTS, WeightsPaths
@@ -27,9 +26,8 @@ def load_sdxl_parts(paths: WeightsPaths, dtype: torch.dtype, device: torch.devic
     (:mod:`pipeline.dtype_cache`)."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    if dtype_cache is not None and not paths.sdxl_is_single_file:
-        paths = replace(paths, sdxl=in_dtype(paths.sdxl, dtype, Path(dtype_cache)),
-                        controlnet=in_dtype(paths.controlnet, dtype, Path(dtype_cache)))
+    if dtype_cache is not None:
+        paths = paths_in_dtype(paths, dtype, Path(dtype_cache))
     # in the order they load (a pipeline's parts load in model_index.json's order: by name)
     sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, sorted(SDXL_COMPONENTS))
     with prefetching([*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter], enabled=prefetch):

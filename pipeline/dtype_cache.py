@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .weights import WeightsPaths
+
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 FLOAT_CODES = set(SAFETENSORS_DTYPES.values())
 
@@ -102,3 +104,14 @@ def _make(folder: Path, mirror: Path, dtype: torch.dtype) -> Path:
         finally:
             shutil.rmtree(building, ignore_errors=True)
     return mirror
+
+
+def paths_in_dtype(paths: WeightsPaths, dtype: torch.dtype, cache_dir: Path) -> WeightsPaths:
+    """``paths`` with the SDXL folder and the IdentityNet read from their copies in
+    ``dtype`` (:func:`in_dtype`); a single-file SDXL checkpoint is read as it is."""
+    from dataclasses import replace
+
+    if paths.sdxl_is_single_file:
+        return paths
+    return replace(paths, sdxl=in_dtype(paths.sdxl, dtype, cache_dir), controlnet=in_dtype(paths.controlnet, dtype,
+                                                                                             cache_dir))
