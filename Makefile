@@ -23,12 +23,12 @@ $(STAMP): pyproject.toml constraints.txt scripts/deps.py
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: on this kind of machine pip takes the CPU build lying on disk.
 	$(PIP) install -q -c constraints.txt torch
-	# everything else from pyproject.toml, except insightface ...
-	$(PY) scripts/deps.py --exclude insightface > $(VENV)/requirements.txt
+	# everything else from pyproject.toml, except insightface and invisible-watermark ...
+	$(PY) scripts/deps.py --exclude insightface --exclude invisible-watermark > $(VENV)/requirements.txt
 	$(PIP) install -q -c constraints.txt -r $(VENV)/requirements.txt
-	# ... which comes last, without its dependencies (they would replace
+	# ... which come last, without their dependencies (they would replace
 	# onnxruntime-gpu and opencv-python-headless with their CPU/GUI twins).
-	$(PIP) install -q -c constraints.txt --no-deps insightface
+	$(PIP) install -q -c constraints.txt --no-deps insightface invisible-watermark
 	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 

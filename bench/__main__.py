@@ -114,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="settings to leave out of the ladder, e.g. compile")
     gpu.add_argument("--device", default="auto")
 
+    watermark = commands.add_parser("watermark", help="the invisible watermark: what survives what, PSNR, CPU time")
+    common(watermark)
+    watermark.add_argument("--smallest", action="store_true", help="one size, two photos (tests)")
+    watermark.add_argument("--sizes", type=_ints, help="picture sides (default 512,1024)")
+
     report = commands.add_parser("report", help="print every markdown table in a results folder")
     report.add_argument("folder", type=Path, nargs="?", default=Path("out/bench"))
     return parser
@@ -134,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "gpu":
         return _gpu(args)
+    if args.command == "watermark":
+        from .watermark import PHOTOS, run_watermark
+
+        tables = run_watermark(args.out, sizes=args.sizes or ([256] if args.smallest else [512, 1024]),
+                               count=2 if args.smallest else len(PHOTOS))
+        print("\n".join(table.markdown() for table in tables))
+        return 0
     if args.command == "fetch":
         from .fetching import run_fetching
 

@@ -120,6 +120,9 @@ class Image(BaseModel):
     seed: int
     width: int
     height: int
+    watermarked: bool = Field(False, description="The invisible watermark naming this generation reads back from "
+                                                 "the stored file (`instantid verify`; pictures under 256x256 pixels "
+                                                 "in area carry none).")
 
 
 class GenerationResponse(BaseModel):

@@ -39,7 +39,8 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
         {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_image_pixels,
          "max_side": limits.max_image_side}, args.optimizations,
     )
-    postprocessor = deployment(Postprocessor).bind(args.storage, args.s3_endpoint_url)
+    postprocessor = deployment(Postprocessor).bind(args.storage, args.s3_endpoint_url,
+                                                   args.watermark.service if args.watermark.enabled else None)
     generator = deployment(Generator).bind(
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
         limits.max_num_images, args.optimizations, args.warmup_shapes,

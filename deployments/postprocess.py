@@ -13,17 +13,21 @@ from service.keys import deleted_key, generation_prefix, record_key
 from service.records import GenerationRecord, OutputSpec
 from service.storage import open_storage
 from service.store import store_result
+from pipeline.watermark import Watermark
 
 from .messages import StoredGeneration
 
 
 @serve.deployment(name="Postprocessor", max_ongoing_requests=16)
 class Postprocessor:
-    def __init__(self, storage: str, s3_endpoint: str | None = None) -> None:
+    def __init__(self, storage: str, s3_endpoint: str | None = None, watermark_service: str | None = None) -> None:
         self.storage = open_storage(storage, endpoint_url=s3_endpoint)
+        # every output large enough carries the invisible mark naming its generation (None: off)
+        self.watermark = Watermark(watermark_service) if watermark_service else None
 
     def ready(self) -> dict:
-        return {"stage": "postprocessor", "storage": repr(self.storage)}
+        return {"stage": "postprocessor", "storage": repr(self.storage),
+                "watermark": self.watermark.service if self.watermark else None}
 
     async def store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord) -> StoredGeneration:
         """Store once: when an earlier attempt (a retry, a job taken over) already stored
@@ -37,6 +41,6 @@ class Postprocessor:
         stored = store_result(self.storage, rendered.images, prefix=generation_prefix(rendered.id), fmt=output.format,
                               quality=output.quality, record_key=record_key(rendered.id),
                               record=record.model_dump(mode="json"), log_renders=rendered.id,
-                              tombstone=deleted_key(rendered.id))
+                              tombstone=deleted_key(rendered.id), watermark=self.watermark, output_id=rendered.id)
         return StoredGeneration(GenerationRecord.model_validate(stored.record), replayed=not stored.fresh,
                                 timings_ms={**rendered.timings_ms, **stored.timings_ms})

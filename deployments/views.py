@@ -20,8 +20,10 @@ class Views:
         return base.rstrip("/") + url
 
     def images(self, record: GenerationRecord, base_url: str | None) -> list[dict]:
+        marked = record.watermarked + [False] * (len(record.keys) - len(record.watermarked))
         return [{"url": self.absolute(base_url, self.storage.url(key, self.url_expiry_s)), "seed": seed,
-                 "width": record.width, "height": record.height} for key, seed in zip(record.keys, record.seeds)]
+                 "width": record.width, "height": record.height, "watermarked": mark}
+                for key, seed, mark in zip(record.keys, record.seeds, marked)]
 
     def generation(self, record: GenerationRecord, base_url: str | None, timings: dict | None = None) -> dict:
         return GenerationResponse(id=record.id, images=self.images(record, base_url), face=record.face.public(),

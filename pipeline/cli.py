@@ -66,6 +66,11 @@ def build_parser():
         help="random weights of the published sizes (SDXL base, InstantID, fp16, about 10 GB): for load benchmarks",
     )
 
+    verify = commands.add_parser("verify", help="read the invisible watermark of an image this service made")
+    verify.add_argument("image", type=Path, help="a PNG, JPEG or WebP file")
+    verify.add_argument("--service", default="instantid", help="the service name the mark should carry "
+                                                               "(the app's watermark.service)")
+
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
     gen.add_argument("--face", action="append", required=True, type=Path, help="a face photo (repeatable)")
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None, *, extend=None, handlers: dict | None = 
         if extend is not None:
             extend(commands)
         args = parser.parse_args(argv)
-        run = {"fixtures": _fixtures, "generate": _generate, **(handlers or {})}[args.command]
+        run = {"fixtures": _fixtures, "generate": _generate, "verify": _verify, **(handlers or {})}[args.command]
         return run(args)
     except _UsageError as error:
         return _fail(EXIT_INVALID, str(error))
@@ -150,6 +155,20 @@ def _fail(code: int, message: str) -> int:
 
 
 SINGLE_FILE_FIXTURE = Path("sdxl-single") / "sdxl_fixture.safetensors"
+
+
+def _verify(args) -> int:
+    """Print what the image's invisible watermark says, as JSON; exit 0 when it carries
+    this service's mark, 1 when it carries none (or another service's)."""
+    import numpy as np
+
+    from .images import load_image
+    from .watermark import Watermark
+
+    image = load_image(args.image, field="image")
+    reading = Watermark(args.service).read(np.asarray(image))
+    print(json.dumps({"image": str(args.image), "watermark": reading.as_dict()}))
+    return 0 if reading.found and reading.this_service else EXIT_ERROR
 
 
 def _fixtures(args) -> int:

@@ -77,6 +77,16 @@ class Retention(BaseModel):
     sweep_interval_s: float = Field(3600.0, gt=0, description="How often expired data is deleted.")
 
 
+class WatermarkConfig(BaseModel):
+    """The invisible watermark on every output (:mod:`pipeline.watermark`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Mark every output of at least 256x256 pixels in area.")
+    service: str = Field("instantid", min_length=1, max_length=128,
+                         description="The name whose tag the mark carries (`instantid verify --service` reads it).")
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`deployments.app.app_builder`."""
 
@@ -126,6 +136,7 @@ class AppArgs(BaseModel):
     webhook_allow_private: bool = Field(False, description="Allow http and private/loopback targets (tests only).")
     webhook_max_attempts: int = Field(5, ge=1, le=20)
     webhook_backoff_s: float = Field(1.0, gt=0)
+    watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
 
     @model_validator(mode="after")
     def _auth_is_explicit(self) -> "AppArgs":

@@ -93,6 +93,7 @@ class GenerationRecord(_Owned):
     width: int = 0
     height: int = 0
     batch_size: int = 0
+    watermarked: list[bool] = Field(default_factory=list)  # per image: the invisible mark reads back from it
 
 
 class JobError(_Record):

@@ -21,6 +21,7 @@ from PIL import Image
 from .errors import Canceled
 from .keys import render_log_prefix
 from .storage import ObjectNotFound, Storage, json_bytes
+from pipeline.watermark import Watermark
 
 # output format -> (PIL format, content type, file extension)
 FORMATS = {"png": ("PNG", "image/png", "png"), "jpeg": ("JPEG", "image/jpeg", "jpg"),
@@ -32,8 +33,23 @@ def encode(array: np.ndarray, fmt: str, quality: int) -> bytes:
     pil_format = FORMATS[fmt][0]
     buffer = io.BytesIO()
     options = {"quality": quality} if fmt in ("jpeg", "webp") else {"compress_level": 6}
+    if fmt == "jpeg":  # full-resolution colour (4:4:4): halved chroma would erase the invisible watermark
+        options["subsampling"] = 0
     Image.fromarray(array).save(buffer, format=pil_format, **options)
     return buffer.getvalue()
+
+
+def encode_marked(array: np.ndarray, fmt: str, quality: int, watermark: Watermark | None,
+                  output_id: str) -> tuple[bytes, bool]:
+    """The encoded picture, with ``watermark``'s mark naming ``output_id`` when the picture
+    is large enough, and whether the mark reads back from the encoded file (a lossy format
+    can lose it: WebP keeps half the chroma resolution)."""
+    marked = watermark.mark(array, output_id) if watermark is not None else None
+    data = encode(array if marked is None else marked, fmt, quality)
+    if marked is None:
+        return data, False
+    reading = watermark.read(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return data, reading.this_service and reading.names(output_id)
 
 
 def content_type_of(key: str) -> str:
@@ -52,7 +68,8 @@ class Stored:
 
 def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt: str, quality: int,
                  record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None,
-                 tombstone: str | None = None) -> Stored:
+                 tombstone: str | None = None, watermark: Watermark | None = None,
+                 output_id: str | None = None) -> Stored:
     """Put ``images`` at ``<prefix>/<k>.<ext>``, then create ``record`` (their keys in
     ``keys_field``) at ``record_key`` unless it exists. ``log_renders``: a generation id
     whose render log gets one entry when this call's record is the one that stands.
@@ -60,7 +77,10 @@ def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt
     ``tombstone``: the key of the result's deleted mark. When it exists before the first
     write, nothing is written; when it appears while this call writes, what it wrote is
     erased again. Either way :class:`~service.errors.Canceled`: a deleted result never
-    comes back (a delete marks first and erases after, so one of the two sees the other)."""
+    comes back (a delete marks first and erases after, so one of the two sees the other).
+
+    ``watermark``: each picture large enough carries its mark naming ``output_id``; the
+    record's ``watermarked`` says, per image, whether the mark reads back from the file."""
     started = time.perf_counter()
     if tombstone is not None and storage.exists(tombstone):
         raise Canceled("the generation was deleted")
@@ -69,12 +89,16 @@ def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt
     except ObjectNotFound:
         pass
     _, content_type, extension = FORMATS[fmt]
-    keys = []
+    keys, marked = [], []
     for k, array in enumerate(images):
         key = f"{prefix}/{k}.{extension}"
-        storage.put(key, encode(array, fmt, quality), content_type)
+        data, readable = encode_marked(array, fmt, quality, watermark, output_id or prefix)
+        storage.put(key, data, content_type)
         keys.append(key)
+        marked.append(readable)
     record = {**record, keys_field: keys}
+    if watermark is not None:
+        record["watermarked"] = marked
     written = [*keys, record_key]
     fresh = storage.put_if_absent(record_key, json_bytes(record))
     timings = {"store": round((time.perf_counter() - started) * 1000, 2)}

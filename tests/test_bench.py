@@ -174,3 +174,15 @@ def test_the_load_schedule_is_poisson_at_the_rate_and_the_same_for_a_seed():
     assert {steps for _, steps in schedule} == {2, 4, 8}
     with pytest.raises(ValueError, match="positive rate"):
         poisson_schedule(10, 0.0, [2], seed=0)
+
+
+def test_watermark_robustness_and_cost(tmp_path):
+    from bench.watermark import CHANGES, COLUMNS, COST_COLUMNS
+
+    bench("watermark", "--smallest", "--out", str(tmp_path))
+    records = rows(tmp_path / "watermark.csv", COLUMNS, required=COLUMNS)
+    assert [r["change"] for r in records] == list(CHANGES) and {r["size"] for r in records} == {"256"}
+    assert all(int(r["pictures"]) == 2 and 0 <= int(r["survived"]) <= 2 for r in records)
+    assert records[0]["survived"] == "2"  # unchanged, every mark reads back
+    [cost] = rows(tmp_path / "watermark_cost.csv", COST_COLUMNS, required=COST_COLUMNS)
+    assert float(cost["psnr_db_min"]) > 30 and float(cost["mark_ms_median"]) > 0

@@ -116,6 +116,23 @@ def test_generation_is_stored_in_s3_and_fetched_through_its_presigned_url(client
     assert httpx.get(unsigned).status_code == 403
 
 
+def test_each_output_large_enough_carries_the_invisible_watermark_naming_its_generation(client, photo):
+    """The smallest picture that carries it (256x256 pixels); the 64x64 ones of the other
+    tests are too small to, and say so."""
+    from pipeline.watermark import Watermark
+
+    response = generate(client, {"face_images": [photo], "seed": 3, "width": 256, "height": 256,
+                                 "num_inference_steps": 1, "output_format": "jpeg", "quality": 90})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    [image] = body["images"]
+    assert image["watermarked"] is True
+    reading = Watermark().read(np.asarray(fetch_image(image["url"]).convert("RGB")))
+    assert reading.found and reading.this_service and reading.generation_id == body["id"]
+    small = generate(client, {"face_images": [photo], "seed": 3, **SMALL})
+    assert small.status_code == 200 and small.json()["images"][0]["watermarked"] is False
+
+
 @pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])
 def test_output_formats(client, photo, fmt, pil):
     response = generate(client, {"face_images": [photo], "output_format": fmt, "quality": 70, "seed": 1, **SMALL})
