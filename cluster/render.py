@@ -35,6 +35,7 @@ from pipeline.face import with_layout
 from pipeline.images import ImageLimits, load_image
 from pipeline.params import GenerationParams, invalid_parameter_from, seed_from
 from pipeline.s3 import S3Location, s3_client
+from pipeline.watermark import Watermark
 from service.batching import RenderRequest, render_requests
 from service.errors import public_error
 from service.lookup import load_face
@@ -276,10 +277,12 @@ def _message(error: BaseException) -> str:
     return shown.message if shown.code != "internal_error" else f"{type(error).__name__}: {error}"
 
 
-def upload(batch, out: str, run_id: str, s3_endpoint: str | None):
-    """Task: stores each rendered row (:func:`service.store.store_result`: the images, then
-    its ``ok`` marker, created once); a failed row gets its ``error`` marker."""
+def upload(batch, out: str, run_id: str, s3_endpoint: str | None, watermark_service: str | None = None):
+    """Task: stores each rendered row (:func:`service.store.store_result`: the images, each
+    marked with the row's id when large enough, then its ``ok`` marker, created once); a
+    failed row gets its ``error`` marker."""
     store = open_storage(out, endpoint_url=s3_endpoint)
+    watermark = Watermark(watermark_service) if watermark_service else None
     batch = batch.reset_index(drop=True)
     results = []
     for i in range(len(batch)):
@@ -293,7 +296,7 @@ def upload(batch, out: str, run_id: str, s3_endpoint: str | None):
                 row.update(status="ok", seeds=json.loads(batch.at[i, "seeds"]), finished_at=time.time())
                 stored = store_result(store, images, prefix=f"images/{row['id']}", fmt=batch.at[i, "output_format"],
                                       quality=int(batch.at[i, "quality"]), record_key=f"rows/{row['id']}.ok.json",
-                                      record=row, keys_field="images")
+                                      record=row, keys_field="images", watermark=watermark, output_id=row["id"])
                 row = stored.record if stored.fresh else {**row, "status": "duplicate"}
                 store.delete(f"rows/{row['id']}.error.json")
         except Exception as error:  # noqa: BLE001
@@ -359,8 +362,10 @@ def run(manifest: str, weights: str, out: str, *, face_store: str | None = None,
         diffusion_gpus: float = 0.0, face_accelerator: str | None = None,
         diffusion_accelerator: str | None = None, face_actors: tuple[int, int] = (1, 1),
         diffusion_actors: tuple[int, int] = (1, 1), batch_images: int = 4, s3_endpoint: str | None = None,
-        progress: bool = True) -> dict:
-    """Render every row of ``manifest`` that is not finished yet; return the summary."""
+        progress: bool = True, watermark_service: str | None = "instantid") -> dict:
+    """Render every row of ``manifest`` that is not finished yet; return the summary.
+    ``watermark_service``: every image large enough carries the invisible mark naming its
+    row (None: unmarked)."""
     import pandas as pd
     import ray
 
@@ -397,7 +402,8 @@ def run(manifest: str, weights: str, out: str, *, face_store: str | None = None,
                             fn_constructor_kwargs={"weights": weights, "device": device, "dtype": dtype,
                                                    "cache": cache}, **diffusion_options)
         ds = ds.map_batches(upload, batch_format="pandas", batch_size=8, num_cpus=0.5,
-                            fn_kwargs={"out": out, "run_id": run_id, "s3_endpoint": s3_endpoint})
+                            fn_kwargs={"out": out, "run_id": run_id, "s3_endpoint": s3_endpoint,
+                                       "watermark_service": watermark_service})
         bar = _progress(len(todo), progress)
         for result in ds.iter_rows():
             results.append({**json.loads(result["report"]), "status": result["status"]})

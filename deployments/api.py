@@ -107,6 +107,32 @@ class UploadRequest(BaseModel):
     _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
 
 
+class VerifyRequest(BaseModel):
+    """``POST /v1/verify``: an image to read the invisible watermark of."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description=f"The picture (PNG, JPEG or WebP, as this service stored it or changed since). "
+                                   f"{IMAGE_REF}")
+
+    _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
+
+
+class WatermarkReading(BaseModel):
+    found: bool = Field(description="A watermark of this software (payload and CRC) reads back from the picture.")
+    this_service: bool = Field(description="It carries this service's tag (its configured watermark.service).")
+    generation_id: str | None = Field(None, description="The generation it names (`GET /v1/generations/{id}` "
+                                                        "finds it while its owner keeps it).")
+    id_sha256_prefix: str | None = Field(None, description="For an offline render's row: the first 16 bytes of "
+                                                           "SHA-256 of the row id, hex.")
+
+
+class VerifyResponse(BaseModel):
+    watermark: WatermarkReading
+    width: int
+    height: int
+
+
 class UploadResponse(BaseModel):
     image: str = Field(description="The s3:// reference to give in face_images or pose_image once uploaded.")
     url: str = Field(description="Where to POST the upload (multipart form data: the fields, then `file`).")

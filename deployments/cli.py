@@ -42,6 +42,9 @@ def _extend(commands) -> None:
     render.add_argument("--face-accelerator", help="e.g. L4")
     render.add_argument("--diffusion-accelerator", help="e.g. H100")
     render.add_argument("--no-progress", action="store_true")
+    render.add_argument("--watermark-service", default="instantid",
+                        help="the name the invisible watermark on each image carries (`instantid verify --service`)")
+    render.add_argument("--no-watermark", action="store_true", help="store the images unmarked")
 
 
 def _serve(args) -> int:
@@ -105,7 +108,8 @@ def _render(args) -> int:
                       diffusion_gpus=diffusion_gpus, face_accelerator=args.face_accelerator,
                       diffusion_accelerator=args.diffusion_accelerator, face_actors=face_actors,
                       diffusion_actors=diffusion_actors, batch_images=args.batch_images,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress,
+                      watermark_service=None if args.no_watermark else args.watermark_service)
     finally:
         ray.shutdown()
     print(json.dumps(summary))

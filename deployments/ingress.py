@@ -7,6 +7,8 @@ import asyncio
 import secrets
 import time
 
+import numpy as np
+
 from fastapi import Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -14,10 +16,12 @@ from ray import serve
 
 from pipeline.controlnets import available_annotators, available_controlnets
 from pipeline.errors import InvalidParameter
+from pipeline.images import ImageLimits, decode_image_bytes
 from pipeline.optimize import Optimizations
 from pipeline.params import seed_from
 from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
+from pipeline.watermark import Watermark
 from pipeline.weights import ExtraWeights
 from service import claims
 from service.config import AppArgs
@@ -30,7 +34,7 @@ from service.storage import open_storage
 
 from . import problems, web
 from .api import (ErrorResponse, FaceAnalysis, FaceRequest, FaceResponse, GenerationRequest, GenerationResponse,
-                  Health, Job, UploadRequest, UploadResponse, WebhookSecret)
+                  Health, Job, UploadRequest, UploadResponse, VerifyRequest, VerifyResponse, WebhookSecret)
 from . import submissions
 from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
@@ -104,6 +108,9 @@ class Ingress:
         app.state.allowed_hosts = frozenset(host_name(h) for h in args.allowed_hosts)
         app.state.streams = EventStreams(args.fairness.event_streams_per_key, args.retry_after_s)
         app.max_body_size = args.limits.max_body_bytes  # Starlette refuses bigger bodies with 413
+        self.image_limits = ImageLimits(max_bytes=args.limits.max_image_bytes, max_pixels=args.limits.max_image_pixels,
+                                        max_side=args.limits.max_image_side, min_side=8)
+        self.watermark = Watermark(args.watermark.service)  # reads marks even when marking is off now
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def healthz(self):
@@ -256,6 +263,19 @@ class Ingress:
         ``max_bytes``."""
         upload = await _off_loop(self.inputs.upload, owner, body.content_type, self.args.url_expiry_s)
         return JSONResponse(upload, status_code=201)
+
+    # ------------------------------------------------------------------ provenance
+    @app.post("/v1/verify", response_model=VerifyResponse, responses=ERRORS)
+    async def verify(self, body: VerifyRequest, owner: str = Depends(caller)):
+        """Read the invisible watermark of a picture: whether this service made it, and the
+        generation it names (as `instantid verify IMAGE` does). Nothing is stored."""
+        data = await self.inputs.image_bytes(body.image, "image", owner)
+        return await _off_loop(self._read_watermark, data)
+
+    def _read_watermark(self, data: bytes) -> dict:
+        picture = np.asarray(decode_image_bytes(data, field="image", limits=self.image_limits))
+        reading = self.watermark.read(picture)
+        return {"watermark": reading.as_dict(), "width": picture.shape[1], "height": picture.shape[0]}
 
     @app.get("/v1/options")
     async def options(self):

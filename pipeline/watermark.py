@@ -126,8 +126,8 @@ class Watermark:
 
     def read(self, image: np.ndarray) -> Reading:
         """The payload in an HxWx3 RGB uint8 picture, if one is there."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 8 or image.shape[1] < 8:
-            return Reading(found=False)
+        if image.ndim != 3 or image.shape[2] != 3 or not self.fits(image):
+            return Reading(found=False)  # (no mark is made that small: one would not fit)
         embedder = _embedder_class()([], wmLen=PAYLOAD_BITS)
         bits = embedder.decode(np.ascontiguousarray(image[:, :, ::-1]))
         data = np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes()

@@ -39,10 +39,28 @@ def test_done_means_same_bytes_for_the_same_seed(weights_dir, photos, tmp_path):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
         report = json.loads(stdout.strip().splitlines()[-1])
-        assert report["images"] == [{"path": str(out), "seed": 7}] and (report["width"], report["height"]) == (96, 64)
+        # (too small to carry the invisible watermark: the same pixels, the same bytes)
+        assert report["images"] == [{"path": str(out), "seed": 7, "watermarked": False}]
+        assert (report["width"], report["height"]) == (96, 64) and report["id"].startswith("g_")
         assert set(report["face"]) >= {"bbox", "kps", "det_score"} and "denoise" in report["timings_ms"]
         assert Image.open(out).size == (96, 64) and Image.open(out).format == "PNG"
     assert hashlib.sha256(outputs[0].read_bytes()).hexdigest() == hashlib.sha256(outputs[1].read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["out.png", "out.jpg"])
+def test_generated_images_carry_the_watermark_naming_the_run_and_verify_reads_it(weights_dir, photos, tmp_path,
+                                                                                name, capsys):
+    out = tmp_path / name
+    args = ["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--prompt", "x",
+            "--out", str(out), "--width", "256", "--height", "256", "--num-inference-steps", "1", "--seed", "3"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["images"] == [{"path": str(out), "seed": 3, "watermarked": True}]
+    assert main(["verify", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["watermark"]["generation_id"] == report["id"]
+    assert main([*args, "--no-watermark"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"][0]["watermarked"] is False
+    assert main(["verify", str(out)]) == 1 and json.loads(capsys.readouterr().out)["watermark"]["found"] is False
 
 
 def test_fixtures_command_writes_the_tree(tmp_path):

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from cluster.render import default_seed, parse_manifest, plan_row
+from pipeline.watermark import Watermark
 from tests.conftest import face_photo
 
 INSTANTID = str(Path(sys.executable).parent / "instantid")
@@ -135,6 +136,8 @@ def batch(s3_server, face):
             row.update(image="s3://batch/faces/wide.png", strength=0.5)
         if i == 13:  # an extra ControlNet, its control image made from a photo
             row["controlnets"] = [{"type": "canny", "image": "s3://batch/faces/wide.png", "scale": 0.8}]
+        if i == 1:  # large enough to carry the invisible watermark (the others are too small to)
+            row.update(width=256, height=256, num_inference_steps=1)
         if i == 8:  # inpainting
             row.update(image="s3://batch/faces/wide.png", mask_image="s3://batch/faces/wide-mask.png")
         good.append(row)
@@ -250,10 +253,14 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
         assert len(report["images"]) == spec.get("num_images", 1) == len(report["seeds"])
         if "seed" in spec:
             assert report["seeds"][0] == spec["seed"]
+        marker = json.loads(client.get_object(Bucket="batch", Key=f"out/rows/{row_id}.ok.json")["Body"].read())
+        assert marker["watermarked"] == [spec["width"] == 256] * len(report["images"])
         for key in report["images"]:
             image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
-            assert image.size == (SIZE["width"], SIZE["height"])
+            assert image.size == (spec["width"], spec["height"])
             assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
+            reading = Watermark().read(np.asarray(image.convert("RGB")))
+            assert reading.names(row_id) == (spec["width"] == 256)  # the row's id, as its digest
         if "mask_image" in spec:  # the picture's own pixels outside the mask
             from pipeline.img2img import frame_mask, frame_picture
 

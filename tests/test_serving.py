@@ -127,10 +127,22 @@ def test_each_output_large_enough_carries_the_invisible_watermark_naming_its_gen
     body = response.json()
     [image] = body["images"]
     assert image["watermarked"] is True
-    reading = Watermark().read(np.asarray(fetch_image(image["url"]).convert("RGB")))
+    stored = httpx.get(image["url"], timeout=60).content
+    reading = Watermark().read(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")))
     assert reading.found and reading.this_service and reading.generation_id == body["id"]
     small = generate(client, {"face_images": [photo], "seed": 3, **SMALL})
     assert small.status_code == 200 and small.json()["images"][0]["watermarked"] is False
+
+    # POST /v1/verify reads it back from the file as the client got it; nothing from a plain photo
+    verified = client.post("/v1/verify", json={"image": base64.b64encode(stored).decode()}, headers=auth())
+    assert verified.status_code == 200, verified.text
+    assert verified.json() == {"watermark": {"found": True, "this_service": True, "generation_id": body["id"],
+                                             "id_sha256_prefix": None}, "width": 256, "height": 256}
+    plain = client.post("/v1/verify", json={"image": photo}, headers=auth())
+    assert plain.status_code == 200 and plain.json()["watermark"]["found"] is False
+    assert_error(client.post("/v1/verify", json={"image": "bm90IGFuIGltYWdl"}, headers=auth()), 400,
+                 "invalid_image", "image")
+    assert client.post("/v1/verify", json={"image": photo}).status_code == 401
 
 
 @pytest.mark.parametrize("fmt,pil", [("jpeg", "JPEG"), ("webp", "WEBP")])

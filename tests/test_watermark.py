@@ -53,6 +53,7 @@ def test_an_unmarked_picture_has_no_mark_and_a_small_one_gets_none(name):
     assert not Watermark().read(np.zeros((512, 512, 3), np.uint8)).found
     small = photo(name, 255, 256)
     assert small.shape[0] * small.shape[1] < MIN_PIXELS and Watermark().mark(small, GID) is None
+    assert not Watermark().read(small).found and not Watermark().read(photo(name, 64, 64)).found
 
 
 def test_an_id_that_is_not_a_generation_id_is_carried_as_its_digest():
