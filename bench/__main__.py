@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(watermark)
     watermark.add_argument("--smallest", action="store_true", help="one size, two photos (tests)")
     watermark.add_argument("--sizes", type=_ints, help="picture sides (default 512,1024)")
+    watermark.add_argument("--ids", type=int, help="generation ids each photo is marked with (default 4)")
 
     report = commands.add_parser("report", help="print every markdown table in a results folder")
     report.add_argument("folder", type=Path, nargs="?", default=Path("out/bench"))
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         from .watermark import PHOTOS, run_watermark
 
         tables = run_watermark(args.out, sizes=args.sizes or ([256] if args.smallest else [512, 1024]),
-                               count=2 if args.smallest else len(PHOTOS))
+                               count=2 if args.smallest else len(PHOTOS),
+                               ids=args.ids or (1 if args.smallest else 4))
         print("\n".join(table.markdown() for table in tables))
         return 0
     if args.command == "fetch":

@@ -1,11 +1,13 @@
 """The invisible watermark: what survives what, and what it costs.
 
 Natural photos (scikit-image's sample pictures, scaled to the output size) are marked as the
-Postprocessor marks outputs, then changed as a picture is changed after it leaves the
-service: JPEG at quality 90/75/50 (as Pillow writes it by default: 4:2:0 chroma), resized
-to 0.75 and 0.5, 10 % cropped off the edges. One row per change: the share of pictures whose
-whole payload (the generation id, its CRC) still reads back. Plus, per picture size, the
-mark's pixel cost (PSNR) and its CPU time, and those of the read."""
+Postprocessor marks outputs, each with several generation ids (whether a change spares a
+mark depends on its bits too), then changed as a picture is changed after it leaves the
+service: the service's own JPEG (4:4:4 at quality 90), JPEG at quality 90/75/50 as Pillow
+writes it by default (4:2:0 chroma), resized to 0.75 and 0.5, 10 % cropped off the edges.
+One row per change: the share of pictures whose whole payload (the id, its CRC) still reads
+back. Plus, per picture size, the mark's pixel cost (PSNR) and its CPU time, and those of
+the read."""
 
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ COLUMNS = ("change", "size", "pictures", "survived", "survival_rate")
 COST_COLUMNS = ("size", "pictures", "psnr_db_median", "psnr_db_min", "mark_ms_median", "read_ms_median")
 
 
-def _jpeg(quality: int):
+def _jpeg(quality: int, subsampling: int = -1):
     def change(image):
         from PIL import Image
 
         buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
         return np.asarray(Image.open(buffer).convert("RGB"))
     return change
 
@@ -51,7 +53,7 @@ def _crop(share: float):
     return change
 
 
-CHANGES = {"none": lambda image: image, "jpeg_q90": _jpeg(90), "jpeg_q75": _jpeg(75), "jpeg_q50": _jpeg(50),
+CHANGES = {"none": lambda image: image, "service_jpeg_q90": _jpeg(90, subsampling=0), "jpeg_q90": _jpeg(90), "jpeg_q75": _jpeg(75), "jpeg_q50": _jpeg(50),
            "resize_0.75": _resize(0.75), "resize_0.5": _resize(0.5), "crop_10pct": _crop(0.10)}
 
 
@@ -63,7 +65,9 @@ def photos(size: int, count: int) -> list[np.ndarray]:
             for name in PHOTOS[:count]]
 
 
-def run_watermark(out: Path, *, sizes: list[int], count: int) -> tuple[Results, Results]:
+def run_watermark(out: Path, *, sizes: list[int], count: int, ids: int = 1) -> tuple[Results, Results]:
+    """``count`` photos at each size, each marked with ``ids`` different generation ids
+    (whether a change spares a mark depends on its bits too)."""
     from pipeline.watermark import Watermark
 
     mark = Watermark()
@@ -72,7 +76,7 @@ def run_watermark(out: Path, *, sizes: list[int], count: int) -> tuple[Results, 
     cost = Results(out, "watermark_cost", COST_COLUMNS, title="Invisible watermark: pixel cost and CPU time")
     for size in sizes:
         marked, psnrs, mark_ms, read_ms = [], [], [], []
-        for image in photos(size, count):
+        for image in [photo for photo in photos(size, count) for _ in range(ids)]:
             gid = "g_" + secrets.token_urlsafe(16)
             started = time.perf_counter()
             result = mark.mark(image, gid)
