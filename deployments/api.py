@@ -141,14 +141,24 @@ class UploadResponse(BaseModel):
     expires_at: float = Field(description="When the upload URL stops working (unix seconds).")
 
 
+class SafetyResult(BaseModel):
+    flagged: bool = Field(description="The output safety classifier flagged this image.")
+    action: Literal["none", "blocked", "blurred", "flagged"] = Field(
+        description="What was done: none (not flagged), blocked (not stored: no url), blurred, or flagged (stored "
+                    "as it is).")
+
+
 class Image(BaseModel):
-    url: str = Field(description="Where to fetch the image; expires (presigned).")
+    url: str | None = Field(description="Where to fetch the image; expires (presigned). None when the safety check "
+                                        "blocked it.")
     seed: int
     width: int
     height: int
     watermarked: bool = Field(False, description="The invisible watermark naming this generation reads back from "
                                                  "the stored file (`instantid verify`; pictures under 256x256 pixels "
                                                  "in area carry none).")
+    safety: SafetyResult | None = Field(None, description="The output safety check's verdict (absent when the "
+                                                          "server runs none).")
 
 
 class GenerationResponse(BaseModel):

@@ -7,6 +7,8 @@ from typing import Any
 
 from ray.serve import Application
 
+from pipeline.errors import InvalidParameter
+from pipeline.weights import HUB_ROOTS
 from service.config import AppArgs
 
 from .face import FaceEmbedder
@@ -20,11 +22,26 @@ from .runner import JobRunner
 DEPLOYMENTS = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor", "JobRunner", "RateLimiter", "Janitor")
 
 
+def _check_safety_checker(args: AppArgs) -> None:
+    """A local weights root without the classifier the safety policy needs is refused here,
+    at once (a remote root is checked by the Postprocessor as it loads)."""
+    from pipeline.safety import CHECKER_DIR, EXTRACTOR_DIR, has_checker
+
+    root = args.weights
+    if args.safety.policy == "off" or "://" in root or root in HUB_ROOTS:  # s3:// and the hub: loaded remotely
+        return
+    if not has_checker(root):
+        raise InvalidParameter("safety.policy", f"is {args.safety.policy!r}, but the weights root {root} has no "
+                                                f"{CHECKER_DIR}/ and {EXTRACTOR_DIR}/ (the Stable Diffusion safety "
+                                                "checker in diffusers layout): add them, or set the policy to 'off'")
+
+
 def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict] | None = None) -> Application:
     """Bind the deployments. ``deployment_options`` (by deployment name) are
     ``.options()`` overrides, in the shape of a Serve config's ``deployments`` entries."""
     args = AppArgs.model_validate(args)
     args.signing_keys()  # refused here, at once, rather than in every replica
+    _check_safety_checker(args)
     options = deployment_options or {}
     unknown = set(options) - set(DEPLOYMENTS)
     if unknown:
@@ -40,7 +57,8 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
          "max_side": limits.max_image_side}, args.optimizations,
     )
     postprocessor = deployment(Postprocessor).bind(args.storage, args.s3_endpoint_url,
-                                                   args.watermark.service if args.watermark.enabled else None)
+                                                   args.watermark.service if args.watermark.enabled else None,
+                                                   args.safety.policy, args.weights, args.weights_cache)
     generator = deployment(Generator).bind(
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
         limits.max_num_images, args.optimizations, args.warmup_shapes,

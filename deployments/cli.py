@@ -25,6 +25,8 @@ def _extend(commands) -> None:
                        help="turn auth on with this key digest (also: $INSTANTID_API_KEY_SHA256, comma-separated)")
     serve.add_argument("--max-replicas", type=int, default=1, help="autoscaling cap per deployment")
     serve.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL)")
+    serve.add_argument("--safety-policy", choices=("block", "blur", "flag", "off"),
+                       help="what happens to an output the safety classifier flags (default: the config's, block)")
     commands.add_parser("hash-key", help="make a new API key and print it with the digest to configure")
 
     render = commands.add_parser("render", help="render a manifest offline on Ray Data (resumable)")
@@ -59,7 +61,8 @@ def _serve(args) -> int:
 
     serve_locally(weights=args.weights, storage=args.storage, port=args.port, host=args.host,
                   config_path=args.config, api_key_sha256=args.api_key_sha256, max_replicas=args.max_replicas,
-                  s3_endpoint=args.s3_endpoint, allowed_hosts=args.allowed_host, on_ready=ready)
+                  s3_endpoint=args.s3_endpoint, allowed_hosts=args.allowed_host, on_ready=ready,
+                  safety_policy=args.safety_policy)
     return 0
 
 

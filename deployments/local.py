@@ -126,6 +126,7 @@ def serve_locally(
     allowed_hosts: list[str] | None = None,
     on_ready=None,
     stop: threading.Event | None = None,
+    safety_policy: str | None = None,
 ) -> None:
     """Run until ``stop`` is set or SIGINT/SIGTERM arrives, then shut down cleanly."""
     from ray import serve
@@ -134,6 +135,7 @@ def serve_locally(
 
     application = application_config(load_serve_config(config_path))
     args = local_args(application, weights=weights, storage=storage, s3_endpoint_url=s3_endpoint,
+                      safety={"policy": safety_policy} if safety_policy else None,
                       **access(host, list(api_key_sha256 or []), list(allowed_hosts or [])))
     gpus = has_gpu()
     # one small machine runs every stage: logical CPU requests are capped too

@@ -20,10 +20,19 @@ class Views:
         return base.rstrip("/") + url
 
     def images(self, record: GenerationRecord, base_url: str | None) -> list[dict]:
-        marked = record.watermarked + [False] * (len(record.keys) - len(record.watermarked))
-        return [{"url": self.absolute(base_url, self.storage.url(key, self.url_expiry_s)), "seed": seed,
-                 "width": record.width, "height": record.height, "watermarked": mark}
-                for key, seed, mark in zip(record.keys, record.seeds, marked)]
+        """Each image of the generation, in order; one the safety check blocked has no url
+        (``keys`` lists the stored images only)."""
+        count = len(record.safety) if record.safety else len(record.keys)
+        marked = record.watermarked + [False] * (count - len(record.watermarked))
+        stored = iter(record.keys)
+        views = []
+        for k, seed in enumerate(record.seeds[:count]):
+            verdict = record.safety[k] if record.safety else None
+            key = None if verdict is not None and verdict.action == "blocked" else next(stored)
+            url = None if key is None else self.absolute(base_url, self.storage.url(key, self.url_expiry_s))
+            views.append({"url": url, "seed": seed, "width": record.width, "height": record.height, "watermarked": marked[k],
+                          "safety": verdict.model_dump() if verdict is not None else None})
+        return views
 
     def generation(self, record: GenerationRecord, base_url: str | None, timings: dict | None = None) -> dict:
         return GenerationResponse(id=record.id, images=self.images(record, base_url), face=record.face.public(),

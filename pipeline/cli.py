@@ -110,6 +110,9 @@ def build_parser():
     gen.add_argument("--watermark-service", default="instantid",
                      help="the name the invisible watermark on each image carries (`instantid verify --service`)")
     gen.add_argument("--no-watermark", action="store_true", help="write the images unmarked")
+    gen.add_argument("--safety-check", choices=("block", "blur", "flag"),
+                     help="screen each image with the weights root's safety_checker/ first: a flagged image is not "
+                          "written (block), written blurred (blur) or written as it is (flag); the report says which")
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--providers", default="auto", help="onnxruntime providers for the face stage")
@@ -263,6 +266,12 @@ def _generate(args) -> int:
             raise InvalidParameter(flag, f"no ControlNet {entry['type']!r}: the weights root has no "
                                          f"controlnets/{entry['type']}/ (there: {', '.join(offered) or 'none'})")
 
+    checker = None
+    if args.safety_check:  # its classifier is looked for before anything is rendered
+        from .safety import SafetyChecker
+
+        checker = SafetyChecker.from_weights(args.weights)
+
     # 2. load, analyse, render
     from .pipeline import InstantIDPipeline
 
@@ -290,15 +299,26 @@ def _generate(args) -> int:
 
     generation_id = "g_" + secrets.token_urlsafe(16)
     watermark = None if args.no_watermark else Watermark(args.watermark_service)
+    pictures = [np.asarray(image) for image in result.images]
+    verdicts = [None] * len(pictures)
+    if checker is not None:
+        from .safety import apply_policy
+
+        kept = apply_policy(pictures, checker.flags(pictures), args.safety_check)
+        pictures, verdicts = [p for p, _ in kept], [v.as_dict() for _, v in kept]
     # JPEG in full-resolution colour (4:4:4) at quality 95: halved chroma would erase the mark
     options = {"quality": 95, "subsampling": 0} if out_format == "JPEG" else {}
     outputs = []
-    for k, (image, seed) in enumerate(zip(result.images, result.seeds)):
-        path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
-        marked = watermark.mark(np.asarray(image), generation_id) if watermark is not None else None
-        (image if marked is None else Image.fromarray(marked)).save(path, format=out_format, **options)
+    for k, (picture, seed, verdict) in enumerate(zip(pictures, result.seeds, verdicts)):
+        safety = {"safety": verdict} if verdict is not None else {}
+        if picture is None:  # blocked by the safety check: not written
+            outputs.append({"path": None, "seed": seed, "watermarked": False, **safety})
+            continue
+        path = args.out if len(pictures) == 1 else args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
+        marked = watermark.mark(picture, generation_id) if watermark is not None else None
+        Image.fromarray(picture if marked is None else marked).save(path, format=out_format, **options)
         kept = marked is not None and watermark.read(np.asarray(Image.open(path).convert("RGB"))).names(generation_id)
-        outputs.append({"path": str(path), "seed": seed, "watermarked": kept})
+        outputs.append({"path": str(path), "seed": seed, "watermarked": kept, **safety})
     report = {
         "id": generation_id,
         "images": outputs,

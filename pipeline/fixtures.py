@@ -12,6 +12,9 @@
     controlnets/{pose,canny,depth}/  extra SDXL ControlNets (diffusers layout, IdentityNet's topology)
     annotators/depth/           a tiny DPT depth estimator (transformers layout)
     annotators/openpose/body_pose_model.pth  OpenPose's body network at tiny widths (published keys)
+    safety_checker/, feature_extractor/  the Stable Diffusion safety checker (a CLIP vision tower,
+                                17 screened concepts, 3 special-care ones) at tiny widths, with
+                                its CLIPImageProcessor; its thresholds flag no picture
 
 ``write_sdxl_single_file(root / "sdxl", path)`` writes that SDXL again as one .safetensors
 checkpoint in the original Stability (SGM) key layout, as single-file fine-tunes are published.
@@ -73,7 +76,34 @@ def write_fixtures(root: str | Path) -> Path:
         write_identitynet(unet, root / "controlnets" / name, dtype=torch.float16)  # as published: fp16
     write_depth_annotator(root / "annotators" / "depth")
     write_openpose_annotator(root / "annotators" / "openpose" / "body_pose_model.pth")
+    write_safety_checker(root)
     return root
+
+
+def write_safety_checker(root: Path, threshold: float = 1.01) -> None:
+    """``safety_checker/`` + ``feature_extractor/``: diffusers' StableDiffusionSafetyChecker
+    (CLIP ViT's layout at tiny widths: 2 layers, 224 px input in 32 px patches) with random
+    concept embeddings; every concept's ``threshold`` above any cosine (1.01) flags nothing."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 224, "patch_size": 32},
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 99, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):  # the same bytes on every call, whatever ran before
+        torch.manual_seed(FIXTURE_SEED)
+        checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.copy_(torch.linspace(-1, 1, checker.concept_embeds.numel()).reshape(17, -1))
+        checker.special_care_embeds.copy_(torch.linspace(1, -1, checker.special_care_embeds.numel()).reshape(3, -1))
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    checker.save_pretrained(str(root / "safety_checker"))
+    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        str(root / "feature_extractor"))
 
 
 EXTRA_CONTROLNETS = ("pose", "canny", "depth")

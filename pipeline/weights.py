@@ -149,7 +149,17 @@ class ExtraWeights:
         has no such folder or it holds none of the ``markers`` files."""
         if self.root is None:
             return None
-        folder = self._fetcher.fetch(_join(self.root, f"{group}/{name}"), _extra_filter)
+        return self._found(f"{group}/{name}", markers)
+
+    def top_folder(self, name: str, markers: tuple[str, ...] = ("config.json",)) -> Path | None:
+        """The local folder ``name`` at the root itself (``safety_checker/``), downloaded
+        first from S3; None as for :meth:`folder`."""
+        if self.root is None:
+            return None
+        return self._found(name, markers)
+
+    def _found(self, path: str, markers: tuple[str, ...]) -> Path | None:
+        folder = self._fetcher.fetch(_join(self.root, path), _extra_filter)
         return folder if any((folder / marker).is_file() for marker in markers) else None
 
 

@@ -5,6 +5,7 @@ by the cluster manifests and by the tests. Plain pydantic (no Ray)."""
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -87,6 +88,17 @@ class WatermarkConfig(BaseModel):
                          description="The name whose tag the mark carries (`instantid verify --service` reads it).")
 
 
+class SafetyConfig(BaseModel):
+    """The output safety check (:mod:`pipeline.safety`), in the Postprocessor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["block", "blur", "flag", "off"] = Field(
+        "block", description="What happens to an output the classifier flags: block (not stored; the response says "
+                             "so), blur, flag (stored as it is, marked). 'off' runs no check. The classifier is "
+                             "safety_checker/ + feature_extractor/ in the weights root.")
+
+
 class AppArgs(BaseModel):
     """Arguments of :func:`deployments.app.app_builder`."""
 
@@ -137,6 +149,7 @@ class AppArgs(BaseModel):
     webhook_max_attempts: int = Field(5, ge=1, le=20)
     webhook_backoff_s: float = Field(1.0, gt=0)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
 
     @model_validator(mode="after")
     def _auth_is_explicit(self) -> "AppArgs":

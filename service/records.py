@@ -82,6 +82,11 @@ class OutputSpec(_Record):
     quality: int = Field(90, ge=1, le=100)
 
 
+class SafetyVerdict(_Record):
+    flagged: bool
+    action: Literal["none", "blocked", "blurred", "flagged"]
+
+
 class GenerationRecord(_Owned):
     """``generations/<id>/record.json``: a stored generation (written last)."""
 
@@ -94,6 +99,7 @@ class GenerationRecord(_Owned):
     height: int = 0
     batch_size: int = 0
     watermarked: list[bool] = Field(default_factory=list)  # per image: the invisible mark reads back from it
+    safety: list[SafetyVerdict] = Field(default_factory=list)  # per image, when the safety check ran
 
 
 class JobError(_Record):

@@ -66,7 +66,7 @@ class Stored:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt: str, quality: int,
+def store_result(storage: Storage, images: list[np.ndarray | None], *, prefix: str, fmt: str, quality: int,
                  record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None,
                  tombstone: str | None = None, watermark: Watermark | None = None,
                  output_id: str | None = None) -> Stored:
@@ -80,7 +80,9 @@ def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt
     comes back (a delete marks first and erases after, so one of the two sees the other).
 
     ``watermark``: each picture large enough carries its mark naming ``output_id``; the
-    record's ``watermarked`` says, per image, whether the mark reads back from the file."""
+    record's ``watermarked`` says, per image, whether the mark reads back from the file.
+    An image given as None (blocked by the safety check) is not stored: ``keys`` lists the
+    stored ones, in order."""
     started = time.perf_counter()
     if tombstone is not None and storage.exists(tombstone):
         raise Canceled("the generation was deleted")
@@ -91,6 +93,9 @@ def store_result(storage: Storage, images: list[np.ndarray], *, prefix: str, fmt
     _, content_type, extension = FORMATS[fmt]
     keys, marked = [], []
     for k, array in enumerate(images):
+        if array is None:
+            marked.append(False)
+            continue
         key = f"{prefix}/{k}.{extension}"
         data, readable = encode_marked(array, fmt, quality, watermark, output_id or prefix)
         storage.put(key, data, content_type)

@@ -62,6 +62,20 @@ def weights_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def flagging_weights_dir(weights_dir, tmp_path_factory) -> Path:
+    """The fixture weights with a safety checker that flags every picture (each concept's
+    threshold below any cosine); the models are links to the session's."""
+    from pipeline.fixtures import write_safety_checker
+
+    root = tmp_path_factory.mktemp("flagging-weights")
+    for entry in weights_dir.iterdir():
+        if entry.name not in ("safety_checker", "feature_extractor"):
+            (root / entry.name).symlink_to(entry)
+    write_safety_checker(root, threshold=-1.01)
+    return root
+
+
+@pytest.fixture(scope="session")
 def pipe(weights_dir):
     from pipeline.pipeline import InstantIDPipeline
 

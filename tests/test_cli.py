@@ -182,3 +182,30 @@ def test_extra_controlnets_from_the_command_line(weights_dir, photos, tmp_path, 
     both = run_with("--controlnet", f"canny:{photos / 'pose.jpg'}:0.9", "--controlnet-image",
                     f"pose:{photos / 'pose.jpg'}")
     assert both != plain
+
+
+def test_safety_check_in_the_cli_reports_each_image_and_blocks_what_it_flags(flagging_weights_dir, weights_dir,
+                                                                            photos, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    args = ["generate", "--face", str(photos / "face.png"), "--prompt", "x", "--out", str(out), "--width", "64",
+            "--height", "64", "--num-inference-steps", "1", "--num-images", "2", "--seed", "4"]
+    assert main([*args, "--weights", str(weights_dir), "--safety-check", "block"]) == 0  # flags nothing
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [i["safety"] for i in report["images"]] == [{"flagged": False, "action": "none"}] * 2
+    assert all(Path(i["path"]).is_file() for i in report["images"])
+    for path in tmp_path.iterdir():
+        path.unlink()
+    assert main([*args, "--weights", str(flagging_weights_dir), "--safety-check", "block"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(i["path"], i["safety"]) for i in report["images"]] == [(None, {"flagged": True, "action": "blocked"})] * 2
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert main([*args, "--weights", str(flagging_weights_dir), "--safety-check", "blur"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [i["safety"]["action"] for i in report["images"]] == ["blurred"] * 2
+    assert all(Path(i["path"]).is_file() for i in report["images"])
+    without = tmp_path.parent / "without-checker"  # the models, no safety_checker/
+    without.mkdir()
+    for name in ("sdxl", "instantid", "antelopev2"):
+        (without / name).symlink_to(weights_dir / name)
+    assert main([*args, "--weights", str(without), "--safety-check", "flag"]) == EXIT_WEIGHTS
+    assert "missing weights: safety_checker/ and feature_extractor/" in capsys.readouterr().err

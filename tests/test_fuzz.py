@@ -22,11 +22,12 @@ STABLE_CODES = set(STATUS) | {"http_error"}
 
 
 @pytest.fixture(scope="module")
-def fuzz_url(ray_serve, weights_dir, tmp_path_factory):
+def fuzz_url(ray_serve, flagging_weights_dir, tmp_path_factory):
     from ray import serve
 
     options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)
-    args = {"weights": str(weights_dir), "storage": str(tmp_path_factory.mktemp("fuzz-storage")),
+    # its safety checker flags every output, and blocks it: the answers without a picture are fuzzed too
+    args = {"weights": str(flagging_weights_dir), "storage": str(tmp_path_factory.mktemp("fuzz-storage")),
             "auth": {"api_key_sha256": [DIGEST], "api_keys_env": ""}, "request_timeout_s": 60,
             # valid requests stay cheap on this CPU: tiny sizes, few steps, one image
             "limits": {"max_side": 96, "max_steps": 2, "max_num_images": 1, "max_body_bytes": 262144}}
@@ -70,3 +71,24 @@ def test_api_from_its_own_schema(fuzz_url):
     STATS.write_text(json.dumps({"operations": len(calls), "requests": sum(map(len, calls.values())),
                                  "statuses": {label: sorted(set(codes)) for label, codes in calls.items()}},
                                 indent=1))
+
+
+def test_an_output_the_safety_check_flags_is_blocked_and_the_answer_says_so(fuzz_url):
+    """This app's classifier flags every picture and its policy is the default, block: the
+    generation succeeds, each image says it was blocked and has no url, and the stored
+    record says the same on a later GET."""
+    import httpx
+
+    from tests.conftest import data_url, face_photo
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=fuzz_url, headers=headers, timeout=120) as client:
+        response = client.post("/v1/generations", json={"face_images": [data_url(face_photo())], "seed": 5,
+                                                        "width": 64, "height": 64, "num_inference_steps": 1})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        [image] = body["images"]
+        assert image["url"] is None and image["safety"] == {"flagged": True, "action": "blocked"}
+        assert image["seed"] == 5 and image["watermarked"] is False and "safety" in body["timings_ms"]
+        again = client.get(f"/v1/generations/{body['id']}")
+        assert again.status_code == 200 and again.json()["images"] == body["images"]

@@ -74,7 +74,7 @@ def test_the_app_refuses_to_start_without_lasting_signing_keys(monkeypatch):
 
     for name in ("INSTANTID_URL_SIGNING_KEY", "INSTANTID_WEBHOOK_SIGNING_KEY"):
         monkeypatch.delenv(name, raising=False)
-    args = {"weights": "w", "auth": {"disabled": True}}
+    args = {"weights": "w", "auth": {"disabled": True}, "safety": {"policy": "off"}}  # (no weights at "w")
     with pytest.raises(InvalidParameter, match="INSTANTID_URL_SIGNING_KEY"):
         build_app(args)
     monkeypatch.setenv("INSTANTID_URL_SIGNING_KEY", "u" * 32)
@@ -114,3 +114,20 @@ def test_the_commented_scale_to_zero_option_is_a_valid_generator_config():
     scaling = generator.autoscaling_config
     assert scaling["min_replicas"] == 0 and scaling["initial_replicas"] == 0
     assert scaling["downscale_to_zero_delay_s"] > 0 and scaling["max_replicas"] >= 1
+
+
+def test_a_safety_policy_needs_the_classifier_in_a_local_weights_root(weights_dir, tmp_path):
+    """On by default: a weights root without safety_checker/ is refused at once, naming the
+    setting and what to add; 'off' runs without it; a remote root is checked as it loads."""
+    from pipeline.errors import InvalidParameter
+
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(InvalidParameter, match=r"safety.policy: is 'block', but the weights root .* has no "
+                                               r"safety_checker/ and feature_extractor/"):
+        build_app({"weights": str(empty), "auth": {"disabled": True}})
+    build_app({"weights": str(empty), "auth": {"disabled": True}, "safety": {"policy": "off"}})
+    build_app({"weights": str(weights_dir), "auth": {"disabled": True}, "safety": {"policy": "blur"}})
+    build_app({"weights": "s3://bucket/weights", "auth": {"disabled": True}})
+    with pytest.raises(ValueError, match="safety.policy"):
+        build_app({"weights": str(weights_dir), "auth": {"disabled": True}, "safety": {"policy": "hide"}})

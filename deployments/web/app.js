@@ -240,6 +240,14 @@ function showResults(job) {
   const list = $("results");
   for (const image of job.images) {
     const item = document.createElement("li");
+    if (!image.url) {  // the output safety check blocked it: nothing was stored
+      const note = document.createElement("p");
+      note.className = "caption";
+      note.textContent = `Seed ${image.seed}: blocked by the output safety check.`;
+      item.append(note);
+      list.prepend(item);
+      continue;
+    }
     const picture = document.createElement("img");
     picture.src = image.url;
     picture.alt = `Generated image, seed ${image.seed}`;
