@@ -120,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     watermark.add_argument("--sizes", type=_ints, help="picture sides (default 512,1024)")
     watermark.add_argument("--ids", type=int, help="generation ids each photo is marked with (default 4)")
 
+    post = commands.add_parser("postprocess", help="the Postprocessor's CPU work per image: safety check, "
+                                                   "watermark, encoding")
+    common(post)
+    post.add_argument("--smallest", action="store_true", help="256x256, two images, the fixture checker (tests)")
+    post.add_argument("--size", type=int, help="image side (default 1024)")
+    post.add_argument("--images", type=int, help="images per batch (default 4)")
+    post.add_argument("--weights", help="a weights root with the real safety_checker/ (default: the published "
+                                        "architecture with random weights)")
+
     report = commands.add_parser("report", help="print every markdown table in a results folder")
     report.add_argument("folder", type=Path, nargs="?", default=Path("out/bench"))
     return parser
@@ -147,6 +156,21 @@ def main(argv: list[str] | None = None) -> int:
                                count=2 if args.smallest else len(PHOTOS),
                                ids=args.ids or (1 if args.smallest else 4))
         print("\n".join(table.markdown() for table in tables))
+        return 0
+    if args.command == "postprocess":
+        from .postprocess import run_postprocess
+
+        weights = args.weights
+        if args.smallest and weights is None:
+            from pipeline.fixtures import write_safety_checker
+
+            weights = tempfile.mkdtemp(prefix="ib-")
+            write_safety_checker(Path(weights))
+        print(run_postprocess(args.out, size=args.size or (256 if args.smallest else 1024),
+                              images=args.images or (2 if args.smallest else 4),
+                              repeats=args.repeats or (1 if args.smallest else 3), weights=weights).markdown())
+        if args.smallest and args.weights is None:
+            shutil.rmtree(weights, ignore_errors=True)
         return 0
     if args.command == "fetch":
         from .fetching import run_fetching

@@ -186,3 +186,13 @@ def test_watermark_robustness_and_cost(tmp_path):
     assert records[0]["survived"] == "2"  # unchanged, every mark reads back
     [cost] = rows(tmp_path / "watermark_cost.csv", COST_COLUMNS, required=COST_COLUMNS)
     assert float(cost["psnr_db_min"]) > 30 and float(cost["mark_ms_median"]) > 0
+
+
+def test_postprocessor_work_per_image(tmp_path):
+    from bench.postprocess import COLUMNS
+
+    bench("postprocess", "--smallest", "--out", str(tmp_path))
+    records = rows(tmp_path / "postprocess.csv", COLUMNS, required=COLUMNS)
+    assert [r["step"] for r in records] == ["safety_check", "watermark_mark", "watermark_read", "encode_png",
+                                            "encode_jpeg_q90", "encode_webp_q90", "all_png"]
+    assert all(r["size"] == "256" and float(r["ms_per_image_median"]) > 0 for r in records)
