@@ -53,8 +53,9 @@ def _crop(share: float):
     return change
 
 
-CHANGES = {"none": lambda image: image, "service_jpeg_q90": _jpeg(90, subsampling=0), "jpeg_q90": _jpeg(90), "jpeg_q75": _jpeg(75), "jpeg_q50": _jpeg(50),
-           "resize_0.75": _resize(0.75), "resize_0.5": _resize(0.5), "crop_10pct": _crop(0.10)}
+CHANGES = {"none": lambda image: image, "service_jpeg_q90": _jpeg(90, subsampling=0), "jpeg_q90": _jpeg(90),
+           "jpeg_q75": _jpeg(75), "jpeg_q50": _jpeg(50), "resize_0.75": _resize(0.75), "resize_0.5": _resize(0.5),
+           "crop_10pct": _crop(0.10)}
 
 
 def photos(size: int, count: int) -> list[np.ndarray]:

@@ -30,8 +30,8 @@ class Views:
             verdict = record.safety[k] if record.safety else None
             key = None if verdict is not None and verdict.action == "blocked" else next(stored)
             url = None if key is None else self.absolute(base_url, self.storage.url(key, self.url_expiry_s))
-            views.append({"url": url, "seed": seed, "width": record.width, "height": record.height, "watermarked": marked[k],
-                          "safety": verdict.model_dump() if verdict is not None else None})
+            views.append({"url": url, "seed": seed, "width": record.width, "height": record.height,
+                          "watermarked": marked[k], "safety": verdict.model_dump() if verdict is not None else None})
         return views
 
     def generation(self, record: GenerationRecord, base_url: str | None, timings: dict | None = None) -> dict:
