@@ -97,6 +97,25 @@ class FaceRequest(BaseModel):
     _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
 
 
+class ConsentAttestation(BaseModel):
+    """Who attests that the person whose face this is agreed to its registration, and on
+    what basis (stored with the face, returned by ``GET /v1/faces/{id}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attested_by: str = Field(min_length=1, max_length=256, description="Who attests (a person, role or account "
+                                                                       "of the operator's customer).")
+    basis: str = Field(min_length=1, max_length=1000, description="On what basis: e.g. 'the subject is the "
+                                                                   "account holder', 'signed release form #123'.")
+
+
+class FaceRegistration(FaceRequest):
+    """``POST /v1/faces``: the photos, and the consent attestation without which no face is
+    registered."""
+
+    consent: ConsentAttestation = Field(description="Required: who attests the person's consent, and on what basis.")
+
+
 class UploadRequest(BaseModel):
     """``POST /v1/uploads``: the photo's content type (the store holds the upload to it)."""
 
@@ -169,10 +188,15 @@ class GenerationResponse(BaseModel):
     batch_size: int = Field(description="Images rendered together in the diffusion batch that made these.")
 
 
+class ConsentRecord(ConsentAttestation):
+    attested_at: float
+
+
 class FaceResponse(BaseModel):
     face_id: str
     face: Face
     created_at: float
+    consent: ConsentRecord | None = Field(None, description="The attestation given when the face was registered.")
 
 
 class Job(BaseModel):

@@ -29,12 +29,14 @@ from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
 from service.keys import erase_generation, face_key, is_deleted, mark_deleted
 from service.lookup import load_face, load_generation, load_job
-from service.records import FaceRecord, OutputSpec, StoredFace
+from service.audit import audit
+from service.records import Consent, FaceRecord, OutputSpec, StoredFace
 from service.storage import open_storage
 
 from . import problems, web
-from .api import (ErrorResponse, FaceAnalysis, FaceRequest, FaceResponse, GenerationRequest, GenerationResponse,
-                  Health, Job, UploadRequest, UploadResponse, VerifyRequest, VerifyResponse, WebhookSecret)
+from .api import (ErrorResponse, FaceAnalysis, FaceRegistration, FaceRequest, FaceResponse, GenerationRequest,
+                  GenerationResponse, Health, Job, UploadRequest, UploadResponse, VerifyRequest, VerifyResponse,
+                  WebhookSecret)
 from . import submissions
 from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
@@ -145,6 +147,7 @@ class Ingress:
             existing = await _off_loop(self.jobs.record, generation_id) if key else None
             if existing is None:
                 existing = await self._start_job(generation_id, owner, body, params, request_hash, deadline)
+                await self._audit_use(body, owner, generation_id)
             elif existing.request_hash != request_hash:
                 raise claims.mismatch()
             return JSONResponse(self.views.job(existing, None, base), status_code=202,
@@ -158,6 +161,7 @@ class Ingress:
             await self.gate.charge_images(owner, body.num_images)
             pictures = await self.submissions.pictures(body, owner)
             face = await self.submissions.face(body, owner, deadline, pictures)
+            await self._audit_use(body, owner, generation_id)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
                                             OutputSpec(format=body.output_format, quality=body.quality),
@@ -227,13 +231,17 @@ class Ingress:
 
     # ------------------------------------------------------------------ faces
     @app.post("/v1/faces", response_model=FaceResponse, status_code=201, responses=ERRORS)
-    async def create_face(self, body: FaceRequest, owner: str = Depends(caller)):
+    async def create_face(self, body: FaceRegistration, owner: str = Depends(caller)):
+        """Register a face once, render it many times. Needs a consent attestation; the
+        registration, each use and the erasure are written to the audit log."""
         job = await self.inputs.face_job(body.face_images, body.pose_image, body.face_combine, owner)
         face = await self.flow.analyze(job, time.monotonic() + self.args.request_timeout_s)
         now = time.time()
         record = FaceRecord(face_id="f_" + secrets.token_urlsafe(16), owner=owner, created_at=now,
-                            expires_at=now + self.args.retention.faces_s, face=StoredFace.of(face))
+                            expires_at=now + self.args.retention.faces_s, face=StoredFace.of(face),
+                            consent=Consent(**body.consent.model_dump(), attested_at=now))
         await _off_loop(self.storage.put_json, face_key(record.face_id), record.model_dump(mode="json"))
+        await _off_loop(audit, self.storage, "face_registered", owner=owner, face_id=record.face_id, at=now)
         return JSONResponse(self.views.face(record), status_code=201)
 
     @app.get("/v1/faces/{face_id}", response_model=FaceResponse, responses=ERRORS)
@@ -244,6 +252,7 @@ class Ingress:
     async def delete_face(self, face_id: str, owner: str = Depends(caller)):
         await _off_loop(load_face, self.storage, face_id, owner, delete_expired=True)
         await _off_loop(self.storage.delete, face_key(face_id))
+        await _off_loop(audit, self.storage, "face_erased", owner=owner, face_id=face_id, reason="deleted")
         return Response(status_code=204)
 
     @app.post("/v1/faces/analyze", response_model=FaceAnalysis, responses=ERRORS)
@@ -330,6 +339,13 @@ class Ingress:
         if not self.args.webhook_allowlist:
             raise InvalidParameter("webhook_url", "this server has no webhook allowlist: webhooks are off")
         check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private)
+
+    async def _audit_use(self, body: GenerationRequest, owner: str, generation_id: str) -> None:
+        """A registered face used in a generation: one audit entry (photos sent with the
+        request are not registered faces, and leave none)."""
+        if body.face_id is not None:
+            await _off_loop(audit, self.storage, "face_used", owner=owner, face_id=body.face_id,
+                            generation_id=generation_id)
 
     async def _view(self, generation_id: str, owner: str, base_url: str) -> dict:
         job = await _off_loop(load_job, self.storage, generation_id, owner)

@@ -13,6 +13,7 @@ import time
 
 from ray import serve
 
+from service.audit import audit
 from service.keys import DELETED_PREFIX, OWNERS_PREFIX, erase_generation
 from service.records import Expiring
 from service.storage import ObjectNotFound, Storage, open_storage
@@ -26,7 +27,10 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
     deleted = {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0}
     for key in storage.list_keys("faces"):
         if key.endswith(".json") and _expired(storage, key, now):
+            record = storage.get_json(key)
             storage.delete(key)
+            audit(storage, "face_erased", owner=record.get("owner", ""), face_id=record.get("face_id", key),
+                  reason="expired")
             deleted["faces"] += 1
     # deleted marks (kept as long as anything deleted could still run) and places in an owner's
     # count of unfinished jobs (a job that never finished is not counted past its retention)

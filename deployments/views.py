@@ -55,4 +55,5 @@ class Views:
 
     @staticmethod
     def face(record: FaceRecord) -> dict:
-        return {"face_id": record.face_id, "face": record.face.public().model_dump(), "created_at": record.created_at}
+        return {"face_id": record.face_id, "face": record.face.public().model_dump(), "created_at": record.created_at,
+                "consent": record.consent.model_dump() if record.consent is not None else None}

@@ -68,11 +68,20 @@ class _Owned(Expiring):
     created_at: float = Field(default_factory=time.time)
 
 
+class Consent(_Record):
+    """Who attested that the person in a registered face agreed to it, and on what basis."""
+
+    attested_by: str
+    basis: str
+    attested_at: float = Field(default_factory=time.time)
+
+
 class FaceRecord(_Owned):
     """``faces/<face_id>.json``: a registered face."""
 
     face_id: str
     face: StoredFace
+    consent: Consent | None = None  # (faces registered before consent was asked for have none)
 
 
 class OutputSpec(_Record):

@@ -43,6 +43,8 @@ os.environ.setdefault("INSTANTID_URL_SIGNING_KEY", "test-url-signing-key-0123456
 os.environ.setdefault("INSTANTID_WEBHOOK_SIGNING_KEY", "test-webhook-signing-key-0123456789")
 
 DATA = Path(__file__).parent / "data"
+# the attestation POST /v1/faces requires
+CONSENT = {"attested_by": "the test suite", "basis": "synthetic pictures of no one"}
 
 
 def face_photo(size=(256, 256), blobs=((128, 128, 50),), background=(20, 20, 20), color=(240, 220, 200)) -> Image.Image:

@@ -22,7 +22,7 @@ import pytest
 from deployments.app import build_app
 from deployments.auth import new_key
 from deployments.local import application_config, deployment_options, load_serve_config, local_args
-from tests.conftest import data_url, face_photo
+from tests.conftest import CONSENT, data_url, face_photo
 from tests.s3server import free_ports
 
 KEY, DIGEST = new_key()
@@ -144,8 +144,9 @@ class Load:
 
 @pytest.fixture(scope="module")
 def face_id(cluster):
-    response = httpx.post(f"{cluster['url']}/v1/faces", json={"face_images": [data_url(face_photo())]},
-                          headers=HEADERS, timeout=120)
+    response = httpx.post(f"{cluster['url']}/v1/faces",
+                          json={"consent": CONSENT, "face_images": [data_url(face_photo())]}, headers=HEADERS,
+                          timeout=120)
     assert response.status_code == 201, response.text
     return response.json()["face_id"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import KEY_A, data_url, face_photo
+from tests.conftest import CONSENT, KEY_A, data_url, face_photo
 from tests.test_cluster import wait_until
 
 HEADERS = {"Authorization": f"Bearer {KEY_A}"}
@@ -52,7 +52,7 @@ def test_object_store_down_is_a_clean_503_and_the_service_recovers_without_resta
         s3_server.stop()
         try:
             down = [c.post("/v1/generations", json={"face_images": [photo], **SMALL}) for _ in range(2)]
-            face = c.post("/v1/faces", json={"face_images": [photo]})
+            face = c.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]})
         finally:
             s3_server.restart()
         endpoint = s3_server.endpoint.removeprefix("http://")
@@ -131,7 +131,7 @@ def test_soak_mixed_load_with_flat_memory_and_no_5xx(faults_url, photo):
 
     deployments = ("Ingress", "FaceEmbedder", "Generator", "Postprocessor")
     with httpx.Client(base_url=faults_url, timeout=120, headers=HEADERS) as c:  # warm every path once
-        face_id = c.post("/v1/faces", json={"face_images": [photo]}).json()["face_id"]
+        face_id = c.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]}).json()["face_id"]
         c.post("/v1/generations", json={"face_id": face_id, **SMALL})
     baseline = {name: replica_rss(name, app="s3app") for name in deployments}
     outcomes: Counter = Counter()
@@ -154,7 +154,7 @@ def test_soak_mixed_load_with_flat_memory_and_no_5xx(faults_url, photo):
                          headers={"Prefer": "respond-async"}).json()
             return c.get(f"/v1/generations/{job['id']}")
         if choice < 0.6:
-            new = c.post("/v1/faces", json={"face_images": [photo]})
+            new = c.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]})
             c.get(f"/v1/faces/{new.json()['face_id']}")
             return c.delete(f"/v1/faces/{new.json()['face_id']}")
         if choice < 0.75:

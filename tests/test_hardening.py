@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from deployments.app import build_app
-from tests.conftest import (DIGEST_A, DIGEST_B, DIGEST_J, DIGEST_Q, KEY_A, KEY_B, KEY_J, KEY_Q, data_url, face_photo,
-                            local_test_options)
+from tests.conftest import (CONSENT, DIGEST_A, DIGEST_B, DIGEST_J, DIGEST_Q, KEY_A, KEY_B, KEY_J, KEY_Q, data_url,
+                            face_photo, local_test_options)
 from tests.test_images import png_with_declared_size
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -157,8 +157,8 @@ def objects(s3_server) -> dict[str, bytes]:
 
 def test_deleting_a_face_erases_every_copy_of_the_embedding(hard_url, s3_server):
     with client(hard_url, KEY_A) as c:
-        face_id = c.post("/v1/faces", json={"face_images": [data_url(face_photo(color=(250, 240, 200)))]}).json()[
-            "face_id"]
+        face_id = c.post("/v1/faces", json={"consent": CONSENT, "face_images": [
+            data_url(face_photo(color=(250, 240, 200)))]}).json()["face_id"]
         stored = json.loads(objects(s3_server)[f"svc/faces/{face_id}.json"])
         embedding = stored["face"]["embedding"]
         assert len(embedding) == 512 and stored["expires_at"] > time.time()
@@ -175,7 +175,8 @@ def test_expired_faces_are_refused_and_swept(hard_url, s3_server):
     from ray import serve
 
     with client(hard_url, KEY_A) as c:
-        face_id = c.post("/v1/faces", json={"face_images": [data_url(face_photo())]}).json()["face_id"]
+        face_id = c.post("/v1/faces", json={"consent": CONSENT,
+                                            "face_images": [data_url(face_photo())]}).json()["face_id"]
         key = f"svc/faces/{face_id}.json"
         record = json.loads(objects(s3_server)[key])
         record["expires_at"] = time.time() - 1  # as if its retention had passed
@@ -196,7 +197,8 @@ def test_keys_and_embeddings_never_reach_the_logs(hard_url, s3_server):
     import ray
 
     with client(hard_url, KEY_A) as c:
-        face = c.post("/v1/faces", json={"face_images": [data_url(face_photo(color=(240, 250, 230)))]}).json()
+        face = c.post("/v1/faces", json={"consent": CONSENT,
+                                         "face_images": [data_url(face_photo(color=(240, 250, 230)))]}).json()
     embedding = json.loads(objects(s3_server)[f"svc/faces/{face['face_id']}.json"])["face"]["embedding"]
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
     texts = [p.read_bytes() for p in logs.rglob("*") if p.is_file()]

@@ -13,7 +13,7 @@ import pytest
 from deployments.auth import owner_of
 from deployments.runner import delivery_id
 from deployments.webhooks import verify
-from tests.conftest import DIGEST_A, KEY_A, KEY_B, data_url, face_photo
+from tests.conftest import CONSENT, DIGEST_A, KEY_A, KEY_B, data_url, face_photo
 from tests.test_webhooks import Receiver
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 4}
@@ -191,7 +191,7 @@ MEDIUM = {"width": 192, "height": 192, "num_inference_steps": 40}
 def face_id(client, photo) -> str:
     """A registered face: jobs and their undisturbed twins render the same stored analysis
     (a photo analysed in another batch of the face stage may differ in its last float bits)."""
-    response = client.post("/v1/faces", json={"face_images": [photo]})
+    response = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]})
     assert response.status_code == 201, response.text
     return response.json()["face_id"]
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import KEY_A, data_url, face_photo
+from tests.conftest import CONSENT, KEY_A, data_url, face_photo
 from tests.test_hardening import replica_rss
 from tests.test_jobs import started
 from tests.test_webhooks import Receiver
@@ -194,7 +194,7 @@ def test_health_reveals_no_storage_paths_or_endpoints(s3_app, s3_server):
 
 
 def test_ids_are_matched_whole(client):
-    face = client.post("/v1/faces", json={"face_images": [data_url(face_photo())]})
+    face = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [data_url(face_photo())]})
     assert face.status_code == 201
     face_id = face.json()["face_id"]
     assert client.get(f"/v1/faces/{face_id}").status_code == 200

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from deployments.app import build_app
-from tests.conftest import DIGEST_A, DIGEST_B, KEY_A, KEY_B, data_url, face_photo, local_test_options
+from tests.conftest import CONSENT, DIGEST_A, DIGEST_B, KEY_A, KEY_B, data_url, face_photo, local_test_options
 from tests.test_images import png_with_declared_size
 
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -191,13 +191,21 @@ def test_s3_photos_are_uploads_of_the_calling_key_only(client, s3_env):
     assert httpx.post(second["url"], data=elsewhere, files={"file": ("x.png", b"x", "image/png")}).status_code == 403
 
 
-def test_register_a_face_render_it_then_erase_it(client, photo):
-    created = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth())
+def test_register_a_face_render_it_then_erase_it(client, photo, s3_env):
+    """With a consent attestation only; the registration, the use and the erasure each leave
+    one audit entry (ids and time, no image or embedding)."""
+    unattested = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth())
+    assert_error(unattested, 422, "invalid_parameter", "consent")
+    assert_error(client.post("/v1/faces", json={"consent": {**CONSENT, "basis": ""}, "face_images": [photo]},
+                             headers=auth()), 422, "invalid_parameter", "consent.basis")
+    created = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]}, headers=auth())
     assert created.status_code == 201, created.text
     face_id = created.json()["face_id"]
     shown = client.get(f"/v1/faces/{face_id}", headers=auth())
     assert shown.status_code == 200 and "embedding" not in shown.text
     assert shown.json()["face"] == created.json()["face"]
+    consent = shown.json()["consent"]
+    assert {k: consent[k] for k in CONSENT} == CONSENT and consent["attested_at"] > 0
     by_id = generate(client, {"face_id": face_id, "prompt": "noir", "seed": 11, **SMALL})
     by_photo = generate(client, {"face_images": [photo], "prompt": "noir", "seed": 11, **SMALL})
     assert by_id.status_code == by_photo.status_code == 200
@@ -207,6 +215,16 @@ def test_register_a_face_render_it_then_erase_it(client, photo):
     assert client.delete(f"/v1/faces/{face_id}", headers=auth()).status_code == 204
     assert_error(client.get(f"/v1/faces/{face_id}", headers=auth()), 404, "not_found")
     assert_error(generate(client, {"face_id": face_id, **SMALL}), 404, "not_found", "face_id")
+
+    from service.audit import entries
+    from service.storage import open_storage
+
+    store = open_storage(f"s3://{s3_env['bucket']}/{s3_env['prefix']}", endpoint_url=s3_env["server"].endpoint)
+    log = [e for e in entries(store) if e["face_id"] == face_id]
+    assert [(e["event"], e.get("generation_id")) for e in log] == [
+        ("face_registered", None), ("face_used", by_id.json()["id"]), ("face_erased", None)]
+    assert all(set(e) <= {"event", "at", "owner", "face_id", "generation_id", "reason"} for e in log)
+    assert len({e["owner"] for e in log}) == 1 and log[-1]["reason"] == "deleted"
 
 
 def test_generation_records_can_be_read_again_and_deleted(client, photo, s3_env):
@@ -233,7 +251,8 @@ def test_missing_or_wrong_keys_get_401(client, photo):
 
 
 def test_a_key_reads_and_deletes_only_its_own_faces_and_images(client, photo):
-    face_id = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth(KEY_A)).json()["face_id"]
+    face_id = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]},
+                          headers=auth(KEY_A)).json()["face_id"]
     assert_error(client.get(f"/v1/faces/{face_id}", headers=auth(KEY_B)), 403, "forbidden")
     assert_error(client.delete(f"/v1/faces/{face_id}", headers=auth(KEY_B)), 403, "forbidden")
     assert_error(generate(client, {"face_id": face_id, **SMALL}, key=KEY_B), 403, "forbidden")
@@ -273,7 +292,8 @@ def test_oversized_bodies_images_and_pixel_counts_are_413(client):
 def test_no_face_is_422(client):
     black = data_url(Image.new("RGB", (200, 200)))
     assert_error(generate(client, {"face_images": [black], **SMALL}), 422, "no_face", "face_images[0]")
-    assert_error(client.post("/v1/faces", json={"face_images": [black]}, headers=auth()), 422, "no_face")
+    assert_error(client.post("/v1/faces", json={"consent": CONSENT, "face_images": [black]}, headers=auth()), 422,
+                 "no_face")
 
 
 @pytest.mark.parametrize(
@@ -299,7 +319,8 @@ def test_unknown_face_ids_are_404(client):
 
 
 def test_concurrent_compatible_requests_are_batched_and_equal_unbatched_results(client, app_url, photo):
-    face_id = client.post("/v1/faces", json={"face_images": [photo]}, headers=auth()).json()["face_id"]
+    face_id = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]},
+                          headers=auth()).json()["face_id"]
     bodies = [{"face_id": face_id, "prompt": p, "seed": s, "ip_adapter_scale": sc, **SMALL}
               for p, s, sc in (("a", 1, 0.8), ("b", 2, 0.5), ("c", 3, 1.0), ("d", 4, 0.0))]
     odd = {"face_id": face_id, "seed": 9, "width": 96, "height": 64, "num_inference_steps": 2}
