@@ -38,6 +38,7 @@ from pipeline.s3 import S3Location, s3_client
 from pipeline.watermark import Watermark
 from service.batching import RenderRequest, render_requests
 from service.errors import public_error
+from service.audit import audit
 from service.lookup import load_face
 from service.storage import open_storage
 from service.store import FORMATS, store_result
@@ -221,6 +222,8 @@ class FaceStage:
                                          "(the key the face was registered with)")
                     # the API's rules: the key's own, unexpired faces only
                     face = load_face(self.faces, batch.at[i, "face_id"], self.face_owner).face.to_info()
+                    audit(self.faces, "face_used", owner=self.face_owner, face_id=batch.at[i, "face_id"],
+                          row_id=batch.at[i, "id"])  # in the service's audit log, as the API's uses are
                     if layout:
                         face = with_layout(face, self.analyzer.analyze(self._fetch(layout, layout_name),
                                                                        field=layout_name))

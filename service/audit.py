@@ -20,8 +20,9 @@ EVENTS = ("face_registered", "face_used", "face_erased")
 
 
 def audit(storage: Storage, event: str, *, owner: str, face_id: str, generation_id: str | None = None,
-          reason: str | None = None, at: float | None = None) -> str:
-    """Append one entry; return its key."""
+          row_id: str | None = None, reason: str | None = None, at: float | None = None) -> str:
+    """Append one entry; return its key. A use names the generation, or the offline
+    render's row (``row_id``)."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}")
     at = time.time() if at is None else at
@@ -30,6 +31,8 @@ def audit(storage: Storage, event: str, *, owner: str, face_id: str, generation_
     entry = {"event": event, "at": at, "owner": owner, "face_id": face_id}
     if generation_id is not None:
         entry["generation_id"] = generation_id
+    if row_id is not None:
+        entry["row_id"] = row_id
     if reason is not None:
         entry["reason"] = reason
     if not storage.put_if_absent(key, json_bytes(entry)):

@@ -279,3 +279,12 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
     assert "width" in results["oddsize"]["message"]
     assert "belongs to another API key" in results["theirface"]["message"]
     assert "expired" in results["oldface"]["message"] and "no face" in results["noface-id"]["message"]
+    # each use of a registered face is in the service's audit log (a row read in both runs: twice);
+    # the faces refused (another key's, expired, unknown) leave no entry
+    from service.audit import entries
+    from service.storage import open_storage
+
+    uses = [e for e in entries(open_storage("s3://batch/service", endpoint_url=s3_server.endpoint))
+            if e["event"] == "face_used"]
+    assert {e["row_id"] for e in uses} == {"good-03", "good-11"} and len(uses) <= 4
+    assert all(e["face_id"] == "f_mine" + "_" * 18 and e["owner"] == OWNER for e in uses)
