@@ -24,12 +24,12 @@ from pipeline.styles import style_names
 from pipeline.watermark import Watermark
 from pipeline.weights import ExtraWeights
 from service import claims
+from service.audit import audit
 from service.config import AppArgs
 from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
 from service.keys import erase_generation, face_key, is_deleted, mark_deleted
 from service.lookup import load_face, load_generation, load_job
-from service.audit import audit
 from service.records import Consent, FaceRecord, OutputSpec, StoredFace
 from service.storage import open_storage
 

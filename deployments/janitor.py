@@ -26,8 +26,8 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
     now = time.time() if now is None else now
     deleted = {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0}
     for key in storage.list_keys("faces"):
-        if key.endswith(".json") and _expired(storage, key, now):
-            record = storage.get_json(key)
+        record = _record(storage, key) if key.endswith(".json") else None
+        if record is not None and _is_expired(record, now):  # (read once: the audit entry names its owner)
             storage.delete(key)
             audit(storage, "face_erased", owner=record.get("owner", ""), face_id=record.get("face_id", key),
                   reason="expired")
@@ -49,11 +49,23 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
     return deleted
 
 
-def _expired(storage: Storage, key: str, now: float) -> bool:
+def _record(storage: Storage, key: str) -> dict | None:
     try:
-        return Expiring.model_validate(storage.get_json(key)).expired(now)
+        return storage.get_json(key)
     except (ObjectNotFound, ValueError):
+        return None
+
+
+def _is_expired(record: dict, now: float) -> bool:
+    try:
+        return Expiring.model_validate(record).expired(now)
+    except ValueError:
         return False
+
+
+def _expired(storage: Storage, key: str, now: float) -> bool:
+    record = _record(storage, key)
+    return record is not None and _is_expired(record, now)
 
 
 @serve.deployment(name="Janitor", num_replicas=1, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
