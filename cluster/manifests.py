@@ -173,14 +173,23 @@ def lifecycle_rules(serve_config: dict) -> dict[str, dict]:
         *({"ID": f"instantid-{name}", "Filter": {"Prefix": f"{base}{name}/"}, "Status": "Enabled",
            "Expiration": {"Days": _days(seconds)}}
           for name, seconds in (("faces", args.retention.faces_s), ("generations", args.retention.results_s),
-                                ("jobs", args.retention.results_s))),
+                                ("jobs", args.retention.results_s), ("uses", args.retention.results_s))),
         {"ID": "instantid-incomplete-uploads", "Filter": {"Prefix": base}, "Status": "Enabled",
          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+        _noncurrent_versions(base),
     ]}}
     for upload_bucket in args.input_buckets:
         rules[upload_bucket] = {"Rules": [{"ID": "instantid-uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
-                                           "Expiration": {"Days": _days(args.retention.uploads_s)}}]}
+                                           "Expiration": {"Days": _days(args.retention.uploads_s)}},
+                                          _noncurrent_versions("")]}
     return rules
+
+
+def _noncurrent_versions(prefix: str) -> dict:
+    """On a versioned bucket a delete only hides an object (the data stays as a noncurrent
+    version): those versions, and the delete markers left alone, expire after a day."""
+    return {"ID": "instantid-noncurrent-versions", "Filter": {"Prefix": prefix}, "Status": "Enabled",
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 1}, "Expiration": {"ExpiredObjectDeleteMarker": True}}
 
 
 def render_all() -> dict[Path, str]:

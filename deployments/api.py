@@ -199,6 +199,14 @@ class FaceResponse(BaseModel):
     consent: ConsentRecord | None = Field(None, description="The attestation given when the face was registered.")
 
 
+class FaceErasure(BaseModel):
+    """``DELETE /v1/faces/{id}?cascade=true``: the face and the generations made from it are gone."""
+
+    face_id: str
+    generations_erased: int = Field(description="Generations made from the face that were erased (running ones "
+                                                "canceled); ones already gone do not count.")
+
+
 class Job(BaseModel):
     """``GET /v1/generations/{id}``: a generation, finished or not."""
 

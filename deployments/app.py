@@ -68,7 +68,8 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     limiter = deployment(RateLimiter).bind(  # only when there are limits to keep
         args.rate_limits.requests_per_minute, args.rate_limits.burst, args.rate_limits.images_per_day
     ) if args.rate_limits.enabled else None
-    janitor = deployment(Janitor).bind(args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url)
+    janitor = deployment(Janitor).bind(args.storage, args.retention.sweep_interval_s, args.s3_endpoint_url,
+                                       args.retention.orphans_s)
     return deployment(Ingress).bind(face, generator, runner, limiter, janitor, config)
 
 

@@ -25,18 +25,19 @@ from pipeline.watermark import Watermark
 from pipeline.weights import ExtraWeights
 from service import claims
 from service.audit import audit
+from service.erasure import erase_face, erase_owned_generation
 from service.config import AppArgs
 from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
-from service.keys import erase_generation, face_key, is_deleted, mark_deleted
+from service.keys import face_key, is_deleted
 from service.lookup import load_face, load_generation, load_job
 from service.records import Consent, FaceRecord, OutputSpec, StoredFace
 from service.storage import open_storage
 
 from . import problems, web
-from .api import (ErrorResponse, FaceAnalysis, FaceRegistration, FaceRequest, FaceResponse, GenerationRequest,
-                  GenerationResponse, Health, Job, UploadRequest, UploadResponse, VerifyRequest, VerifyResponse,
-                  WebhookSecret)
+from .api import (ErrorResponse, FaceAnalysis, FaceErasure, FaceRegistration, FaceRequest, FaceResponse,
+                  GenerationRequest, GenerationResponse, Health, Job, UploadRequest, UploadResponse, VerifyRequest,
+                  VerifyResponse, WebhookSecret)
 from . import submissions
 from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
@@ -147,7 +148,6 @@ class Ingress:
             existing = await _off_loop(self.jobs.record, generation_id) if key else None
             if existing is None:
                 existing = await self._start_job(generation_id, owner, body, params, request_hash, deadline)
-                await self._audit_use(body, owner, generation_id)
             elif existing.request_hash != request_hash:
                 raise claims.mismatch()
             return JSONResponse(self.views.job(existing, None, base), status_code=202,
@@ -160,8 +160,7 @@ class Ingress:
         try:
             await self.gate.charge_images(owner, body.num_images)
             pictures = await self.submissions.pictures(body, owner)
-            face = await self.submissions.face(body, owner, deadline, pictures)
-            await self._audit_use(body, owner, generation_id)
+            face = await self.submissions.face(body, owner, deadline, pictures, generation_id)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
                                             OutputSpec(format=body.output_format, quality=body.quality),
@@ -184,15 +183,8 @@ class Ingress:
         """Erase a generation: its images, its record, its job. Final: a job still running
         (on whichever replica) is canceled, writes nothing more and erases what it wrote
         last; a retry with the same ``Idempotency-Key`` is refused."""
-        job = await _off_loop(load_job, self.storage, generation_id, owner)
-        if job is None:
-            await _off_loop(load_generation, self.storage, generation_id, owner)
-        # the durable mark first: every writer checks it (runner, Postprocessor, webhooks), and
-        # a runner takes it for a cancel
-        await _off_loop(mark_deleted, self.storage, generation_id, owner, self.args.retention.results_s)
-        await _off_loop(erase_generation, self.storage, generation_id)
-        if job is not None:
-            await _off_loop(self.jobs.places.give_back, owner, generation_id)
+        await _off_loop(erase_owned_generation, self.storage, self.jobs.places, generation_id, owner,
+                        self.args.retention.results_s)
         return Response(status_code=204)
 
     @app.post("/v1/generations/{generation_id}/cancel", response_model=Job, status_code=202, responses=ERRORS)
@@ -248,12 +240,15 @@ class Ingress:
     async def get_face(self, face_id: str, owner: str = Depends(caller)):
         return self.views.face(await _off_loop(load_face, self.storage, face_id, owner, delete_expired=True))
 
-    @app.delete("/v1/faces/{face_id}", status_code=204, responses=ERRORS)
-    async def delete_face(self, face_id: str, owner: str = Depends(caller)):
-        await _off_loop(load_face, self.storage, face_id, owner, delete_expired=True)
-        await _off_loop(self.storage.delete, face_key(face_id))
-        await _off_loop(audit, self.storage, "face_erased", owner=owner, face_id=face_id, reason="deleted")
-        return Response(status_code=204)
+    @app.delete("/v1/faces/{face_id}", status_code=204, responses={**ERRORS, 200: {"model": FaceErasure}})
+    async def delete_face(self, face_id: str, cascade: bool = False, owner: str = Depends(caller)):
+        """Erase a registered face (204). With ``?cascade=true``, every generation made from
+        it goes too, running ones canceled: 200 with how many were erased."""
+        erased = await _off_loop(erase_face, self.storage, self.jobs.places, face_id, owner, cascade=cascade,
+                                 keep_s=self.args.retention.results_s)
+        if not cascade:
+            return Response(status_code=204)
+        return JSONResponse({"face_id": face_id, "generations_erased": erased})
 
     @app.post("/v1/faces/analyze", response_model=FaceAnalysis, responses=ERRORS)
     async def analyze_face(self, body: FaceRequest, owner: str = Depends(caller)):
@@ -339,13 +334,6 @@ class Ingress:
         if not self.args.webhook_allowlist:
             raise InvalidParameter("webhook_url", "this server has no webhook allowlist: webhooks are off")
         check_target(url, self.args.webhook_allowlist, self.args.webhook_allow_private)
-
-    async def _audit_use(self, body: GenerationRequest, owner: str, generation_id: str) -> None:
-        """A registered face used in a generation: one audit entry (photos sent with the
-        request are not registered faces, and leave none)."""
-        if body.face_id is not None:
-            await _off_loop(audit, self.storage, "face_used", owner=owner, face_id=body.face_id,
-                            generation_id=generation_id)
 
     async def _view(self, generation_id: str, owner: str, base_url: str) -> dict:
         job = await _off_loop(load_job, self.storage, generation_id, owner)

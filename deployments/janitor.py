@@ -1,4 +1,6 @@
-"""Janitor: deletes what outlived its retention (faces, generations, jobs, deleted marks).
+"""Janitor: deletes what outlived its retention (faces, generations, jobs, deleted marks,
+face-use links), and what a writer that died left behind (orphaned images, stale claims,
+uploads never completed).
 
 The app also refuses expired data on every read, and bucket lifecycle rules
 (``cluster/s3-lifecycle.json``) expire the same prefixes at the store; this sweep is what
@@ -14,17 +16,20 @@ import time
 from ray import serve
 
 from service.audit import audit
-from service.keys import DELETED_PREFIX, OWNERS_PREFIX, erase_generation
+from service.keys import (DELETED_PREFIX, OWNERS_PREFIX, USES_PREFIX, active_job_ids, claim_key, erase_generation,
+                          record_key)
 from service.records import Expiring
 from service.storage import ObjectNotFound, Storage, open_storage
 
 logger = logging.getLogger("ray.serve")
+ORPHANS_S = 3600.0
 
 
-def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
-    """Delete every expired face, generation, job and deleted mark; return how many of each."""
+def sweep(storage: Storage, now: float | None = None, orphans_s: float = ORPHANS_S) -> dict[str, int]:
+    """Delete every expired face, generation, job, deleted mark and face-use link, and what
+    is left over by a writer that died (older than ``orphans_s``); return how many of each."""
     now = time.time() if now is None else now
-    deleted = {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0}
+    deleted = {"faces": 0, "generations": 0, "jobs": 0, "deleted_marks": 0, "job_places": 0, "face_uses": 0}
     for key in storage.list_keys("faces"):
         record = _record(storage, key) if key.endswith(".json") else None
         if record is not None and _is_expired(record, now):  # (read once: the audit entry names its owner)
@@ -32,13 +37,14 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
             audit(storage, "face_erased", owner=record.get("owner", ""), face_id=record.get("face_id", key),
                   reason="expired")
             deleted["faces"] += 1
-    # deleted marks (kept as long as anything deleted could still run) and places in an owner's
-    # count of unfinished jobs (a job that never finished is not counted past its retention)
-    for prefix in (DELETED_PREFIX, OWNERS_PREFIX):
+    # deleted marks (kept as long as anything deleted could still run), places in an owner's
+    # count of unfinished jobs (a job that never finished is not counted past its retention),
+    # and the links from a face to the generations made from it
+    for prefix, kind in ((DELETED_PREFIX, "deleted_marks"), (OWNERS_PREFIX, "job_places"), (USES_PREFIX, "face_uses")):
         for key in storage.list_keys(prefix):
             if key.endswith(".json") and _expired(storage, key, now):
                 storage.delete(key)
-                deleted["deleted_marks" if prefix == DELETED_PREFIX else "job_places"] += 1
+                deleted[kind] += 1
     expired_jobs = [key.split("/")[1] for key in storage.list_keys("jobs")
                     if key.endswith("/record.json") and _expired(storage, key, now)]
     generations = {key.split("/")[1] for key in storage.list_keys("generations") if key.endswith("/record.json")
@@ -46,7 +52,31 @@ def sweep(storage: Storage, now: float | None = None) -> dict[str, int]:
     for generation_id in sorted(generations | set(expired_jobs)):
         erase_generation(storage, generation_id)  # images, record and job alike
         deleted["generations" if generation_id in generations else "jobs"] += 1
-    return deleted
+    return deleted | sweep_orphans(storage, now, orphans_s)
+
+
+def sweep_orphans(storage: Storage, now: float, orphans_s: float) -> dict[str, int]:
+    """What a writer that died left, once older than ``orphans_s``: a generation's images
+    without its record (the record is written last), an Idempotency-Key claim past its
+    hold, and uploads never completed. A generation whose job still holds its lease is
+    left alone, however old."""
+    before = now - orphans_s
+    swept = {"orphan_generations": 0, "stale_claims": 0, "partial_uploads": storage.abort_partial(before)}
+    objects: dict[str, dict[str, float]] = {}
+    for key, modified in storage.list_modified("generations").items():
+        objects.setdefault(key.split("/")[1], {})[key] = modified
+    running = set(active_job_ids(storage))
+    for generation_id, keys in sorted(objects.items()):
+        if record_key(generation_id) in keys or generation_id in running or max(keys.values()) >= before:
+            claim = _record(storage, claim_key(generation_id)) if claim_key(generation_id) in keys else None
+            if claim is not None and record_key(generation_id) in keys and claim.get("expires_at", now) < before:
+                storage.delete(claim_key(generation_id))  # its holder died after the record was written
+                swept["stale_claims"] += 1
+            continue
+        for key in keys:  # no record, nothing running, nothing written lately: the claim, images and all
+            storage.delete(key)
+        swept["orphan_generations"] += 1
+    return swept
 
 
 def _record(storage: Storage, key: str) -> dict | None:
@@ -70,9 +100,10 @@ def _expired(storage: Storage, key: str, now: float) -> bool:
 
 @serve.deployment(name="Janitor", num_replicas=1, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
 class Janitor:
-    def __init__(self, storage: str, interval_s: float, s3_endpoint: str | None = None) -> None:
+    def __init__(self, storage: str, interval_s: float, s3_endpoint: str | None = None,
+                 orphans_s: float = ORPHANS_S) -> None:
         self.storage = open_storage(storage, endpoint_url=s3_endpoint)
-        self.interval_s = interval_s
+        self.interval_s, self.orphans_s = interval_s, orphans_s
         self._loop = asyncio.get_event_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -84,7 +115,7 @@ class Janitor:
                 logger.warning("retention sweep failed: %s", error)
 
     async def sweep(self) -> dict[str, int]:
-        return await asyncio.to_thread(sweep, self.storage)
+        return await asyncio.to_thread(sweep, self.storage, None, self.orphans_s)
 
     def ready(self) -> dict:
         return {"stage": "janitor"}

@@ -67,7 +67,7 @@ async def _validation(request: Request, error: RequestValidationError) -> JSONRe
         return error_response("invalid_json", "the request body is not valid JSON")
     if not problems or [part for part in problems[0].get("loc", ()) if part != "body"] == []:
         return error_response("invalid_parameter", "body: must be a JSON object", "body")
-    return problem(invalid_parameter_from_errors(problems, skip=("body",)))
+    return problem(invalid_parameter_from_errors(problems, skip=("body", "query")))  # the parameter's own name
 
 
 async def _routing(request: Request, error: StarletteHTTPException) -> JSONResponse:

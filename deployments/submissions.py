@@ -14,6 +14,7 @@ from pipeline.errors import InvalidParameter
 from pipeline.face import FaceInfo
 from pipeline.params import GenerationParams
 from service import claims
+from service.erasure import record_use
 from service.errors import Reported, Timeout
 from service.jobs import JobStore
 from service.lookup import load_face
@@ -44,13 +45,15 @@ class Submissions:
         self.results_s, self.claim_s = results_s, claim_s
         self._tasks: set[asyncio.Task] = set()
 
-    async def face(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures) -> FaceInfo:
+    async def face(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures,
+                   generation_id: str) -> FaceInfo:
         """The face to render: analysed from the photos, or registered (with the head pose
-        of ``pose_image``, else of the picture to restyle, when given)."""
+        of ``pose_image``, else of the picture to restyle, when given; the use is recorded)."""
         if body.face_id is None:
             return await self.flow.analyze(await self._face_job(body, owner, pictures), deadline)
-        return await self.flow.registered_face(body.face_id, owner,
-                                               await self._pose(body, owner, deadline, pictures))
+        face = await self.flow.registered_face(body.face_id, owner, await self._pose(body, owner, deadline, pictures))
+        await asyncio.to_thread(record_use, self.flow.storage, body.face_id, generation_id, owner, self.results_s)
+        return face
 
     async def _face_job(self, body: GenerationRequest, owner: str, pictures: Pictures) -> FaceJob:
         if body.pose_image or pictures.image is None:
@@ -89,6 +92,7 @@ class Submissions:
         if body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
             job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline, pictures)
+            await asyncio.to_thread(record_use, self.flow.storage, body.face_id, generation_id, owner, self.results_s)
         else:
             job_input.face = StoredFace.of(await self.flow.analyze(await self._face_job(body, owner, pictures),
                                                                    deadline))

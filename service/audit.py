@@ -20,9 +20,11 @@ EVENTS = ("face_registered", "face_used", "face_erased")
 
 
 def audit(storage: Storage, event: str, *, owner: str, face_id: str, generation_id: str | None = None,
-          row_id: str | None = None, reason: str | None = None, at: float | None = None) -> str:
+          row_id: str | None = None, reason: str | None = None, generations: int | None = None,
+          at: float | None = None) -> str:
     """Append one entry; return its key. A use names the generation, or the offline
-    render's row (``row_id``)."""
+    render's row (``row_id``); an erasure with cascade says how many generations went
+    with the face (``generations``)."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}")
     at = time.time() if at is None else at
@@ -35,6 +37,8 @@ def audit(storage: Storage, event: str, *, owner: str, face_id: str, generation_
         entry["row_id"] = row_id
     if reason is not None:
         entry["reason"] = reason
+    if generations is not None:
+        entry["generations"] = generations
     if not storage.put_if_absent(key, json_bytes(entry)):
         raise RuntimeError(f"audit entry {key} exists already")  # 48 random bits: never in practice
     return key

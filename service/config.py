@@ -76,6 +76,8 @@ class Retention(BaseModel):
     uploads_s: int = Field(24 * 3600, ge=1, description="Photos clients upload to the input buckets (bucket "
                                                           "lifecycle rule only: the service stores no photos).")
     sweep_interval_s: float = Field(3600.0, gt=0, description="How often expired data is deleted.")
+    orphans_s: int = Field(3600, ge=60, description="Age after which what a writer that died left is deleted: "
+                           "images without their record, claims past their hold, uploads never completed.")
 
 
 class WatermarkConfig(BaseModel):
@@ -155,6 +157,13 @@ class AppArgs(BaseModel):
     def _auth_is_explicit(self) -> "AppArgs":
         if not self.auth.disabled and not self.auth.api_key_sha256 and not self.auth.api_keys_env:
             raise ValueError("auth: give api_key_sha256 or api_keys_env, or set auth.disabled explicitly")
+        return self
+
+    @model_validator(mode="after")
+    def _orphans_outlive_requests(self) -> "AppArgs":
+        if self.retention.orphans_s < self.request_timeout_s:  # a render still storing is not an orphan
+            raise ValueError(f"retention.orphans_s ({self.retention.orphans_s}) must be at least request_timeout_s "
+                             f"({self.request_timeout_s})")
         return self
 
     def signing_keys(self) -> "SigningKeys":

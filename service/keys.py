@@ -2,6 +2,8 @@
 generation. Every key is made here, from validated ids (never from user text).
 
     faces/<face_id>.json                 a registered face (embedding, keypoints, owner)
+    uses/<face_id>/<generation_id>.json  a generation made from a registered face (so that erasing
+                                         the face can erase them too: ``?cascade=true``)
     generations/<id>/<k>.<ext>           the images of a generation
     generations/<id>/record.json         its record, written last: its presence marks it complete
     generations/<id>/renders/<n>.json    one entry per render that was stored (how often it really ran)
@@ -14,8 +16,9 @@ generation. Every key is made here, from validated ids (never from user text).
                                          writes nothing more, and erases what it wrote last
     jobs/owners/<owner>.json             this API key's jobs not finished yet (the per-key job cap counts them)
 
-Everything under ``jobs/`` and ``generations/`` expires with ``retention.results_s``, faces
-with ``retention.faces_s`` (the Janitor and the bucket lifecycle rules).
+Everything under ``jobs/``, ``generations/`` and ``uses/`` expires with
+``retention.results_s``, faces with ``retention.faces_s`` (the Janitor and the bucket
+lifecycle rules); ``audit/`` is the operator's to keep (:mod:`service.audit`).
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ GENERATION_ID = re.compile(r"g_[A-Za-z0-9_-]{22}")
 ACTIVE_PREFIX = "jobs/active"
 DELETED_PREFIX = "jobs/deleted"
 OWNERS_PREFIX = "jobs/owners"
+USES_PREFIX = "uses"
 
 
 def face_key(face_id: str) -> str:
     return f"faces/{face_id}.json"
+
+
+def use_key(face_id: str, generation_id: str) -> str:
+    return f"{USES_PREFIX}/{face_id}/{generation_id}.json"
 
 
 def generation_prefix(generation_id: str) -> str:
@@ -99,14 +107,17 @@ def active_job_ids(storage: Storage) -> list[str]:
     return ids
 
 
-def erase_generation(storage: Storage, generation_id: str) -> None:
+def erase_generation(storage: Storage, generation_id: str) -> int:
     """Delete every stored piece of a generation: images and render log, then its record
     (last, so an interrupted erase leaves the record to find and erase again), then its
     job (input, cancel marker, lease and record; its place in its owner's count of
-    unfinished jobs is :class:`~service.places.JobPlaces`'s to give back)."""
+    unfinished jobs is :class:`~service.places.JobPlaces`'s to give back). Returns how
+    many objects it deleted."""
     keys = storage.list_keys(generation_prefix(generation_id))
     for key in sorted(keys, key=lambda k: k == record_key(generation_id)):
         storage.delete(key)
-    for key in (job_input_key(generation_id), cancel_key(generation_id), lease_key(generation_id),
-                job_key(generation_id)):
+    job = storage.list_keys(f"jobs/{generation_id}")  # input, cancel marker, record
+    job = [*job, lease_key(generation_id)] if storage.exists(lease_key(generation_id)) else job
+    for key in sorted(job, key=lambda k: k == job_key(generation_id)):
         storage.delete(key)
+    return len(keys) + len(job)

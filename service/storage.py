@@ -65,6 +65,15 @@ class Storage(Protocol):
 
     def list_keys(self, prefix: str) -> list[str]: ...
 
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        """Key -> when it was last written (epoch seconds), for every key under ``prefix``."""
+        ...
+
+    def abort_partial(self, before: float) -> int:
+        """Remove uploads that were started before ``before`` and never completed (a
+        crashed writer's temporary files, an S3 multipart upload never finished); how many."""
+        ...
+
     def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> bool:
         """Create ``key`` atomically; False (and nothing written) when it exists."""
         ...
@@ -192,6 +201,19 @@ class LocalStorage(_JsonMixin):
         return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
                       if p.is_file() and not p.name.startswith((".part-", ".locks")))
 
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        return {key: self._path(key).stat().st_mtime for key in self.list_keys(prefix)
+                if self._path(key).is_file()}
+
+    def abort_partial(self, before: float) -> int:
+        aborted = 0
+        for path in self.root.rglob(".part-*"):  # a write interrupted between its temporary file and its rename
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file() and path.stat().st_mtime < before:
+                    path.unlink()
+                    aborted += 1
+        return aborted
+
     def url(self, key: str, expires_s: int) -> str:
         expires = int(time.time()) + int(expires_s)
         query = urlencode({"expires": expires, "signature": self.signature(key, expires)})
@@ -303,14 +325,30 @@ class S3Storage(_JsonMixin):
             return False
 
     def list_keys(self, prefix: str) -> list[str]:
+        return sorted(self.list_modified(prefix))
+
+    def list_modified(self, prefix: str) -> dict[str, float]:
         full = self.location.key(check_key(prefix.rstrip("/"))) + "/"
         strip = len(self.location.prefix) + 1 if self.location.prefix else 0
-        keys: list[str] = []
         paginator = self.client.get_paginator("list_objects_v2")
         pages = self._call(prefix, lambda: list(paginator.paginate(Bucket=self.location.bucket, Prefix=full)))
-        for page in pages:
-            keys += [item["Key"][strip:] for item in page.get("Contents", [])]
-        return sorted(keys)
+        return {item["Key"][strip:]: item["LastModified"].timestamp() for page in pages
+                for item in page.get("Contents", [])}
+
+    def abort_partial(self, before: float) -> int:
+        """Multipart uploads under this store's prefix started before ``before`` (the bucket's
+        lifecycle rule aborts them too, after a day)."""
+        prefix = f"{self.location.prefix}/" if self.location.prefix else ""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        pages = self._call("multipart uploads",
+                           lambda: list(paginator.paginate(Bucket=self.location.bucket, Prefix=prefix)))
+        aborted = 0
+        for upload in (u for page in pages for u in page.get("Uploads", [])):
+            if upload["Initiated"].timestamp() < before:
+                self._call(upload["Key"], self.client.abort_multipart_upload, Bucket=self.location.bucket,
+                           Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
 
     def url(self, key: str, expires_s: int) -> str:
         return self.presign_client.generate_presigned_url(

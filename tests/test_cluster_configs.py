@@ -116,9 +116,15 @@ def test_bucket_lifecycle_rules_enforce_the_retention_and_are_valid_s3_requests(
     days = lambda seconds: -(-seconds // 86400)  # noqa: E731 - whole days, rounded up
     for rule, folder, seconds in (("instantid-faces", "faces/", args.retention.faces_s),
                                   ("instantid-generations", "generations/", args.retention.results_s),
-                                  ("instantid-jobs", "jobs/", args.retention.results_s)):
+                                  ("instantid-jobs", "jobs/", args.retention.results_s),
+                                  ("instantid-uses", "uses/", args.retention.results_s)):
         assert outputs[rule]["Filter"]["Prefix"] == f"{prefix}/{folder}"
         assert outputs[rule]["Expiration"]["Days"] == days(seconds), rule
     assert set(args.input_buckets) <= set(rules)  # uploaded photos expire too
     for name in args.input_buckets:
-        assert [r["Expiration"]["Days"] for r in rules[name]["Rules"]] == [days(args.retention.uploads_s)]
+        assert [r["Expiration"]["Days"] for r in rules[name]["Rules"] if "Days" in r["Expiration"]] == [
+            days(args.retention.uploads_s)]
+    for name, configuration in rules.items():  # an erased object's older versions do not outlive it by long
+        noncurrent = [r for r in configuration["Rules"] if "NoncurrentVersionExpiration" in r]
+        assert [(r["Filter"]["Prefix"], r["NoncurrentVersionExpiration"]["NoncurrentDays"]) for r in noncurrent] == [
+            (f"{prefix}/" if name == bucket else "", 1)], name

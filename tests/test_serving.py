@@ -224,7 +224,48 @@ def test_register_a_face_render_it_then_erase_it(client, photo, s3_env):
     assert [(e["event"], e.get("generation_id")) for e in log] == [
         ("face_registered", None), ("face_used", by_id.json()["id"]), ("face_erased", None)]
     assert all(set(e) <= {"event", "at", "owner", "face_id", "generation_id", "reason"} for e in log)
+    assert store.list_keys(f"uses/{face_id}") == []  # its links to what it made go with it
     assert len({e["owner"] for e in log}) == 1 and log[-1]["reason"] == "deleted"
+
+
+def test_erasing_a_face_with_cascade_erases_every_generation_made_from_it(client, photo, s3_env):
+    """Sync and async generations from a registered face go with it (images, records, job),
+    the response says how many; a generation from photos stays; the audit entry counts them."""
+    face_id = client.post("/v1/faces", json={"consent": CONSENT, "face_images": [photo]},
+                          headers=auth()).json()["face_id"]
+    synced = generate(client, {"face_id": face_id, **SMALL}).json()["id"]
+    queued = client.post("/v1/generations", json={"face_id": face_id, "async": True, **SMALL}, headers=auth())
+    assert queued.status_code == 202, queued.text
+    from_photo = generate(client, {"face_images": [photo], **SMALL}).json()["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/generations/{queued.json()['id']}", headers=auth()).json()["status"] != "succeeded":
+        assert time.monotonic() < deadline, "the async generation did not finish"
+        time.sleep(0.2)
+    assert_error(client.delete(f"/v1/faces/{face_id}?cascade=maybe", headers=auth()), 422, "invalid_parameter",
+                 "cascade")
+    erased = client.delete(f"/v1/faces/{face_id}?cascade=true", headers=auth())
+    assert erased.status_code == 200, erased.text
+    assert erased.json() == {"face_id": face_id, "generations_erased": 2}
+    s3 = s3_env["server"].client()
+    for gone in (synced, queued.json()["id"]):
+        assert_error(client.get(f"/v1/generations/{gone}", headers=auth()), 404, "not_found")
+        for folder in ("generations", "jobs"):
+            listed = s3.list_objects_v2(Bucket=s3_env["bucket"], Prefix=f"{s3_env['prefix']}/{folder}/{gone}")
+            assert listed.get("KeyCount", 0) == 0, (folder, gone)
+    kept = client.get(f"/v1/generations/{from_photo}", headers=auth())
+    assert kept.status_code == 200 and fetch_image(kept.json()["images"][0]["url"])
+    assert_error(client.get(f"/v1/faces/{face_id}", headers=auth()), 404, "not_found")
+    assert_error(client.delete(f"/v1/faces/{face_id}?cascade=true", headers=auth()), 404, "not_found")
+
+    from service.audit import entries
+    from service.storage import open_storage
+
+    store = open_storage(f"s3://{s3_env['bucket']}/{s3_env['prefix']}", endpoint_url=s3_env["server"].endpoint)
+    log = [e for e in entries(store) if e["face_id"] == face_id]
+    assert [e["event"] for e in log] == ["face_registered", "face_used", "face_used", "face_erased"]
+    assert {e["generation_id"] for e in log[1:3]} == {synced, queued.json()["id"]}
+    assert log[-1]["generations"] == 2 and log[-1]["reason"] == "deleted"
+    assert store.list_keys(f"uses/{face_id}") == []
 
 
 def test_generation_records_can_be_read_again_and_deleted(client, photo, s3_env):
