@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     watermark.add_argument("--ids", type=int, help="generation ids each photo is marked with (default 4)")
 
     post = commands.add_parser("postprocess", help="the Postprocessor's CPU work per image: safety check, "
-                                                   "watermark, encoding")
+                                                   "watermark, encoding, C2PA manifest")
     common(post)
     post.add_argument("--smallest", action="store_true", help="256x256, two images, the fixture checker (tests)")
     post.add_argument("--size", type=int, help="image side (default 1024)")

@@ -48,6 +48,10 @@ def _container(name: str, resources: dict, extra_env: list[dict] | None = None) 
                                                                             "key": "url"}}},
         {"name": "INSTANTID_WEBHOOK_SIGNING_KEY", "valueFrom": {"secretKeyRef": {"name": "instantid-signing-keys",
                                                                                 "key": "webhook"}}},
+        # the C2PA signing key and its certificate chain every output's manifest is signed with
+        {"name": "INSTANTID_C2PA_KEY", "valueFrom": {"secretKeyRef": {"name": "instantid-c2pa", "key": "key.pem"}}},
+        {"name": "INSTANTID_C2PA_CERT", "valueFrom": {"secretKeyRef": {"name": "instantid-c2pa",
+                                                                      "key": "chain.pem"}}},
         {"name": "INSTANTID_CACHE", "value": "/cache/instantid"},
     ] + (extra_env or [])
     return {

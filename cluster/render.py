@@ -35,12 +35,14 @@ from pipeline.face import with_layout
 from pipeline.images import ImageLimits, load_image
 from pipeline.params import GenerationParams, invalid_parameter_from, seed_from
 from pipeline.s3 import S3Location, s3_client
+from pipeline.provenance import settings_of
 from pipeline.watermark import Watermark
 from service.batching import RenderRequest, render_requests
 from service.errors import public_error
 from service.audit import audit
 from service.lookup import load_face
 from service.storage import open_storage
+from service.config import ProvenanceConfig
 from service.store import FORMATS, store_result
 
 FINAL = ("ok", "no_face", "bad_image")  # a rerun does not touch these; "error" rows are retried
@@ -280,12 +282,15 @@ def _message(error: BaseException) -> str:
     return shown.message if shown.code != "internal_error" else f"{type(error).__name__}: {error}"
 
 
-def upload(batch, out: str, run_id: str, s3_endpoint: str | None, watermark_service: str | None = None):
+def upload(batch, out: str, run_id: str, s3_endpoint: str | None, watermark_service: str | None = None,
+           c2pa_service: str | None = None):
     """Task: stores each rendered row (:func:`service.store.store_result`: the images, each
-    marked with the row's id when large enough, then its ``ok`` marker, created once); a
-    failed row gets its ``error`` marker."""
+    marked with the row's id when large enough and signed (a C2PA manifest, with the
+    credentials in this node's env) when ``c2pa_service`` is given, then its ``ok`` marker,
+    created once); a failed row gets its ``error`` marker."""
     store = open_storage(out, endpoint_url=s3_endpoint)
     watermark = Watermark(watermark_service) if watermark_service else None
+    credentials = ProvenanceConfig().credentials(c2pa_service) if c2pa_service else None
     batch = batch.reset_index(drop=True)
     results = []
     for i in range(len(batch)):
@@ -299,7 +304,11 @@ def upload(batch, out: str, run_id: str, s3_endpoint: str | None, watermark_serv
                 row.update(status="ok", seeds=json.loads(batch.at[i, "seeds"]), finished_at=time.time())
                 stored = store_result(store, images, prefix=f"images/{row['id']}", fmt=batch.at[i, "output_format"],
                                       quality=int(batch.at[i, "quality"]), record_key=f"rows/{row['id']}.ok.json",
-                                      record=row, keys_field="images", watermark=watermark, output_id=row["id"])
+                                      record=row, keys_field="images", watermark=watermark, output_id=row["id"],
+                                      credentials=credentials,
+                                      settings=settings_of(GenerationParams.model_validate_json(batch.at[i, "spec"]),
+                                                           row_id=row["id"], width=row["width"],
+                                                           height=row["height"]))
                 row = stored.record if stored.fresh else {**row, "status": "duplicate"}
                 store.delete(f"rows/{row['id']}.error.json")
         except Exception as error:  # noqa: BLE001
@@ -365,10 +374,14 @@ def run(manifest: str, weights: str, out: str, *, face_store: str | None = None,
         diffusion_gpus: float = 0.0, face_accelerator: str | None = None,
         diffusion_accelerator: str | None = None, face_actors: tuple[int, int] = (1, 1),
         diffusion_actors: tuple[int, int] = (1, 1), batch_images: int = 4, s3_endpoint: str | None = None,
-        progress: bool = True, watermark_service: str | None = "instantid") -> dict:
+        progress: bool = True, watermark_service: str | None = "instantid", c2pa_service: str | None = None) -> dict:
     """Render every row of ``manifest`` that is not finished yet; return the summary.
     ``watermark_service``: every image large enough carries the invisible mark naming its
-    row (None: unmarked)."""
+    row (None: unmarked). ``c2pa_service``: every image carries a C2PA manifest signed by
+    it, with the credentials in $INSTANTID_C2PA_KEY/$INSTANTID_C2PA_CERT (checked here
+    first; None: unsigned)."""
+    if c2pa_service:
+        ProvenanceConfig().credentials(c2pa_service)  # refused now, not in every upload task
     import pandas as pd
     import ray
 
@@ -406,7 +419,7 @@ def run(manifest: str, weights: str, out: str, *, face_store: str | None = None,
                                                    "cache": cache}, **diffusion_options)
         ds = ds.map_batches(upload, batch_format="pandas", batch_size=8, num_cpus=0.5,
                             fn_kwargs={"out": out, "run_id": run_id, "s3_endpoint": s3_endpoint,
-                                       "watermark_service": watermark_service})
+                                       "watermark_service": watermark_service, "c2pa_service": c2pa_service})
         bar = _progress(len(todo), progress)
         for result in ds.iter_rows():
             results.append({**json.loads(result["report"]), "status": result["status"]})

@@ -127,7 +127,7 @@ class UploadRequest(BaseModel):
 
 
 class VerifyRequest(BaseModel):
-    """``POST /v1/verify``: an image to read the invisible watermark of."""
+    """``POST /v1/verify``: an image to read the invisible watermark and C2PA manifest of."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -146,8 +146,21 @@ class WatermarkReading(BaseModel):
                                                            "SHA-256 of the row id, hex.")
 
 
+class ManifestReading(BaseModel):
+    valid: bool = Field(description="The manifest's signature and its bindings to the pixels and assertions check out.")
+    trusted: bool | None = Field(None, description="Its signer's certificate leads to this service's own CA (None: "
+                                                   "this server signs nothing, so has no CA to compare with).")
+    errors: list[str] = Field(default_factory=list, description="C2PA validation failure codes.")
+    generator: str = Field(description="The claim generator: the service that signed it, and its version.")
+    created_by_algorithm: bool = Field(description="It states c2pa.created with digital source type "
+                                                   "trainedAlgorithmicMedia.")
+    generation: dict | None = Field(None, description="The generation settings it states (never face data).")
+    signer: str | None = Field(None, description="The signing certificate's subject and issuer.")
+
+
 class VerifyResponse(BaseModel):
     watermark: WatermarkReading
+    c2pa: ManifestReading | None = Field(None, description="The C2PA manifest, when the file carries one.")
     width: int
     height: int
 
@@ -176,6 +189,8 @@ class Image(BaseModel):
     watermarked: bool = Field(False, description="The invisible watermark naming this generation reads back from "
                                                  "the stored file (`instantid verify`; pictures under 256x256 pixels "
                                                  "in area carry none).")
+    c2pa: bool = Field(False, description="The file carries a signed C2PA manifest (created by a trained algorithm, "
+                                          "this service, the generation settings; `instantid verify`).")
     safety: SafetyResult | None = Field(None, description="The output safety check's verdict (absent when the "
                                                           "server runs none).")
 

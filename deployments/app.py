@@ -41,6 +41,7 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     ``.options()`` overrides, in the shape of a Serve config's ``deployments`` entries."""
     args = AppArgs.model_validate(args)
     args.signing_keys()  # refused here, at once, rather than in every replica
+    args.provenance.credentials(args.watermark.service)  # (so are C2PA credentials that are missing or bad)
     _check_safety_checker(args)
     options = deployment_options or {}
     unknown = set(options) - set(DEPLOYMENTS)
@@ -58,7 +59,8 @@ def build_app(args: AppArgs | dict[str, Any], deployment_options: dict[str, dict
     )
     postprocessor = deployment(Postprocessor).bind(args.storage, args.s3_endpoint_url,
                                                    args.watermark.service if args.watermark.enabled else None,
-                                                   args.safety.policy, args.weights, args.weights_cache)
+                                                   args.safety.policy, args.weights, args.weights_cache,
+                                                   args.provenance, args.watermark.service)
     generator = deployment(Generator).bind(
         postprocessor, args.weights, args.device, args.dtype, args.weights_cache, args.s3_endpoint_url,
         limits.max_num_images, args.optimizations, args.warmup_shapes,

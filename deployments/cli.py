@@ -47,6 +47,9 @@ def _extend(commands) -> None:
     render.add_argument("--watermark-service", default="instantid",
                         help="the name the invisible watermark on each image carries (`instantid verify --service`)")
     render.add_argument("--no-watermark", action="store_true", help="store the images unmarked")
+    render.add_argument("--no-c2pa", action="store_true",
+                        help="store the images without a C2PA manifest (by default each is signed with the "
+                             "credentials in $INSTANTID_C2PA_KEY and $INSTANTID_C2PA_CERT, as the service's are)")
 
 
 def _serve(args) -> int:
@@ -90,6 +93,14 @@ def _render(args) -> int:
                                                                                    "--diffusion-actors")
     if args.batch_images < 1:
         raise InvalidParameter("--batch-images", "must be at least 1")
+    if not args.no_c2pa:  # before Ray starts: missing or bad credentials are a quick, clear refusal
+        from service.config import ProvenanceConfig
+
+        try:
+            ProvenanceConfig().credentials(args.watermark_service)
+        except InvalidParameter as error:
+            raise InvalidParameter("--no-c2pa", error.reason.replace("set provenance.enabled: false",
+                                                                     "pass --no-c2pa")) from None
     import ray
 
     from cluster.render import run
@@ -112,7 +123,8 @@ def _render(args) -> int:
                       diffusion_accelerator=args.diffusion_accelerator, face_actors=face_actors,
                       diffusion_actors=diffusion_actors, batch_images=args.batch_images,
                       progress=not args.no_progress,
-                      watermark_service=None if args.no_watermark else args.watermark_service)
+                      watermark_service=None if args.no_watermark else args.watermark_service,
+                      c2pa_service=None if args.no_c2pa else args.watermark_service)
     finally:
         ray.shutdown()
     print(json.dumps(summary))

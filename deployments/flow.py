@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from pipeline.face import FaceInfo
 from pipeline.params import GenerationParams
+from pipeline.provenance import settings_of
 from service.batching import RenderRequest
 from service.errors import Unavailable
 from service.fairness import FairQueue
@@ -69,7 +70,8 @@ class GenerationFlow:
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
         job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face,
                                           image=pictures.image, mask=pictures.mask, controls=pictures.controls),
-                            output, record)
+                            output, record, settings_of(params, mode="inpainting" if pictures.mask else
+                                                        "img2img" if pictures.image else "text2img"))
         for attempt in range(2):
             try:
                 called = time.monotonic()

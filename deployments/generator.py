@@ -139,7 +139,7 @@ class Generator:
             if isinstance(outcome, BaseException):
                 raise outcome
             yield {"type": "stage", "stage": "storing"}
-            stored = await self.postprocessor.store.remote(outcome, job.output, job.record)
+            stored = await self.postprocessor.store.remote(outcome, job.output, job.record, job.settings)
             yield {"type": "result", "result": stored}
         except (asyncio.CancelledError, GeneratorExit):
             call.cancelled.set()  # the render stops at its next step if no other call shares it

@@ -6,6 +6,7 @@ the page and stored files (:mod:`.web`); records, jobs and claims in :mod:`servi
 import asyncio
 import secrets
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from pipeline.errors import InvalidParameter
 from pipeline.images import ImageLimits, decode_image_bytes
 from pipeline.optimize import Optimizations
 from pipeline.params import seed_from
+from pipeline.provenance import inspect
 from pipeline.schedulers import SCHEDULERS
 from pipeline.styles import style_names
 from pipeline.watermark import Watermark
@@ -114,6 +116,8 @@ class Ingress:
         self.image_limits = ImageLimits(max_bytes=args.limits.max_image_bytes, max_pixels=args.limits.max_image_pixels,
                                         max_side=args.limits.max_image_side, min_side=8)
         self.watermark = Watermark(args.watermark.service)  # reads marks even when marking is off now
+        credentials = args.provenance.credentials(args.watermark.service)  # manifests signed by it read as trusted
+        self.trust_anchors = credentials.trust_anchors() if credentials is not None else None
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorResponse}})
     async def healthz(self):
@@ -271,15 +275,18 @@ class Ingress:
     # ------------------------------------------------------------------ provenance
     @app.post("/v1/verify", response_model=VerifyResponse, responses=ERRORS)
     async def verify(self, body: VerifyRequest, owner: str = Depends(caller)):
-        """Read the invisible watermark of a picture: whether this service made it, and the
-        generation it names (as `instantid verify IMAGE` does). Nothing is stored."""
+        """Read the invisible watermark and the C2PA manifest of a picture: whether this
+        service made it, the generation it names, whether the manifest validates (as
+        `instantid verify IMAGE` does). Nothing is stored."""
         data = await self.inputs.image_bytes(body.image, "image", owner)
-        return await _off_loop(self._read_watermark, data)
+        return await _off_loop(self._verify, data)
 
-    def _read_watermark(self, data: bytes) -> dict:
+    def _verify(self, data: bytes) -> dict:
         picture = np.asarray(decode_image_bytes(data, field="image", limits=self.image_limits))
         reading = self.watermark.read(picture)
-        return {"watermark": reading.as_dict(), "width": picture.shape[1], "height": picture.shape[0]}
+        manifest = inspect(data, trust_anchors_pem=self.trust_anchors)
+        return {"watermark": reading.as_dict(), "c2pa": asdict(manifest) if manifest is not None else None,
+                "width": picture.shape[1], "height": picture.shape[0]}
 
     @app.get("/v1/options")
     async def options(self):

@@ -73,7 +73,25 @@ def local_args(application: dict[str, Any], **overrides: Any) -> AppArgs:
     for name in ("url_signing_key", "webhook_signing_key"):
         if not os.environ.get(args.get(f"{name}_env") or AppArgs.model_fields[f"{name}_env"].default):
             args.setdefault(name, secrets.token_hex(32))
-    return AppArgs.model_validate(args)
+    parsed = AppArgs.model_validate(args)
+    provenance = parsed.provenance
+    if provenance.enabled and not (os.environ.get(provenance.key_env) or provenance.key_pem):
+        args["provenance"] = {**args.get("provenance", {}), **run_c2pa_credentials()}
+        parsed = AppArgs.model_validate(args)
+    return parsed
+
+
+def run_c2pa_credentials() -> dict[str, str]:
+    """A C2PA signing key and chain made for this run alone (a throwaway CA no one trusts:
+    the manifests validate, and say who made the image, but only lasting credentials in
+    $INSTANTID_C2PA_KEY/$INSTANTID_C2PA_CERT make them trusted anywhere)."""
+    import tempfile
+
+    from pipeline.provenance import make_test_chain
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = make_test_chain(folder, name="instantid local run", days=365)
+        return {"key_pem": files.key.read_text(), "cert_pem": files.cert.read_text()}
 
 
 KEYS_ENV = AppArgs.model_fields["auth"].default_factory().api_keys_env  # INSTANTID_API_KEY_SHA256

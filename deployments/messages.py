@@ -36,6 +36,7 @@ class GenerationJob:
     request: RenderRequest
     output: OutputSpec
     record: GenerationRecord
+    settings: dict = field(default_factory=dict)  # what the images' C2PA manifests state (public settings only)
 
 
 @dataclass

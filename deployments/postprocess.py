@@ -10,6 +10,7 @@ import time
 from ray import serve
 
 from service.batching import RenderedImages
+from service.config import ProvenanceConfig
 from service.keys import deleted_key, generation_prefix, record_key
 from service.records import GenerationRecord, OutputSpec, SafetyVerdict
 from service.storage import open_storage
@@ -23,8 +24,11 @@ from .messages import StoredGeneration
 @serve.deployment(name="Postprocessor", max_ongoing_requests=16)
 class Postprocessor:
     def __init__(self, storage: str, s3_endpoint: str | None = None, watermark_service: str | None = None,
-                 safety_policy: str = "off", weights: str | None = None, cache: str | None = None) -> None:
+                 safety_policy: str = "off", weights: str | None = None, cache: str | None = None,
+                 provenance: ProvenanceConfig | None = None, service: str = "instantid") -> None:
         self.storage = open_storage(storage, endpoint_url=s3_endpoint)
+        # every output carries a signed C2PA manifest (None: off); the credentials from this node's env
+        self.credentials = provenance.credentials(service) if provenance is not None else None
         # every output large enough carries the invisible mark naming its generation (None: off)
         self.watermark = Watermark(watermark_service) if watermark_service else None
         # every output is screened before it is stored ("off": not); the classifier from the weights root
@@ -34,15 +38,19 @@ class Postprocessor:
 
     def ready(self) -> dict:
         return {"stage": "postprocessor", "storage": repr(self.storage),
-                "watermark": self.watermark.service if self.watermark else None, "safety": self.safety_policy}
+                "watermark": self.watermark.service if self.watermark else None, "safety": self.safety_policy,
+                "c2pa": self.credentials is not None}
 
-    async def store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord) -> StoredGeneration:
+    async def store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord,
+                    settings: dict | None = None) -> StoredGeneration:
         """Store once: when an earlier attempt (a retry, a job taken over) already stored
         this generation, its record stands and is returned as ``replayed``. A generation
-        deleted meanwhile is not stored (or is erased again): :class:`Canceled`."""
-        return await asyncio.to_thread(self._store, rendered, output, record)
+        deleted meanwhile is not stored (or is erased again): :class:`Canceled`.
+        ``settings``: the public generation settings each image's C2PA manifest states."""
+        return await asyncio.to_thread(self._store, rendered, output, record, settings or {})
 
-    def _store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord) -> StoredGeneration:
+    def _store(self, rendered: RenderedImages, output: OutputSpec, record: GenerationRecord,
+               settings: dict) -> StoredGeneration:
         images: list = list(rendered.images)
         update = {"seeds": rendered.seeds, "width": rendered.width, "height": rendered.height,
                   "batch_size": rendered.batch_size}
@@ -57,6 +65,9 @@ class Postprocessor:
         stored = store_result(self.storage, images, prefix=generation_prefix(rendered.id), fmt=output.format,
                               quality=output.quality, record_key=record_key(rendered.id),
                               record=record.model_dump(mode="json"), log_renders=rendered.id,
-                              tombstone=deleted_key(rendered.id), watermark=self.watermark, output_id=rendered.id)
+                              tombstone=deleted_key(rendered.id), watermark=self.watermark, output_id=rendered.id,
+                              credentials=self.credentials,
+                              settings={**settings, "generation_id": rendered.id, "width": rendered.width,
+                                        "height": rendered.height})
         return StoredGeneration(GenerationRecord.model_validate(stored.record), replayed=not stored.fresh,
                                 timings_ms={**timings, **stored.timings_ms})

@@ -31,7 +31,8 @@ class Views:
             key = None if verdict is not None and verdict.action == "blocked" else next(stored)
             url = None if key is None else self.absolute(base_url, self.storage.url(key, self.url_expiry_s))
             views.append({"url": url, "seed": seed, "width": record.width, "height": record.height,
-                          "watermarked": marked[k], "safety": verdict.model_dump() if verdict is not None else None})
+                          "watermarked": marked[k], "c2pa": record.c2pa and key is not None,
+                          "safety": verdict.model_dump() if verdict is not None else None})
         return views
 
     def generation(self, record: GenerationRecord, base_url: str | None, timings: dict | None = None) -> dict:

@@ -66,10 +66,13 @@ def build_parser():
         help="random weights of the published sizes (SDXL base, InstantID, fp16, about 10 GB): for load benchmarks",
     )
 
-    verify = commands.add_parser("verify", help="read the invisible watermark of an image this service made")
+    verify = commands.add_parser("verify", help="read the invisible watermark and the C2PA manifest of an image "
+                                                "this service made")
     verify.add_argument("image", type=Path, help="a PNG, JPEG or WebP file")
-    verify.add_argument("--service", default="instantid", help="the service name the mark should carry "
-                                                               "(the app's watermark.service)")
+    verify.add_argument("--service", default="instantid", help="the service name the mark and the manifest should "
+                                                               "carry (the app's watermark.service)")
+    verify.add_argument("--trust-anchors", type=Path, help="PEM certificates of the CAs to trust (the manifest's "
+                                                           "`trusted` says whether its signer leads to one)")
 
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
@@ -110,6 +113,9 @@ def build_parser():
     gen.add_argument("--watermark-service", default="instantid",
                      help="the name the invisible watermark on each image carries (`instantid verify --service`)")
     gen.add_argument("--no-watermark", action="store_true", help="write the images unmarked")
+    gen.add_argument("--no-c2pa", action="store_true",
+                     help="write no C2PA manifest (by default each image is signed when $INSTANTID_C2PA_KEY and "
+                          "$INSTANTID_C2PA_CERT hold credentials)")
     gen.add_argument("--safety-check", choices=("block", "blur", "flag"),
                      help="screen each image with the weights root's safety_checker/ first: a flagged image is not "
                           "written (block), written blurred (blur) or written as it is (flag); the report says which")
@@ -164,17 +170,27 @@ SINGLE_FILE_FIXTURE = Path("sdxl-single") / "sdxl_fixture.safetensors"
 
 
 def _verify(args) -> int:
-    """Print what the image's invisible watermark says, as JSON; exit 0 when it carries
-    this service's mark, 1 when it carries none (or another service's)."""
+    """Print what the image's invisible watermark and C2PA manifest say, as JSON; exit 0
+    when it carries this service's mark or a valid manifest this service signed, 1 when
+    neither (no mark, another service's, a manifest that fails validation)."""
     import numpy as np
 
+    from dataclasses import asdict
+
     from .images import load_image
+    from .provenance import inspect, made_by
     from .watermark import Watermark
 
     image = load_image(args.image, field="image")
     reading = Watermark(args.service).read(np.asarray(image))
-    print(json.dumps({"image": str(args.image), "watermark": reading.as_dict()}))
-    return 0 if reading.found and reading.this_service else EXIT_ERROR
+    try:
+        anchors = args.trust_anchors.read_bytes() if args.trust_anchors else None
+        manifest = inspect(args.image.read_bytes(), trust_anchors_pem=anchors)
+    except (OSError, ValueError) as error:  # trust anchors missing or unreadable
+        raise InvalidParameter("--trust-anchors", str(error)) from None
+    print(json.dumps({"image": str(args.image), "watermark": reading.as_dict(),
+                      "c2pa": asdict(manifest) if manifest is not None else None}))
+    return 0 if (reading.found and reading.this_service) or made_by(manifest, args.service) else EXIT_ERROR
 
 
 def _fixtures(args) -> int:
@@ -254,6 +270,12 @@ def _generate(args) -> int:
         raise InvalidParameter("--out", f"unknown image extension {args.out.suffix!r}; use one of {sorted(OUTPUT_FORMATS)}")
     if args.out.parent and not args.out.parent.exists():
         raise InvalidParameter("--out", f"folder {args.out.parent} does not exist")
+    from .provenance import credentials_from_env
+
+    try:  # the C2PA credentials in the env, checked before any render
+        credentials = None if args.no_c2pa else credentials_from_env(args.watermark_service)
+    except ValueError as error:
+        raise InvalidParameter("--no-c2pa", f"{error} (or pass --no-c2pa)") from None
     faces = [load_image(p, field=f"--face {p}") for p in args.face]
     pose = load_image(args.pose, field=f"--pose {args.pose}") if args.pose else None
     picture = load_image(args.image, field=f"--image {args.image}") if args.image else None
@@ -289,16 +311,20 @@ def _generate(args) -> int:
                   controlnets=[{**entry, "image": image} for (entry, _), image in zip(controls, control_images)])
     result.timings_ms["face"] = face_ms
 
-    # 3. mark (each image large enough carries the invisible watermark naming this run) and write
+    # 3. mark (each image large enough carries the invisible watermark naming this run), sign
+    #    (a C2PA manifest, when the env holds credentials) and write
+    import io
     import secrets
 
     import numpy as np
     from PIL import Image
 
+    from .provenance import settings_of
     from .watermark import Watermark
 
     generation_id = "g_" + secrets.token_urlsafe(16)
     watermark = None if args.no_watermark else Watermark(args.watermark_service)
+    mime = f"image/{out_format.lower()}"
     pictures = [np.asarray(image) for image in result.images]
     verdicts = [None] * len(pictures)
     if checker is not None:
@@ -312,13 +338,20 @@ def _generate(args) -> int:
     for k, (picture, seed, verdict) in enumerate(zip(pictures, result.seeds, verdicts)):
         safety = {"safety": verdict} if verdict is not None else {}
         if picture is None:  # blocked by the safety check: not written
-            outputs.append({"path": None, "seed": seed, "watermarked": False, **safety})
+            outputs.append({"path": None, "seed": seed, "watermarked": False, "c2pa": False, **safety})
             continue
         path = args.out if len(pictures) == 1 else args.out.with_name(f"{args.out.stem}-{k}{args.out.suffix}")
         marked = watermark.mark(picture, generation_id) if watermark is not None else None
-        Image.fromarray(picture if marked is None else marked).save(path, format=out_format, **options)
-        kept = marked is not None and watermark.read(np.asarray(Image.open(path).convert("RGB"))).names(generation_id)
-        outputs.append({"path": str(path), "seed": seed, "watermarked": kept, **safety})
+        buffer = io.BytesIO()
+        Image.fromarray(picture if marked is None else marked).save(buffer, format=out_format, **options)
+        kept = marked is not None and watermark.read(np.asarray(Image.open(buffer).convert("RGB"))).names(generation_id)
+        data = buffer.getvalue()
+        if credentials is not None:  # the manifest binds the final (marked) pixels
+            data = credentials.sign(data, mime, settings_of(params, generation_id=generation_id, width=result.width,
+                                                            height=result.height, index=k, seed=seed))
+        path.write_bytes(data)
+        outputs.append({"path": str(path), "seed": seed, "watermarked": kept, "c2pa": credentials is not None,
+                        **safety})
     report = {
         "id": generation_id,
         "images": outputs,

@@ -5,11 +5,14 @@ by the cluster manifests and by the tests. Plain pydantic (no Ray)."""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from pipeline.errors import InvalidParameter
+
+if TYPE_CHECKING:
+    from pipeline.provenance import ContentCredentials
 
 FACE_IMAGES_CAP = 16  # the most photos of one face any server takes (the API schema's cap)
 
@@ -90,6 +93,39 @@ class WatermarkConfig(BaseModel):
                          description="The name whose tag the mark carries (`instantid verify --service` reads it).")
 
 
+class ProvenanceConfig(BaseModel):
+    """The signed C2PA manifest every PNG/JPEG/WebP output carries (:mod:`pipeline.provenance`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Sign every output; the app refuses to start without credentials.")
+    key_env: str = Field("INSTANTID_C2PA_KEY", description="The env var holding the signing key (PEM), the same "
+                         "secret on every node.")
+    cert_env: str = Field("INSTANTID_C2PA_CERT", description="The env var holding its certificate chain (PEM, the "
+                          "signing certificate first).")
+    key_pem: SecretStr | None = Field(None, description="The key itself, when not in the env (local runs).")
+    cert_pem: str | None = Field(None, description="The chain itself, when not in the env (local runs).")
+    tsa_url: str | None = Field(None, description="An RFC 3161 timestamp authority (the only network use).")
+
+    def credentials(self, service: str) -> "ContentCredentials | None":
+        """The credentials (None when off), checked: InvalidParameter ``provenance`` names the
+        env var to set, or what is wrong with what it holds."""
+        if not self.enabled:
+            return None
+        from pipeline.provenance import ContentCredentials, Signing
+
+        key = os.environ.get(self.key_env) or (self.key_pem.get_secret_value() if self.key_pem else "")
+        cert = os.environ.get(self.cert_env) or self.cert_pem or ""
+        if not key.strip() or not cert.strip():
+            raise InvalidParameter("provenance", f"set the env vars {self.key_env} and {self.cert_env} to a C2PA "
+                                                 "signing key and its certificate chain (PEM; the same on every "
+                                                 "node), or set provenance.enabled: false")
+        try:
+            return ContentCredentials(Signing.from_pem(key.encode(), cert.encode(), tsa_url=self.tsa_url), service)
+        except ValueError as error:
+            raise InvalidParameter("provenance", str(error)) from None
+
+
 class SafetyConfig(BaseModel):
     """The output safety check (:mod:`pipeline.safety`), in the Postprocessor."""
 
@@ -152,6 +188,7 @@ class AppArgs(BaseModel):
     webhook_backoff_s: float = Field(1.0, gt=0)
     watermark: WatermarkConfig = Field(default_factory=WatermarkConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
 
     @model_validator(mode="after")
     def _auth_is_explicit(self) -> "AppArgs":

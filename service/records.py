@@ -109,6 +109,7 @@ class GenerationRecord(_Owned):
     batch_size: int = 0
     watermarked: list[bool] = Field(default_factory=list)  # per image: the invisible mark reads back from it
     safety: list[SafetyVerdict] = Field(default_factory=list)  # per image, when the safety check ran
+    c2pa: bool = False  # every stored image carries a signed C2PA manifest
 
 
 class JobError(_Record):

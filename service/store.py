@@ -21,6 +21,7 @@ from PIL import Image
 from .errors import Canceled
 from .keys import render_log_prefix
 from .storage import ObjectNotFound, Storage, json_bytes
+from pipeline.provenance import ContentCredentials
 from pipeline.watermark import Watermark
 
 # output format -> (PIL format, content type, file extension)
@@ -69,7 +70,8 @@ class Stored:
 def store_result(storage: Storage, images: list[np.ndarray | None], *, prefix: str, fmt: str, quality: int,
                  record_key: str, record: dict, keys_field: str = "keys", log_renders: str | None = None,
                  tombstone: str | None = None, watermark: Watermark | None = None,
-                 output_id: str | None = None) -> Stored:
+                 output_id: str | None = None, credentials: ContentCredentials | None = None,
+                 settings: dict | None = None) -> Stored:
     """Put ``images`` at ``<prefix>/<k>.<ext>``, then create ``record`` (their keys in
     ``keys_field``) at ``record_key`` unless it exists. ``log_renders``: a generation id
     whose render log gets one entry when this call's record is the one that stands.
@@ -82,7 +84,10 @@ def store_result(storage: Storage, images: list[np.ndarray | None], *, prefix: s
     ``watermark``: each picture large enough carries its mark naming ``output_id``; the
     record's ``watermarked`` says, per image, whether the mark reads back from the file.
     An image given as None (blocked by the safety check) is not stored: ``keys`` lists the
-    stored ones, in order."""
+    stored ones, in order.
+
+    ``credentials``: each file carries a signed C2PA manifest stating ``settings`` (with
+    the image's index and, from ``record["seeds"]``, its seed); the record's ``c2pa`` says so."""
     started = time.perf_counter()
     if tombstone is not None and storage.exists(tombstone):
         raise Canceled("the generation was deleted")
@@ -98,12 +103,18 @@ def store_result(storage: Storage, images: list[np.ndarray | None], *, prefix: s
             continue
         key = f"{prefix}/{k}.{extension}"
         data, readable = encode_marked(array, fmt, quality, watermark, output_id or prefix)
+        if credentials is not None:  # after the mark: the manifest binds the final pixels
+            seeds = record.get("seeds") or []
+            data = credentials.sign(data, content_type, {**(settings or {}), "index": k,
+                                                         **({"seed": seeds[k]} if k < len(seeds) else {})})
         storage.put(key, data, content_type)
         keys.append(key)
         marked.append(readable)
     record = {**record, keys_field: keys}
     if watermark is not None:
         record["watermarked"] = marked
+    if credentials is not None:
+        record["c2pa"] = True
     written = [*keys, record_key]
     fresh = storage.put_if_absent(record_key, json_bytes(record))
     timings = {"store": round((time.perf_counter() - started) * 1000, 2)}

@@ -41,6 +41,16 @@ if "INSTANTID_CACHE" not in os.environ:
 # the app signs links and webhooks with keys from the environment (as production does)
 os.environ.setdefault("INSTANTID_URL_SIGNING_KEY", "test-url-signing-key-0123456789")
 os.environ.setdefault("INSTANTID_WEBHOOK_SIGNING_KEY", "test-webhook-signing-key-0123456789")
+# and every output with C2PA credentials from there too: a test CA made for this session
+if "INSTANTID_C2PA_KEY" not in os.environ:
+    import tempfile
+
+    from pipeline.provenance import make_test_chain
+
+    with tempfile.TemporaryDirectory() as _folder:
+        _chain = make_test_chain(_folder, name="instantid test suite")
+        os.environ["INSTANTID_C2PA_KEY"] = _chain.key.read_text()
+        os.environ["INSTANTID_C2PA_CERT"] = _chain.cert.read_text()
 
 DATA = Path(__file__).parent / "data"
 # the attestation POST /v1/faces requires

@@ -194,5 +194,6 @@ def test_postprocessor_work_per_image(tmp_path):
     bench("postprocess", "--smallest", "--out", str(tmp_path))
     records = rows(tmp_path / "postprocess.csv", COLUMNS, required=COLUMNS)
     assert [r["step"] for r in records] == ["safety_check", "watermark_mark", "watermark_read", "encode_png",
-                                            "encode_jpeg_q90", "encode_webp_q90", "all_png"]
+                                            "encode_jpeg_q90", "encode_webp_q90", "c2pa_sign_png", "c2pa_sign_jpeg",
+                                            "c2pa_sign_webp", "all_png"]
     assert all(r["size"] == "256" and float(r["ms_per_image_median"]) > 0 for r in records)

@@ -33,14 +33,14 @@ def test_done_means_same_bytes_for_the_same_seed(weights_dir, photos, tmp_path):
     outputs = [tmp_path / name for name in ("o.png", "o2.png")]
     procs = [subprocess.Popen([INSTANTID, "generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"),
                                "--prompt", "a watercolor portrait", "--width", "96", "--height", "64",
-                               "--num-inference-steps", "2", "--seed", "7", "--out", str(out)],
+                               "--num-inference-steps", "2", "--seed", "7", "--out", str(out), "--no-c2pa"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out in outputs]
     for proc, out in zip(procs, outputs):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr
         report = json.loads(stdout.strip().splitlines()[-1])
-        # (too small to carry the invisible watermark: the same pixels, the same bytes)
-        assert report["images"] == [{"path": str(out), "seed": 7, "watermarked": False}]
+        # (too small to carry the invisible watermark, and unsigned: the same pixels, the same bytes)
+        assert report["images"] == [{"path": str(out), "seed": 7, "watermarked": False, "c2pa": False}]
         assert (report["width"], report["height"]) == (96, 64) and report["id"].startswith("g_")
         assert set(report["face"]) >= {"bbox", "kps", "det_score"} and "denoise" in report["timings_ms"]
         assert Image.open(out).size == (96, 64) and Image.open(out).format == "PNG"
@@ -55,12 +55,32 @@ def test_generated_images_carry_the_watermark_naming_the_run_and_verify_reads_it
             "--out", str(out), "--width", "256", "--height", "256", "--num-inference-steps", "1", "--seed", "3"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["images"] == [{"path": str(out), "seed": 3, "watermarked": True}]
+    # marked, and signed with the credentials in the env (the suite's test CA)
+    assert report["images"] == [{"path": str(out), "seed": 3, "watermarked": True, "c2pa": True}]
     assert main(["verify", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["watermark"]["generation_id"] == report["id"]
-    assert main([*args, "--no-watermark"]) == 0
+    verified = json.loads(capsys.readouterr().out)
+    assert verified["watermark"]["generation_id"] == report["id"]
+    manifest = verified["c2pa"]
+    assert manifest["valid"] and manifest["created_by_algorithm"] and manifest["generator"].startswith("instantid ")
+    assert {k: manifest["generation"][k] for k in ("generation_id", "seed", "steps", "width", "index")} == {
+        "generation_id": report["id"], "seed": 3, "steps": 1, "width": 256, "index": 0}
+    assert "prompt" not in manifest["generation"]  # the file is public; the prompt may name the person
+    assert main([*args, "--no-watermark"]) == 0  # signed only: verify still knows it
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"][0]["watermarked"] is False
-    assert main(["verify", str(out)]) == 1 and json.loads(capsys.readouterr().out)["watermark"]["found"] is False
+    assert main(["verify", str(out)]) == 0 and json.loads(capsys.readouterr().out)["watermark"]["found"] is False
+    assert main([*args, "--no-watermark", "--no-c2pa"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"][0]["c2pa"] is False
+    assert main(["verify", str(out)]) == 1 and json.loads(capsys.readouterr().out)["c2pa"] is None
+
+
+def test_generate_refuses_half_given_c2pa_credentials_before_rendering(weights_dir, photos, tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.setenv("INSTANTID_C2PA_CERT", "")
+    args = ["generate", "--weights", str(weights_dir), "--face", str(photos / "face.png"), "--prompt", "x",
+            "--out", str(tmp_path / "o.png")]
+    assert main(args) == 2
+    assert "--no-c2pa: set both INSTANTID_C2PA_KEY and INSTANTID_C2PA_CERT" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_fixtures_command_writes_the_tree(tmp_path):

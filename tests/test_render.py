@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from cluster.render import default_seed, parse_manifest, plan_row
+from pipeline.provenance import read as read_manifest
 from pipeline.watermark import Watermark
 from tests.conftest import face_photo
 
@@ -254,9 +255,14 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
         if "seed" in spec:
             assert report["seeds"][0] == spec["seed"]
         marker = json.loads(client.get_object(Bucket="batch", Key=f"out/rows/{row_id}.ok.json")["Body"].read())
-        assert marker["watermarked"] == [spec["width"] == 256] * len(report["images"])
-        for key in report["images"]:
-            image = Image.open(io.BytesIO(client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()))
+        assert marker["watermarked"] == [spec["width"] == 256] * len(report["images"]) and marker["c2pa"] is True
+        for k, key in enumerate(report["images"]):
+            data = client.get_object(Bucket="batch", Key=f"out/{key}")["Body"].read()
+            manifest = read_manifest(data, "image/jpeg" if spec.get("output_format") == "jpeg" else "image/png")
+            assert manifest.valid and manifest.created_by_algorithm, manifest.errors  # signed with the env's chain
+            assert {f: manifest.generation[f] for f in ("row_id", "index", "seed")} == {
+                "row_id": row_id, "index": k, "seed": report["seeds"][k]}
+            image = Image.open(io.BytesIO(data))
             assert image.size == (spec["width"], spec["height"])
             assert image.format == ("JPEG" if spec.get("output_format") == "jpeg" else "PNG")
             reading = Watermark().read(np.asarray(image.convert("RGB")))
@@ -288,3 +294,17 @@ def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_ever
             if e["event"] == "face_used"]
     assert {e["row_id"] for e in uses} == {"good-03", "good-11"} and len(uses) <= 4
     assert all(e["face_id"] == "f_mine" + "_" * 18 and e["owner"] == OWNER for e in uses)
+
+
+def test_render_refuses_to_start_without_c2pa_credentials_unless_told(tmp_path, capsys, monkeypatch):
+    """Every image of a render is signed as the service's are: without credentials in the
+    env the command stops before Ray starts, naming the way out."""
+    from deployments.cli import main
+
+    monkeypatch.delenv("INSTANTID_C2PA_KEY")
+    assert main(["render", str(tmp_path / "m.jsonl"), "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert "--no-c2pa: set the env vars INSTANTID_C2PA_KEY and INSTANTID_C2PA_CERT" in error and "pass --no-c2pa" in error
+    monkeypatch.setenv("INSTANTID_C2PA_KEY", "not a key")
+    assert main(["render", str(tmp_path / "m.jsonl"), "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "signing key: not a readable PEM private key" in capsys.readouterr().err

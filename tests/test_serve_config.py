@@ -1,6 +1,7 @@
 """The production serve_config.yaml, validated by Ray's own schema and by ours."""
 
 import importlib
+import os
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
@@ -91,6 +92,39 @@ def test_the_app_refuses_to_start_without_lasting_signing_keys(monkeypatch):
     monkeypatch.delenv("INSTANTID_URL_SIGNING_KEY")
     local = local_args(application_config(load_serve_config()), weights="w", auth={"disabled": True})
     assert len(local.signing_keys().url) == 64 and local.signing_keys().webhook == "w" * 32
+
+
+def test_the_app_refuses_to_start_without_c2pa_credentials_or_with_bad_ones(monkeypatch):
+    """Every output is signed: the app is refused at build time naming the env vars to set
+    (or how to turn signing off); credentials that cannot sign say what is wrong."""
+    from pipeline.errors import InvalidParameter
+    from deployments.local import local_args
+
+    chain = (os.environ["INSTANTID_C2PA_KEY"], os.environ["INSTANTID_C2PA_CERT"])  # the suite's test CA
+    args = {"weights": "w", "auth": {"disabled": True}, "safety": {"policy": "off"}}
+    monkeypatch.delenv("INSTANTID_C2PA_KEY")
+    with pytest.raises(InvalidParameter, match="set the env vars INSTANTID_C2PA_KEY and INSTANTID_C2PA_CERT") as e:
+        build_app(args)
+    assert e.value.field == "provenance" and "provenance.enabled: false" in str(e.value)
+    build_app({**args, "provenance": {"enabled": False}})
+    monkeypatch.setenv("INSTANTID_C2PA_KEY", chain[0][:40] + chain[0][60:])  # damaged
+    with pytest.raises(InvalidParameter, match="provenance: signing key"):
+        build_app(args)
+    monkeypatch.setenv("INSTANTID_C2PA_KEY", chain[0])
+    monkeypatch.setenv("INSTANTID_C2PA_CERT", chain[1].split("-----END CERTIFICATE-----")[1] + "-----END CERTIFICATE-----")
+    with pytest.raises(InvalidParameter, match="does not match the certificate"):  # the root's cert first
+        build_app(args)
+    # `instantid serve` (one machine, one run) signs with a CA of its own when the env has none
+    monkeypatch.delenv("INSTANTID_C2PA_KEY")
+    monkeypatch.delenv("INSTANTID_C2PA_CERT")
+    local = local_args(application_config(load_serve_config()), weights="w", auth={"disabled": True})
+    credentials = local.provenance.credentials("instantid")
+    from cryptography import x509
+
+    assert credentials is not None
+
+    [root] = x509.load_pem_x509_certificates(credentials.trust_anchors())
+    assert "instantid local run" in root.subject.rfc4514_string()
 
 
 def test_the_commented_scale_to_zero_option_is_a_valid_generator_config():

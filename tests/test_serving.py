@@ -116,9 +116,9 @@ def test_generation_is_stored_in_s3_and_fetched_through_its_presigned_url(client
     assert httpx.get(unsigned).status_code == 403
 
 
-def test_each_output_large_enough_carries_the_invisible_watermark_naming_its_generation(client, photo):
-    """The smallest picture that carries it (256x256 pixels); the 64x64 ones of the other
-    tests are too small to, and say so."""
+def test_each_output_carries_the_watermark_and_a_signed_c2pa_manifest_naming_its_generation(client, photo):
+    """The smallest picture that carries the mark (256x256 pixels); the 64x64 ones of the
+    other tests are too small to, and say so. Every output carries the manifest."""
     from pipeline.watermark import Watermark
 
     response = generate(client, {"face_images": [photo], "seed": 3, "width": 256, "height": 256,
@@ -126,20 +126,36 @@ def test_each_output_large_enough_carries_the_invisible_watermark_naming_its_gen
     assert response.status_code == 200, response.text
     body = response.json()
     [image] = body["images"]
-    assert image["watermarked"] is True
+    assert image["watermarked"] is True and image["c2pa"] is True
     stored = httpx.get(image["url"], timeout=60).content
     reading = Watermark().read(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")))
     assert reading.found and reading.this_service and reading.generation_id == body["id"]
     small = generate(client, {"face_images": [photo], "seed": 3, **SMALL})
     assert small.status_code == 200 and small.json()["images"][0]["watermarked"] is False
+    assert small.json()["images"][0]["c2pa"] is True
 
-    # POST /v1/verify reads it back from the file as the client got it; nothing from a plain photo
+    # POST /v1/verify reads both back from the file as the client got it; nothing from a plain photo
     verified = client.post("/v1/verify", json={"image": base64.b64encode(stored).decode()}, headers=auth())
     assert verified.status_code == 200, verified.text
-    assert verified.json() == {"watermark": {"found": True, "this_service": True, "generation_id": body["id"],
-                                             "id_sha256_prefix": None}, "width": 256, "height": 256}
+    manifest = verified.json().pop("c2pa")
+    assert verified.json() | {"c2pa": None} == {
+        "watermark": {"found": True, "this_service": True, "generation_id": body["id"], "id_sha256_prefix": None},
+        "c2pa": None, "width": 256, "height": 256}
+    assert manifest["valid"] and manifest["trusted"] and manifest["created_by_algorithm"] and not manifest["errors"]
+    assert manifest["generator"].startswith("instantid ") and manifest["signer"].startswith("instantid test suite")
+    assert {k: manifest["generation"][k] for k in ("generation_id", "seed", "steps", "width", "height", "mode")} == {
+        "generation_id": body["id"], "seed": 3, "steps": 1, "width": 256, "height": 256, "mode": "text2img"}
+    # one bit of the picture's data changed (mid-scan, away from JPEG's 0xFF markers): the
+    # manifest is still there, and no longer valid
+    tampered, at = bytearray(stored), len(stored) // 2
+    while not (2 <= tampered[at] <= 0xFD and tampered[at - 1] != 0xFF):
+        at += 1
+    tampered[at] ^= 1
+    changed = client.post("/v1/verify", json={"image": base64.b64encode(bytes(tampered)).decode()}, headers=auth())
+    assert changed.status_code == 200 and changed.json()["c2pa"]["valid"] is False
+    assert changed.json()["c2pa"]["errors"]
     plain = client.post("/v1/verify", json={"image": photo}, headers=auth())
-    assert plain.status_code == 200 and plain.json()["watermark"]["found"] is False
+    assert plain.status_code == 200 and plain.json()["watermark"]["found"] is False and plain.json()["c2pa"] is None
     assert_error(client.post("/v1/verify", json={"image": "bm90IGFuIGltYWdl"}, headers=auth()), 400,
                  "invalid_image", "image")
     assert client.post("/v1/verify", json={"image": photo}).status_code == 401

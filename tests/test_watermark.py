@@ -70,27 +70,36 @@ def test_an_empty_service_name_is_refused():
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
-def test_the_store_step_marks_each_image_and_records_whether_the_file_keeps_it(tmp_path, fmt):
+def test_the_store_step_marks_and_signs_each_image_and_records_what_the_file_keeps(tmp_path, fmt):
+    from pipeline.provenance import credentials_from_env, read
+
     storage = open_storage(str(tmp_path))
     images = [photo("astronaut", 512, 512), photo("chelsea", 320, 256), photo("coffee", 128, 128)]
     stored = store_result(storage, images, prefix=f"generations/{GID}", fmt=fmt, quality=90,
-                          record_key=f"generations/{GID}/record.json", record={"id": GID},
-                          watermark=Watermark(), output_id=GID)
+                          record_key=f"generations/{GID}/record.json", record={"id": GID, "seeds": [5, 6, 7]},
+                          watermark=Watermark(), output_id=GID, credentials=credentials_from_env("instantid"),
+                          settings={"steps": 4, "generation_id": GID})
     record = stored.record
-    # what the record says is what a reader finds in each stored file
-    found = [Watermark().read(np.asarray(Image.open(io.BytesIO(storage.get(key))).convert("RGB"))).names(GID)
-             for key in record["keys"]]
+    # what the record says is what a reader finds in each stored file (the manifest, signed
+    # after the mark, leaves the marked pixels as they were)
+    files = [storage.get(key) for key in record["keys"]]
+    found = [Watermark().read(np.asarray(Image.open(io.BytesIO(file)).convert("RGB"))).names(GID) for file in files]
     assert record["watermarked"] == found
     assert found[2] is False  # too small to carry it
     if fmt in ("png", "jpeg"):  # lossless, and JPEG written 4:4:4 at quality 90: the mark stays
         assert found[:2] == [True, True]
+    assert record["c2pa"] is True
+    for k, file in enumerate(files):  # each file signed, stating its own index and seed
+        manifest = read(file, f"image/{fmt}")
+        assert manifest.valid and manifest.created_by_algorithm, manifest.errors
+        assert manifest.generation == {"steps": 4, "generation_id": GID, "index": k, "seed": 5 + k}
 
 
 def test_without_a_watermark_the_store_step_records_nothing_about_one(tmp_path):
     storage = open_storage(str(tmp_path))
     stored = store_result(storage, [photo("astronaut", 256, 256)], prefix="x", fmt="png", quality=90,
                           record_key="x/record.json", record={"id": "x"})
-    assert "watermarked" not in stored.record
+    assert "watermarked" not in stored.record and "c2pa" not in stored.record
     assert not Watermark().read(np.asarray(Image.open(io.BytesIO(storage.get("x/0.png"))))).found
 
 
