@@ -27,8 +27,8 @@ from pipeline.watermark import Watermark
 from pipeline.weights import ExtraWeights
 from service import claims
 from service.audit import audit
-from service.erasure import erase_face, erase_owned_generation
 from service.config import AppArgs
+from service.erasure import erase_face, erase_owned_generation
 from service.errors import Canceled, NotCancellable, RateLimited
 from service.jobs import JobStore
 from service.keys import face_key, is_deleted
