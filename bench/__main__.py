@@ -8,6 +8,7 @@ warm-up) and ``OUT/NAME.md`` (the same as a table), and prints the table.
     python -m bench fetch               # weights from S3: one stream vs parallel ranged GETs (SeaweedFS)
     python -m bench gpu                 # the published-size architecture on a GPU (see bench/gpu.py)
     python -m bench gpu --tiny          # the same script on CPU at tiny sizes (what the tests run)
+    python -m bench quality             # identity fidelity per setting (instantid eval; pipeline/evaluation.py)
     python -m bench report OUT          # every table in OUT
 
 ``--smallest`` makes every CPU benchmark as small as it can be (the tests use it).
@@ -129,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--weights", help="a weights root with the real safety_checker/ (default: the published "
                                         "architecture with random weights)")
 
+    quality = commands.add_parser("quality", help="identity fidelity per setting: face similarity (two recognisers), "
+                                                  "face found share, CLIP score, s/image (instantid eval)")
+    quality.add_argument("--out", type=Path, default=Path("out/bench"), help="where the CSV and markdown go")
+    quality.add_argument("--weights", help="a weights root (default: fixture weights written to a temp dir)")
+    quality.add_argument("--smallest", action="store_true", help="64x64, 1 step, the default setting, one prompt "
+                                                                 "(tests)")
+    from pipeline.eval_inputs import add_arguments as add_eval_arguments
+
+    add_eval_arguments(quality)
+
     report = commands.add_parser("report", help="print every markdown table in a results folder")
     report.add_argument("folder", type=Path, nargs="?", default=Path("out/bench"))
     return parser
@@ -172,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.smallest and args.weights is None:
             shutil.rmtree(weights, ignore_errors=True)
         return 0
+    if args.command == "quality":
+        from .quality import run_from_args
+
+        workdir = Path(tempfile.mkdtemp(prefix="ib-"))
+        try:
+            weights = args.weights or str(_fixture_weights(workdir))
+            print(run_from_args(args, weights).markdown())
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     if args.command == "fetch":
         from .fetching import run_fetching
 
@@ -182,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                            stream_mbps=args.stream_mbps).markdown())
         return 0
     return _cpu(args)
+
+
+def _fixture_weights(folder: Path) -> Path:
+    from pipeline.fixtures import write_fixtures
+
+    return write_fixtures(folder / "weights")
 
 
 def _gpu(args) -> int:

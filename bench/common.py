@@ -7,42 +7,17 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pipeline.devices import cpu_name, hardware  # noqa: F401 - the machine's name, shared with instantid eval
+
 # Columns every CSV row has, before the benchmark's own.
 COMMON_COLUMNS = ("bench", "case", "status", "hardware", "device", "date", "commit", "torch", "repeats", "warmup",
                   "load_avg_1m")
 STAT_COLUMNS = ("median", "p95", "min", "max", "spread_pct")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware() -> dict[str, str]:
-    """``hardware``: the CPU (and GPU) by name; ``device``: where the models ran."""
-    cores = os.cpu_count() or 1
-    name = f"{cpu_name()} ({cores} cores)"
-    device = "cpu"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{torch.cuda.get_device_name(0)}"
-            name = f"{torch.cuda.get_device_name(0)} + {name}"
-    except Exception:  # pragma: no cover - torch missing or broken driver
-        pass
-    return {"hardware": name, "device": device}
 
 
 def git_commit() -> str:

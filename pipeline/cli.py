@@ -49,6 +49,7 @@ def _quiet_libraries() -> None:
 
 def build_parser():
     """The parser and its sub-command group (which other entry points may extend)."""
+    from .eval_inputs import add_arguments as add_eval_arguments
     from .schedulers import SCHEDULERS
     from .styles import style_names
 
@@ -73,6 +74,14 @@ def build_parser():
                                                                "carry (the app's watermark.service)")
     verify.add_argument("--trust-anchors", type=Path, help="PEM certificates of the CAs to trust (the manifest's "
                                                            "`trusted` says whether its signer leads to one)")
+
+    evaluation = commands.add_parser("eval", help="identity fidelity: identities x prompts under named settings; "
+                                                  "face similarity, face found share, CLIP score, seconds per image")
+    evaluation.add_argument("--weights", required=True, help="weights root (antelopev2/; optional eval/face/*.onnx, "
+                                                             "eval/clip/, few_step/<kind>.safetensors)")
+    evaluation.add_argument("--out", type=Path, default=Path("out/eval"),
+                            help="where quality.csv, quality_cases.csv and quality.md go")
+    add_eval_arguments(evaluation)
 
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None, *, extend=None, handlers: dict | None = 
         if extend is not None:
             extend(commands)
         args = parser.parse_args(argv)
-        run = {"fixtures": _fixtures, "generate": _generate, "verify": _verify, **(handlers or {})}[args.command]
+        run = {"fixtures": _fixtures, "generate": _generate, "verify": _verify, "eval": _eval,
+               **(handlers or {})}[args.command]
         return run(args)
     except _UsageError as error:
         return _fail(EXIT_INVALID, str(error))
@@ -205,6 +215,30 @@ def _fixtures(args) -> int:
     if args.single_file:
         write_sdxl_single_file(root / "sdxl", root / SINGLE_FILE_FIXTURE)
     print(json.dumps(fixture_summary(root)))
+    return 0
+
+
+def _eval(args) -> int:
+    """Identity fidelity (:mod:`pipeline.evaluation`): every input is checked before any
+    model loads; the table goes to stdout, the files to ``--out``, progress to stderr."""
+    from .eval_inputs import check_render_size, parse_settings, read_identities, read_prompts
+    from .evaluation import Report, evaluate
+
+    check_render_size(args.size, args.steps, args.seed)
+    identities, prompts = read_identities(args.identities), read_prompts(args.prompts)
+    settings = parse_settings(args.settings, args.optimize, root=args.weights)
+    report = Report(args.out)
+
+    def progress(case) -> None:
+        row = case.row()
+        print(f"[eval] {case.setting} {case.identity} #{case.prompt_index}: " + ", ".join(
+            f"{k}={row[k]}" for k in ("face_found", "face_sim", "face_sim2", "clip_score", "seconds")), file=sys.stderr)
+
+    result = evaluate(args.weights, identities, prompts, settings, seed=args.seed, size=args.size, steps=args.steps,
+                      device=args.device, providers=args.providers, on_setting=report.add_setting, on_case=progress,
+                      images_dir=args.out / "images" if args.save_images else None)
+    report.close(result.notes)
+    print(report.markdown())
     return 0
 
 

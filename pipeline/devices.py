@@ -1,7 +1,11 @@
 """Which device and dtype the models run on: ``auto`` picks CUDA when it is usable, and fp32 on
-CPU, bf16 (else fp16) on a GPU."""
+CPU, bf16 (else fp16) on a GPU; and the machine by name, for reports (benchmarks, evaluations)."""
 
 from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -31,3 +35,27 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None
     if dtype not in DTYPE_NAMES:
         raise InvalidParameter("dtype", f"unknown dtype {dtype!r}; choose auto, float32, float16 or bfloat16")
     return DTYPE_NAMES[dtype]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict[str, str]:
+    """``hardware``: the CPU (and GPU) by name; ``device``: where the models ran."""
+    cores = os.cpu_count() or 1
+    name = f"{cpu_name()} ({cores} cores)"
+    device = "cpu"
+    try:
+        if torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.get_device_name(0)}"
+            name = f"{torch.cuda.get_device_name(0)} + {name}"
+    except Exception:  # pragma: no cover - a broken driver
+        pass
+    return {"hardware": name, "device": device}

@@ -325,11 +325,7 @@ class FaceAnalyzer:
             recognise = [face for face in found if photos[face[0]][2]]
             embeddings = np.zeros((0, 0), np.float32)
             if recognise:
-                from insightface.utils import face_align
-
-                side = self._recognizer.input_size[0]
-                crops = [face_align.norm_crop(bgr, landmark=kps, image_size=side) for _, _, bgr, _, kps, _ in recognise]
-                embeddings = np.asarray(self._recognizer.get_feat(crops), dtype=np.float32)
+                embeddings = embed_aligned(self._recognizer, [(bgr, kps) for _, _, bgr, _, kps, _ in recognise])
         rows = {face[0]: row for row, face in enumerate(recognise)}
         for index, size, _, bbox, kps, score in found:
             embedding = embeddings[rows[index]] if index in rows else np.zeros(0, np.float32)
@@ -339,10 +335,8 @@ class FaceAnalyzer:
     def _prepare(self, image: ImageInput, field: str, reference_resize: bool, limits: ImageLimits = DEFAULT_LIMITS):
         picture = load_image(image, field=field, limits=limits)
         if reference_resize:
-            size = reference_size(*picture.size)
-            if size != picture.size:
-                picture = picture.resize(size, Image.Resampling.LANCZOS)
-        return picture, np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
+            picture = reference_picture(picture)
+        return picture, to_bgr(picture)
 
     def _detect(self, bgr: np.ndarray, field: str):
         """The largest face: (bbox, kps, score), trying smaller detection sizes when none is found."""
@@ -378,6 +372,31 @@ class FaceAnalyzer:
             faces = [self.analyze(img, field=name) for img, name in zip(request.images, names)]
         layout = self.analyze(pose, field=pose_name) if pose is not None else faces[0]
         return _identity(faces, layout, combine)
+
+
+def reference_picture(picture: Image.Image) -> Image.Image:
+    """The photo as the face stage analyses it: resized by the reference rule (short side
+    1024, long side at most 1280, multiples of 64)."""
+    size = reference_size(*picture.size)
+    return picture if size == picture.size else picture.resize(size, Image.Resampling.LANCZOS)
+
+
+def to_bgr(picture: Image.Image) -> np.ndarray:
+    """An RGB picture as insightface takes it (BGR, contiguous)."""
+    picture = picture if picture.mode == "RGB" else picture.convert("RGB")
+    return np.ascontiguousarray(np.asarray(picture)[:, :, ::-1])
+
+
+def embed_aligned(recognizer, faces: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """ArcFace embeddings (raw) of faces given as (BGR picture, 5 keypoints): each aligned to
+    the recogniser's square input by insightface's ``norm_crop`` (the five-point similarity
+    transform ArcFace models are trained on), then one recogniser call for all of them.
+    ``recognizer``: an insightface ``ArcFaceONNX`` (any ArcFace-signature ONNX model)."""
+    from insightface.utils import face_align
+
+    side = recognizer.input_size[0]
+    crops = [face_align.norm_crop(bgr, landmark=np.asarray(kps, np.float32), image_size=side) for bgr, kps in faces]
+    return np.asarray(recognizer.get_feat(crops), dtype=np.float32)
 
 
 def _identity(faces: Sequence[FaceInfo], layout: FaceInfo, combine: CombineMode) -> FaceInfo:

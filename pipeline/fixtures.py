@@ -15,6 +15,8 @@
     safety_checker/, feature_extractor/  the Stable Diffusion safety checker (a CLIP vision tower,
                                 17 screened concepts, 3 special-care ones) at tiny widths, with
                                 its CLIPImageProcessor; its thresholds flag no picture
+    eval/face/arcface_r100.onnx a second ArcFace-signature recogniser (another seed), and
+    eval/clip/                  a tiny CLIPModel + CLIPProcessor: what ``instantid eval`` scores with
 
 ``write_sdxl_single_file(root / "sdxl", path)`` writes that SDXL again as one .safetensors
 checkpoint in the original Stability (SGM) key layout, as single-file fine-tunes are published.
@@ -77,7 +79,40 @@ def write_fixtures(root: str | Path) -> Path:
     write_depth_annotator(root / "annotators" / "depth")
     write_openpose_annotator(root / "annotators" / "openpose" / "body_pose_model.pth")
     write_safety_checker(root)
+    write_eval_models(root)
     return root
+
+
+EVAL_RECOGNIZER = "arcface_r100.onnx"
+
+
+def write_eval_models(root: str | Path) -> None:
+    """What ``instantid eval`` scores with besides antelopev2: ``eval/face/arcface_r100.onnx``,
+    a second recogniser (the glintr100 fixture's topology, another seed: an independent
+    model) and ``eval/clip/``, a CLIPModel (ViT layout at tiny widths: 32 px input in 8 px
+    patches, 16-wide projection) with its CLIPProcessor (CLIPImageProcessor and a CLIP
+    tokenizer built offline from the fixture vocabulary), loadable with ``from_pretrained``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    root = Path(root)
+    write_recognizer(root / "eval" / "face" / EVAL_RECOGNIZER, seed=FIXTURE_SEED + 1)
+    tokenizer = _tokenizer("<|endoftext|>")
+    special = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
+               (("bos_token_id", "<|startoftext|>"), ("eos_token_id", "<|endoftext|>"),
+                ("pad_token_id", "<|endoftext|>"))}
+    config = CLIPConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 77, **special},
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):  # the same bytes on every call, whatever ran before
+        torch.manual_seed(FIXTURE_SEED + 1)
+        model = CLIPModel(config).eval()
+    folder = root / "eval" / "clip"
+    model.save_pretrained(str(folder))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(str(folder))
 
 
 def write_safety_checker(root: Path, threshold: float = 1.01) -> None:
@@ -725,12 +760,12 @@ def write_detector(path: Path) -> None:
     _save_onnx(graph, path)
 
 
-def write_recognizer(path: Path) -> None:
+def write_recognizer(path: Path, seed: int = FIXTURE_SEED) -> None:
     """An ONNX model with ArcFace's signature (1x3x112x112 in, one 512-d output): a
-    fixed random projection of the 8x8-pooled aligned crop."""
+    fixed random projection (drawn from ``seed``) of the 8x8-pooled aligned crop."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(FIXTURE_SEED)
+    rng = np.random.default_rng(seed)
     projection = (rng.standard_normal((3 * 14 * 14, 512)) * 0.06).astype(np.float32)
     nodes = [
         helper.make_node("AveragePool", ["input.1"], ["pooled"], name="pool", kernel_shape=[8, 8], strides=[8, 8]),

@@ -197,3 +197,20 @@ def test_postprocessor_work_per_image(tmp_path):
                                             "encode_jpeg_q90", "encode_webp_q90", "c2pa_sign_png", "c2pa_sign_jpeg",
                                             "c2pa_sign_webp", "all_png"]
     assert all(r["size"] == "256" and float(r["ms_per_image_median"]) > 0 for r in records)
+
+
+def test_identity_fidelity_per_setting(weights_dir, tmp_path):
+    """`instantid eval`'s evaluation as a benchmark: the default identity (the astronaut) and
+    one prompt at 64x64, one step, the default setting; every column, the CLIP score
+    measured (the fixture root has eval/clip/), no face similarity where no face was found."""
+    from pipeline.evaluation import CASE_COLUMNS, SUMMARY_COLUMNS, SUMMARY_OPTIONAL
+
+    bench("quality", "--smallest", "--weights", str(weights_dir), "--out", str(tmp_path))
+    [row] = rows(tmp_path / "quality.csv", SUMMARY_COLUMNS,
+                 required=tuple(c for c in SUMMARY_COLUMNS if c not in SUMMARY_OPTIONAL))
+    assert (row["case"], row["setting"], row["images"], row["size"], row["steps"]) == ("default", "default", "1", "64",
+                                                                                       "1")
+    assert row["clip_score_mean"] != "" and (row["face_sim_mean"] == "") == (float(row["face_found"]) == 0)
+    [case] = rows(tmp_path / "quality_cases.csv", CASE_COLUMNS, required=("identity", "prompt", "seed", "seconds"))
+    assert case["identity"] == "astronaut" and case["clip_cosine"] != ""
+    assert "clip_score: 100 * max(cos, 0)" in (tmp_path / "quality.md").read_text()
