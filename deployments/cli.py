@@ -44,12 +44,9 @@ def _extend(commands) -> None:
     render.add_argument("--face-accelerator", help="e.g. L4")
     render.add_argument("--diffusion-accelerator", help="e.g. H100")
     render.add_argument("--no-progress", action="store_true")
-    render.add_argument("--watermark-service", default="instantid",
-                        help="the name the invisible watermark on each image carries (`instantid verify --service`)")
-    render.add_argument("--no-watermark", action="store_true", help="store the images unmarked")
-    render.add_argument("--no-c2pa", action="store_true",
-                        help="store the images without a C2PA manifest (by default each is signed with the "
-                             "credentials in $INSTANTID_C2PA_KEY and $INSTANTID_C2PA_CERT, as the service's are)")
+    pipeline_cli.add_marking_arguments(render, c2pa_default="signed with the credentials in $INSTANTID_C2PA_KEY and "
+                                                "$INSTANTID_C2PA_CERT, as the service's are; without them the "
+                                                "command refuses to start")
 
 
 def _serve(args) -> int:

@@ -47,6 +47,17 @@ def _quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
+def add_marking_arguments(parser, c2pa_default: str) -> None:
+    """How the images of a command are marked: the invisible watermark and the C2PA manifest
+    (``instantid generate`` and ``instantid render`` alike)."""
+    parser.add_argument("--watermark-service", default="instantid",
+                        help="the name the invisible watermark and the C2PA manifest on each image carry "
+                             "(`instantid verify --service`)")
+    parser.add_argument("--no-watermark", action="store_true", help="leave the images unmarked")
+    parser.add_argument("--no-c2pa", action="store_true",
+                        help=f"no C2PA manifest (by default each image is {c2pa_default})")
+
+
 def build_parser():
     """The parser and its sub-command group (which other entry points may extend)."""
     from .eval_inputs import add_arguments as add_eval_arguments
@@ -119,12 +130,8 @@ def build_parser():
     gen.add_argument("--lora", type=Path, help="a LoRA .safetensors (e.g. LCM-LoRA)")
     gen.add_argument("--lora-scale", type=float, default=1.0)
     gen.add_argument("--out", required=True, type=Path, help="output image path (.png, .jpg, .webp)")
-    gen.add_argument("--watermark-service", default="instantid",
-                     help="the name the invisible watermark on each image carries (`instantid verify --service`)")
-    gen.add_argument("--no-watermark", action="store_true", help="write the images unmarked")
-    gen.add_argument("--no-c2pa", action="store_true",
-                     help="write no C2PA manifest (by default each image is signed when $INSTANTID_C2PA_KEY and "
-                          "$INSTANTID_C2PA_CERT hold credentials)")
+    add_marking_arguments(gen, c2pa_default="signed when $INSTANTID_C2PA_KEY and $INSTANTID_C2PA_CERT hold "
+                                            "credentials")
     gen.add_argument("--safety-check", choices=("block", "blur", "flag"),
                      help="screen each image with the weights root's safety_checker/ first: a flagged image is not "
                           "written (block), written blurred (blur) or written as it is (flag); the report says which")
