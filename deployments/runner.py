@@ -191,6 +191,9 @@ class JobRunner:
             await self._save(record, pending, status="canceled" if isinstance(error, Canceled) else "failed",
                              stage="done", error=JobError(code=shown.code, message=shown.message, field=shown.field))
             return "done"
+        shown = pending.get("progress") or record.progress
+        if shown is not None:  # a job that succeeded made every step, whichever step's event it saw last
+            pending["progress"] = Progress(step=shown.total, total=shown.total)
         await self._save(record, pending, status="succeeded", stage="done",
                          timings_ms={**record.timings_ms, **stored.timings_ms})
         return "done"

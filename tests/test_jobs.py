@@ -90,6 +90,7 @@ def test_events_stream_progress_step_by_step_then_done(client, photo):
     stages = [view["stage"] for _, view in stream]
     assert "rendering" in stages and stages[-1] == "done"
     assert stream[-1][1]["status"] == "succeeded" and stream[-1][1]["images"]
+    assert (stream[-1][1]["progress"]["step"], stream[-1][1]["progress"]["total"]) == (40, 40)  # complete when done
 
 
 def test_cancel_stops_a_running_job_between_steps(client, photo):
