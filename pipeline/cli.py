@@ -188,7 +188,8 @@ SINGLE_FILE_FIXTURE = Path("sdxl-single") / "sdxl_fixture.safetensors"
 
 def _verify(args) -> int:
     """Print what the image's invisible watermark and C2PA manifest say, as JSON; exit 0
-    when it carries this service's mark or a valid manifest this service signed, 1 when
+    when it carries this service's mark or a valid manifest naming this service (signed by
+    a CA of ``--trust-anchors`` when given), 1 when
     neither (no mark, another service's, a manifest that fails validation)."""
     import numpy as np
 
@@ -207,7 +208,9 @@ def _verify(args) -> int:
         raise InvalidParameter("--trust-anchors", str(error)) from None
     print(json.dumps({"image": str(args.image), "watermark": reading.as_dict(),
                       "c2pa": asdict(manifest) if manifest is not None else None}))
-    return 0 if (reading.found and reading.this_service) or made_by(manifest, args.service) else EXIT_ERROR
+    # a manifest names its generator, which anyone can write: with trust anchors given, its signer must lead to one
+    signed = made_by(manifest, args.service) and (anchors is None or manifest.trusted is True)
+    return 0 if (reading.found and reading.this_service) or signed else EXIT_ERROR
 
 
 def _fixtures(args) -> int:
