@@ -206,8 +206,10 @@ def token_grids(unet, latent_size: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 class FaceRegionMask:
-    """A face-region mask at each token grid of the UNet: the output-resolution mask
-    (B, 1, H, W) resized once per grid to (B, rows * cols, 1), looked up by sequence length.
+    """Face-region masks at each token grid of the UNet: the output-resolution masks
+    (B, P, H, W), one channel per person (:mod:`pipeline.people`; P = 1 for one face),
+    resized once per grid to (B, rows * cols, P), looked up by sequence length. With P
+    people the UNet's token sequence ends with P blocks of face tokens, person by person.
 
     The grids come from the real feature-map shapes (:func:`token_grids`), never from
     sqrt(area / tokens): with SDXL's three levels that guess is wrong for about one size in
@@ -217,8 +219,9 @@ class FaceRegionMask:
     mask to the token count, which shifts rows when the guess is off."""
 
     def __init__(self, mask: torch.Tensor, grids: list[tuple[int, int]]) -> None:
-        if mask.dim() != 4 or mask.shape[1] != 1:
-            raise ValueError(f"ip_adapter_mask must be (batch, 1, height, width), got {tuple(mask.shape)}")
+        if mask.dim() != 4 or mask.shape[1] < 1:
+            raise ValueError(f"ip_adapter_mask must be (batch, people, height, width), got {tuple(mask.shape)}")
+        self.people = int(mask.shape[1])
         self.grids = list(dict.fromkeys(tuple(g) for g in grids))
         self._by_sequence: dict[int, torch.Tensor] = {}
         for rows, cols in self.grids:
@@ -228,7 +231,7 @@ class FaceRegionMask:
             self._by_sequence[rows * cols] = small.flatten(2).transpose(1, 2)
 
     def for_sequence(self, sequence: int) -> torch.Tensor:
-        """(B, sequence, 1) for the layer whose feature map has ``sequence`` tokens."""
+        """(B, sequence, P) for the layer whose feature map has ``sequence`` tokens."""
         try:
             return self._by_sequence[sequence]
         except KeyError:
@@ -313,8 +316,9 @@ def _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
     if encoder_hidden_states is None:
         encoder_hidden_states = hidden_states
     elif adapter is not None:
-        processor = adapter[0]
-        split = encoder_hidden_states.shape[1] - processor.num_tokens
+        processor, mask = adapter[0], adapter[2]
+        people = mask.people if mask is not None else 1  # P blocks of face tokens, one per person
+        split = encoder_hidden_states.shape[1] - people * processor.num_tokens
         encoder_hidden_states, face_tokens = encoder_hidden_states[:, :split], encoder_hidden_states[:, split:]
     if encoder_hidden_states is not hidden_states and attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -333,12 +337,18 @@ def _attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
 
     out = _sdpa(attn, query, key, value, attention_mask)
     if face_tokens is not None:
+        # each person's tokens attended apart, weighted by their own region (one person: the face box)
         processor, scale, mask = adapter
-        face = _sdpa(attn, query, *processor.face_key_value(face_tokens), None)
-        face = face * _per_sample(scale, batch, face)
-        if mask is not None:
-            face = face * mask.for_sequence(face.shape[1]).to(face.dtype)
-        out = out + face
+        keys, values = processor.face_key_value(face_tokens)
+        weights = mask.for_sequence(query.shape[2]).to(query.dtype) if mask is not None else None
+        tokens = processor.num_tokens
+        for person in range(face_tokens.shape[1] // tokens):
+            part = slice(person * tokens, (person + 1) * tokens)
+            face = _sdpa(attn, query, keys[:, part], values[:, part], None)
+            face = face * _per_sample(scale, batch, face)
+            if weights is not None:
+                face = face * weights[..., person : person + 1]
+            out = out + face
     out = out.to(query.dtype)
 
     out = attn.to_out[0](out)

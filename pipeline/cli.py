@@ -96,7 +96,10 @@ def build_parser():
 
     gen = commands.add_parser("generate", help="generate images of the person in --face")
     gen.add_argument("--weights", required=True, help="weights root: a folder, s3://bucket/prefix, or 'hub'")
-    gen.add_argument("--face", action="append", required=True, type=Path, help="a face photo (repeatable)")
+    gen.add_argument("--face", action="append", type=Path, help="a face photo (repeatable)")
+    gen.add_argument("--person", action="append", default=[], metavar="PHOTO@X1,Y1,X2,Y2",
+                     help="several people instead of --face (repeatable, up to 4): a face photo and the box of the "
+                          "output where that face goes, in pixels; needs --width and --height")
     gen.add_argument("--pose", type=Path, help="take the keypoints (head pose) from this photo")
     gen.add_argument("--face-combine", choices=("mean", "norm_mean"), default="mean")
     gen.add_argument("--image", type=Path, help="restyle this picture (img2img; keypoints from its face unless --pose)")
@@ -268,22 +271,10 @@ def _controlnet(value: str, flag: str, preprocessed: bool) -> tuple[dict, tuple[
     return entry, (Path(path), flag)
 
 
-def _generate(args) -> int:
-    from .controlnets import available_controlnets
-    from .images import load_image
-    from .optimize import Optimizations
+def _params(args, optimizations, chosen: dict, controls: list, people: list):
     from .params import GenerationParams, parse_params
-    from .weights import resolve_weights
 
-    started = time.perf_counter()
-    # 1. everything the user typed is checked before any model is loaded
-    optimizations = Optimizations.parse(args.optimize)
-    controls = [_controlnet(value, flag, preprocessed) for flag, preprocessed in
-                (("--controlnet", False), ("--controlnet-image", True)) for value in getattr(args, flag[2:]
-                                                                                                 .replace("-", "_"))]
-    chosen = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-              "scheduler": args.scheduler}
-    params = parse_params(
+    return parse_params(
         GenerationParams,
         **{**optimizations.param_defaults(), **{k: v for k, v in chosen.items() if v is not None}},
         prompt=args.prompt,
@@ -303,7 +294,51 @@ def _generate(args) -> int:
         lora_scale=args.lora_scale,
         strength=args.strength,
         controlnets=[entry for entry, _ in controls],
+        people=[{"box": box} for _, box in people],
     )
+
+
+def _person(value: str) -> tuple[Path, list[int]]:
+    """``PHOTO@X1,Y1,X2,Y2`` -> the photo and its box (the photo's path may hold '@')."""
+    path, _, box = value.rpartition("@")
+    try:
+        numbers = [int(v) for v in box.split(",")]
+    except ValueError:
+        numbers = []
+    if not path or len(numbers) != 4:
+        raise InvalidParameter("--person", f"expected PHOTO@X1,Y1,X2,Y2 (whole pixels), got {value!r}")
+    return Path(path), numbers
+
+
+def _generate(args) -> int:
+    from .controlnets import available_controlnets
+    from .images import load_image
+    from .optimize import Optimizations
+    from .weights import resolve_weights
+
+    started = time.perf_counter()
+    # 1. everything the user typed is checked before any model is loaded
+    optimizations = Optimizations.parse(args.optimize)
+    controls = [_controlnet(value, flag, preprocessed) for flag, preprocessed in
+                (("--controlnet", False), ("--controlnet-image", True)) for value in getattr(args, flag[2:]
+                                                                                                 .replace("-", "_"))]
+    chosen = {"num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+              "scheduler": args.scheduler}
+    people = [_person(value) for value in args.person]
+    if bool(args.face) == bool(people):
+        raise InvalidParameter("--person" if people else "--face", "give faces either with --face or with --person"
+                               if people else "needs a face photo (--face PHOTO, or --person PHOTO@X1,Y1,X2,Y2)")
+    if people and args.pose is not None:
+        raise InvalidParameter("--pose", "with --person, each person's box places their face")
+    try:
+        params = _params(args, optimizations, chosen, controls, people)
+    except InvalidParameter as error:  # people[k].box -> the flag the user typed
+        if error.field.startswith("people[") and people:
+            index = int(error.field[len("people["):].split("]")[0])
+            raise InvalidParameter(f"--person {args.person[index]}", error.reason) from None
+        if error.field == "people":
+            raise InvalidParameter("--person", error.reason) from None
+        raise
     for flag, value in (("--strength", args.strength), ("--mask-image", args.mask_image)):
         if value is not None and args.image is None:
             raise InvalidParameter(flag, "needs --image (the picture to start from)")
@@ -320,7 +355,8 @@ def _generate(args) -> int:
         credentials = None if args.no_c2pa else credentials_from_env(args.watermark_service)
     except ValueError as error:
         raise InvalidParameter("--no-c2pa", f"{error} (or pass --no-c2pa)") from None
-    faces = [load_image(p, field=f"--face {p}") for p in args.face]
+    faces = [load_image(p, field=f"--face {p}") for p in args.face or ()]
+    person_photos = [load_image(path, field=f"--person {value}") for (path, _), value in zip(people, args.person)]
     pose = load_image(args.pose, field=f"--pose {args.pose}") if args.pose else None
     picture = load_image(args.image, field=f"--image {args.image}") if args.image else None
     mask = load_image(args.mask_image, field=f"--mask-image {args.mask_image}") if args.mask_image else None
@@ -346,12 +382,15 @@ def _generate(args) -> int:
     load_ms = (time.perf_counter() - started) * 1000
     clock = time.perf_counter()
     layout, layout_name = (pose, f"--pose {args.pose}") if pose is not None else (picture, f"--image {args.image}")
-    face = pipe.face.analyze_many(
+    person_faces = [pipe.face.analyze_many([photo], names=[f"--person {value}"])
+                    for photo, value in zip(person_photos, args.person)]
+    face = person_faces[0] if person_faces else pipe.face.analyze_many(
         faces, pose=layout, combine=args.face_combine, names=[f"--face {p}" for p in args.face], pose_name=layout_name
     )
     face_ms = (time.perf_counter() - clock) * 1000
-    options = params.model_dump(exclude={"controlnets"})
-    result = pipe(face, image=picture, mask_image=mask, **options,
+    options = params.model_dump(exclude={"controlnets", "people"})
+    placed = [{"face": info, "box": box} for info, (_, box) in zip(person_faces, people)]
+    result = pipe(None if placed else face, image=picture, mask_image=mask, **options, people=placed or None,
                   controlnets=[{**entry, "image": image} for (entry, _), image in zip(controls, control_images)])
     result.timings_ms["face"] = face_ms
 
@@ -402,6 +441,8 @@ def _generate(args) -> int:
         "width": result.width,
         "height": result.height,
         "face": FaceSummary.of(face).model_dump(),
+        **({"people": [{"box": box, "face": FaceSummary.of(info).model_dump()}
+                       for info, (_, box) in zip(person_faces, people)]} if people else {}),
         "timings_ms": {"load": round(load_ms, 1), **{k: round(v, 1) for k, v in result.timings_ms.items()}},
     }
     if optimizations.enabled():

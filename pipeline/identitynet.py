@@ -25,6 +25,15 @@ class ControlInputs:
     scale: torch.Tensor
     mask: torch.Tensor | None
 
+    @classmethod
+    def per_person(cls, face_tokens: torch.Tensor, conditions: list[torch.Tensor], added: dict, scale: torch.Tensor,
+                   mask: torch.Tensor | None) -> list["ControlInputs"]:
+        """One IdentityNet input per person: their block of face tokens (``face_tokens`` holds
+        P blocks), their keypoint image, their region's mask channel."""
+        tokens = face_tokens.shape[1] // len(conditions)
+        return [cls(face_tokens[:, p * tokens:(p + 1) * tokens], condition, added, scale,
+                    mask[:, p:p + 1] if mask is not None else None) for p, condition in enumerate(conditions)]
+
     def second_half(self) -> "ControlInputs":
         def half(tensor):
             return tensor[tensor.shape[0] // 2 :] if tensor is not None else None

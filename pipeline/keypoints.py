@@ -69,6 +69,20 @@ class Frame:
         return np.clip(x1y1x2y2, 0, [ow, oh, ow, oh])
 
 
+def frame_face(face, picture_size: tuple[int, int] | None, size: tuple[int, int]):
+    """A face's keypoints and box (a :class:`~pipeline.face.FaceInfo`) in the pixels of a
+    ``size`` output: its picture framed to it. ``picture_size``: the img2img picture's
+    size, when the face may have been found in that picture."""
+    source, kps, bbox = face.image_size, np.asarray(face.kps, float), np.asarray(face.bbox, float)
+    if picture_size is not None and tuple(source) == reference_size(*picture_size):
+        # the face was found in the picture, which the face stage stretched to multiples of 64: back
+        # to the picture's own pixels, so that the keypoints land on its face once both are framed
+        factor = np.array(picture_size, float) / np.array(source, float)
+        source, kps, bbox = picture_size, kps * factor, bbox * np.tile(factor, 2)
+    frame = Frame(tuple(source), size)
+    return frame.points(kps), tuple(float(v) for v in frame.box(bbox))
+
+
 def draw_keypoints(kps: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """IdentityNet's spatial condition for five facial keypoints on a ``(width, height)`` canvas.
 

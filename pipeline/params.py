@@ -7,10 +7,11 @@ import hashlib
 import secrets
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .controlnets import MAX_CONTROLNETS, ControlNetParams, window_end
 from .errors import InvalidParameter
+from .people import MAX_PEOPLE, PersonParams, check_people
 from .prompts import PromptSyntaxError, check_weights
 from .schedulers import SchedulerName
 from .styles import canonical_style
@@ -56,6 +57,11 @@ class GenerationParams(BaseModel):
     enhance_face_region: bool = Field(
         False, description="Limit IdentityNet to the face box (the reference's 'enhance non-face region')."
     )
+    people: list[PersonParams] = Field(
+        default_factory=list, max_length=MAX_PEOPLE,
+        description=f"Several people in one picture (1 to {MAX_PEOPLE}), each with their own face and a region: "
+                    "their face tokens and IdentityNet act only there. Needs width and height."
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -85,6 +91,11 @@ class GenerationParams(BaseModel):
             raise ValueError(error.reason) from None
 
     _window = field_validator("control_guidance_end")(classmethod(window_end))
+
+    @model_validator(mode="after")
+    def _people_fit(self) -> "GenerationParams":
+        check_people(self.people, self.width, self.height)
+        return self
 
     @property
     def do_cfg(self) -> bool:

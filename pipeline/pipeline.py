@@ -44,11 +44,13 @@ from .identitynet import ControlInputs, box_mask, scale_residual, to_tensor, win
 from .images import ImageInput, load_image
 from .img2img import (StartImage, default_strength, encode_pictures, frame_mask, frame_picture, keep_unmasked_pixels,
                       latent_mask, start_step, truncate_schedule)
-from .keypoints import Frame, draw_keypoints, reference_size
+from .keypoints import draw_keypoints, frame_face, reference_size
+from .loras import LoraSwitch
 from .optimize import (Optimizations, RenderSettings, apply_optimizations, check_optimizations, render_settings,
-                       resolve_load_settings, set_fused_projections)
+                       resolve_load_settings)
 from .params import GenerationParams, parse_params
-from .prompts import PromptTooLong, encode_weighted, sequence_length
+from .people import RenderPerson, place_people, split_people
+from .prompts import PromptTooLong, encode_prompts, sequence_length
 from .schedulers import make_scheduler
 from .styles import apply_style
 from .weights import ExtraWeights, WeightsPaths, resolve_weights
@@ -80,6 +82,11 @@ class RenderItem:
     control_scales: tuple[float, ...] = ()  # and their strengths
     init_image: np.ndarray | None = None  # img2img/inpainting: the picture, HxWx3 uint8 at the output size
     mask: np.ndarray | None = None  # inpainting: HxW uint8 at the output size, 255 where to repaint
+    people: tuple[RenderPerson, ...] = ()  # several people (pipeline.people): each their face, keypoints, region
+
+    def persons(self) -> tuple[RenderPerson, ...]:
+        """Who is in the picture: ``people``, or the one face (its box the region)."""
+        return self.people or (RenderPerson(self.embedding, self.kps, self.face_box),)
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,7 @@ class RenderOptions:
     strength: float | None = None  # img2img/inpainting (pipeline.img2img); None: text-to-image
     inpaint: bool = False  # the items carry masks
     controlnets: tuple[tuple[str, float, float], ...] = ()  # extra ControlNets: (name, window start, window end)
+    people: int = 0  # several people: how many each item places (their regions always mask)
 
 
 @dataclass
@@ -135,8 +143,7 @@ class InstantIDPipeline:
         # unconditional branch (diffusers' SDXL pipelines do the same)
         self._guidance_dim = sdxl.unet.config.time_cond_proj_dim
         self._lock = threading.Lock()
-        self._loras: dict[str, str] = {}
-        self._fused = self.settings.fused_projections  # whether the fused projections are in use now
+        self.loras = LoraSwitch(sdxl, self.settings)
         cross = sdxl.unet.config.cross_attention_dim
         out_dims = image_proj.proj_out.out_features
         if out_dims != cross:
@@ -246,24 +253,27 @@ class InstantIDPipeline:
 
     # ------------------------------------------------------------------ face
     def analyze_faces(
-        self, images: ImageInput | Sequence[ImageInput], *, pose: ImageInput | None = None, combine: str = "mean"
+        self, images: ImageInput | Sequence[ImageInput], *, pose: ImageInput | None = None, combine: str = "mean",
+        **names
     ) -> FaceInfo:
+        """One identity from photos (``names``: ``names``/``pose_name`` for error messages)."""
         if self.face is None:
             raise InvalidParameter("face", "this pipeline was loaded without the face stage")
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return self.face.analyze_many(list(images), pose=pose, combine=combine)
+        return self.face.analyze_many(list(images), pose=pose, combine=combine, **names)
 
     # ------------------------------------------------------------------ high level
     def __call__(
         self,
-        face: FaceInfo | ImageInput | Sequence[ImageInput],
+        face: FaceInfo | ImageInput | Sequence[ImageInput] | None = None,
         prompt: str = "",
         *,
         pose: ImageInput | None = None,
         image: ImageInput | None = None,
         mask_image: ImageInput | None = None,
         controlnets: Sequence[dict] | None = None,
+        people: Sequence[dict] | None = None,
         on_step: StepCallback | None = None,
         **params,
     ) -> GenerationResult:
@@ -274,42 +284,50 @@ class InstantIDPipeline:
         repaint) repaints only part of it. The keypoints come from ``pose``, else from the
         face in ``image``, else from the first face photo. ``controlnets``: extra ControlNets,
         ``[{"type": "canny", "image": photo, "scale": 0.5, ...}]`` (:class:`ControlNetParams`
-        plus the image)."""
+        plus the image). ``people``: several people instead of ``face``,
+        ``[{"face_images": photos | "face": FaceInfo, "box": [x1, y1, x2, y2] | "pose_image": photo}]``
+        (:mod:`pipeline.people`; needs ``width`` and ``height``)."""
         entries, control_sources = split_images(controlnets)
+        placements, sources = split_people(people)
+        if placements and (face is not None or pose is not None):
+            raise InvalidParameter("face" if face is not None else "pose", "give the faces in people when people "
+                                                                            "is given")
+        if face is None and not placements:
+            raise InvalidParameter("face", "needs face photos (or a FaceInfo), or people")
         spec = parse_params(GenerationParams, prompt=prompt, **{**self.param_defaults, **params,
-                                                                  "controlnets": entries})
+                                                                  "controlnets": entries, "people": placements})
         control_images = [load_image(source, field=f"controlnets[{k}].image")
                           for k, source in enumerate(control_sources)]
         picture = load_image(image, field="image") if image is not None else None
         mask = load_image(mask_image, field="mask_image") if mask_image is not None else None
         started = time.perf_counter()
-        info = face if isinstance(face, FaceInfo) else \
+        faces = [self._person_face(k, *source) for k, source in enumerate(sources)]
+        info = faces[0] if faces else face if isinstance(face, FaceInfo) else \
             self.analyze_faces(face, pose=pose if pose is not None else picture)
         face_ms = (time.perf_counter() - started) * 1000
-        options, items = self.plan(spec, info, image=picture, mask=mask, control_images=control_images)
+        options, items = self.plan(spec, info, image=picture, mask=mask, control_images=control_images,
+                                   people=faces)
         images, timings = self.render(items, options, on_step=on_step)
         timings = {"face": face_ms, **timings}
         return GenerationResult(images, [i.seed for i in items], options.width, options.height, info, timings)
 
-    def plan(self, spec: GenerationParams, face: FaceInfo, *, image: Image.Image | None = None,
-             mask: Image.Image | None = None, control_images: Sequence[Image.Image] = ()
-             ) -> tuple[RenderOptions, list[RenderItem]]:
-        """Turn validated parameters, an analysed face, (img2img, inpainting) the starting
-        picture and its mask, and the extra ControlNets' images into render items."""
+    def plan(self, spec: GenerationParams, face: FaceInfo | None, *, image: Image.Image | None = None,
+             mask: Image.Image | None = None, control_images: Sequence[Image.Image] = (),
+             people: Sequence[FaceInfo] = ()) -> tuple[RenderOptions, list[RenderItem]]:
+        """Turn validated parameters, an analysed face (or, with ``spec.people``, one face
+        per person: see :func:`~pipeline.people.place_people`), (img2img, inpainting) the
+        starting picture and its mask, and the extra ControlNets' images into render items."""
         self.check_lora(spec.lora)
         if image is None and (mask is not None or spec.strength is not None):
             raise InvalidParameter("mask_image" if mask is not None else "strength",
                                    "needs image (the picture to start from)")
         width, height = self.output_size(spec, face, image.size if image is not None else None)
-        source, kps, bbox = face.image_size, np.asarray(face.kps, float), np.asarray(face.bbox, float)
-        if image is not None and tuple(source) == reference_size(*image.size):
-            # the face was found in the picture, which the face stage stretched to multiples of 64: back
-            # to the picture's own pixels, so that the keypoints land on its face once both are framed
-            factor = np.array(image.size, float) / np.array(source, float)
-            source, kps, bbox = image.size, kps * factor, bbox * np.tile(factor, 2)
-        frame = Frame(source, (width, height))
-        kps = frame.points(kps)
-        box = tuple(float(v) for v in frame.box(bbox))
+        persons = tuple(place_people(spec.people, people, (width, height))) if spec.people else ()
+        if persons:  # the first person stands for the picture's face where one is asked for
+            face_embedding, kps, box = persons[0].embedding, persons[0].kps, persons[0].box
+        else:
+            face_embedding, kps, box = np.asarray(face.embedding, dtype=np.float32), *frame_face(
+                face, image.size if image is not None else None, (width, height))
         prompt, negative = apply_style(spec.style, spec.prompt, spec.negative_prompt)
         strength = default_strength(spec.strength, mask is not None) if image is not None else None
         picture = frame_picture(image, (width, height)) if image is not None else None
@@ -331,6 +349,7 @@ class InstantIDPipeline:
             strength=strength,
             inpaint=mask is not None,
             controlnets=tuple((c.type, c.control_guidance_start, c.control_guidance_end) for c in spec.controlnets),
+            people=len(persons),
         )
         if strength is not None:
             start_step(options.num_inference_steps, strength)  # refused now, not at render
@@ -338,7 +357,7 @@ class InstantIDPipeline:
             RenderItem(
                 prompt=prompt,
                 negative_prompt=negative,
-                embedding=np.asarray(face.embedding, dtype=np.float32),
+                embedding=face_embedding,
                 kps=kps,
                 seed=seed,
                 guidance_scale=spec.guidance_scale,
@@ -349,10 +368,24 @@ class InstantIDPipeline:
                 mask=framed_mask,
                 controls=controls,
                 control_scales=tuple(c.scale for c in spec.controlnets),
+                people=persons,
             )
             for seed in spec.seeds()
         ]
         return options, items
+
+    def _person_face(self, k: int, face, pose) -> FaceInfo:
+        """Person ``k``'s face: analysed from their photos (head pose from ``pose`` when
+        given), or a :class:`FaceInfo` (posed by ``pose``'s face when given)."""
+        field = f"people[{k}]"
+        if isinstance(face, FaceInfo):
+            if pose is None:
+                return face
+            posed = self.analyze_faces([pose], names=[f"{field}.pose_image"])
+            return FaceInfo(posed.bbox, posed.kps, face.det_score, face.embedding, posed.image_size)
+        photos = list(face) if isinstance(face, (list, tuple)) else [face]
+        return self.analyze_faces(photos, pose=pose, names=[f"{field}.face_images[{i}]" for i in range(len(photos))],
+                                  pose_name=f"{field}.pose_image")
 
     def _text_tokens(self, prompt: str, negative: str | None) -> int:
         try:
@@ -364,7 +397,10 @@ class InstantIDPipeline:
                     picture_size: tuple[int, int] | None = None) -> tuple[int, int]:
         """Explicit width/height, else the reference rule applied to the starting picture
         (img2img) or the face's picture."""
-        default_w, default_h = reference_size(*(picture_size or face.image_size))
+        if spec.width and spec.height:
+            default_w, default_h = spec.width, spec.height
+        else:
+            default_w, default_h = reference_size(*(picture_size or face.image_size))
         width = spec.width or (default_w if spec.height is None else _round8(spec.height * default_w / default_h))
         height = spec.height or (default_h if spec.width is None else _round8(spec.width * default_h / default_w))
         factor = self.vae_scale_factor
@@ -375,36 +411,11 @@ class InstantIDPipeline:
 
     # ------------------------------------------------------------------ LoRA
     def check_lora(self, lora: str | None) -> None:
-        """Refuse a request LoRA this pipeline cannot use: with ``compile`` and ``fuse_qkv``
-        the fused projections are compiled in and stay on (a LoRA needs them off)."""
-        if lora is not None and not self.settings.lora_allowed:
-            raise InvalidParameter("lora", "this pipeline was loaded with compile and fuse_qkv: its fused projections "
-                                           "are compiled in, and a LoRA needs the unfused ones (load without "
-                                           "fuse_qkv to serve LoRAs)")
+        """Refuse a request LoRA this pipeline cannot use (:class:`~pipeline.loras.LoraSwitch`)."""
+        self.loras.check(lora)
 
     def _activate_lora(self, lora: str | None, scale: float) -> None:
-        self.check_lora(lora)
-        if self.settings.fused_projections and not self.settings.compiled:
-            fused = lora is None  # a LoRA lives on the unfused projections
-            if fused != self._fused:
-                set_fused_projections(self.sdxl.unet, self.sdxl.controlnet, on=fused)
-                self._fused = fused
-        if lora is None:
-            if self._loras:
-                self.sdxl.disable_lora()
-            return
-        if lora not in self._loras:
-            path = Path(lora)
-            if not path.exists():
-                raise InvalidParameter("lora", f"no LoRA file at {lora}")
-            name = f"lora{len(self._loras)}"
-            try:
-                self.sdxl.load_lora_weights(str(path), adapter_name=name)
-            except Exception as error:  # diffusers/peft raise many kinds for a bad file
-                raise InvalidParameter("lora", f"cannot load {path.name}: {error}") from None
-            self._loras[lora] = name
-        self.sdxl.enable_lora()
-        self.sdxl.set_adapters([self._loras[lora]], adapter_weights=[scale])
+        self.loras.activate(lora, scale)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
@@ -469,10 +480,13 @@ class InstantIDPipeline:
         width = int(self.image_proj.proj_in.in_features)
         picture = (options.height, options.width)
         for k, item in enumerate(items):
-            if np.asarray(item.embedding).size != width:
-                raise InvalidParameter(f"items[{k}].embedding", f"must have {width} values")
-            if np.asarray(item.kps).shape != (5, 2):
-                raise InvalidParameter(f"items[{k}].kps", "must be 5 (x, y) keypoints")
+            if len(item.people) != options.people:
+                raise InvalidParameter(f"items[{k}].people", f"must place {options.people} people, as the options say")
+            for name, person in [("", item)] + [(f".people[{j}]", p) for j, p in enumerate(item.people)]:
+                if np.asarray(person.embedding).size != width:
+                    raise InvalidParameter(f"items[{k}]{name}.embedding", f"must have {width} values")
+                if np.asarray(person.kps).shape != (5, 2):
+                    raise InvalidParameter(f"items[{k}]{name}.kps", "must be 5 (x, y) keypoints")
             for name, wanted, shape in (("init_image", options.strength is not None, (*picture, 3)),
                                         ("mask", options.inpaint, picture)):
                 value = getattr(item, name)
@@ -501,21 +515,27 @@ class InstantIDPipeline:
         # 2. encode: text per item (identical alone or batched), face tokens
         text, pooled = self._encode_text(items, cfg, options.lora_scale if options.lora else None,
                                          weighted=options.text_tokens is not None)
-        embeddings = torch.from_numpy(np.stack([np.asarray(i.embedding, np.float32).reshape(-1) for i in items]))
+        # one block of face tokens per person (one person unless options.people), person by person
+        persons = [item.persons() for item in items]
+        embeddings = torch.from_numpy(np.stack([np.asarray(p.embedding, np.float32).reshape(-1)
+                                                for people in persons for p in people]))
         embeddings = embeddings.to(device=device, dtype=dtype)[:, None, :]
         face_tokens = self.image_proj(embeddings)
         if cfg:
             face_tokens = torch.cat([self.image_proj(torch.zeros_like(embeddings)), face_tokens])
+        face_tokens = face_tokens.reshape(face_tokens.shape[0] // len(persons[0]), -1, face_tokens.shape[-1])
         unet_tokens = torch.cat([text, face_tokens], dim=1)
         timings["encode"] = _ms(clock, device)
 
         # 3. prepare: keypoint images, masks, per-item scales, noise, timesteps
         clock = time.perf_counter()
         size = (options.width, options.height)
-        condition = torch.stack([to_tensor(draw_keypoints(i.kps, size)) for i in items]).to(device, dtype)
-        mask = None
-        if options.enhance_face_region:
-            mask = torch.stack([box_mask(i.face_box, size) for i in items]).to(device, dtype)
+        conditions = [torch.stack([to_tensor(draw_keypoints(people[p].kps, size)) for people in persons]
+                                  ).to(device, dtype) for p in range(len(persons[0]))]
+        mask = None  # (B, P, H, W): each person's region
+        if options.enhance_face_region or options.people:
+            mask = torch.stack([torch.cat([box_mask(p.box, size) for p in people]) for people in persons]
+                               ).to(device, dtype)
 
         def per_item(values: list[float]) -> torch.Tensor:
             tensor = torch.tensor(values, device=device, dtype=dtype)
@@ -525,7 +545,7 @@ class InstantIDPipeline:
         cn_scale = per_item([i.controlnet_conditioning_scale for i in items]).view(-1, 1, 1, 1)
         guidance = torch.tensor([i.guidance_scale for i in items], device=device, dtype=dtype).view(-1, 1, 1, 1)
         if cfg:
-            condition = torch.cat([condition, condition])
+            conditions = [torch.cat([condition, condition]) for condition in conditions]
             mask = torch.cat([mask, mask]) if mask is not None else None
         time_ids = self._time_ids(options, len(items) * (2 if cfg else 1), pooled.shape[-1], dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
@@ -549,9 +569,9 @@ class InstantIDPipeline:
         attention_kwargs = {"ip_adapter_scale": ip_scale}
         if mask is not None:  # resized once per level, to each level's real token grid
             attention_kwargs["ip_adapter_mask"] = FaceRegionMask(mask, token_grids(self.sdxl.unet, latents.shape[-2:]))
-        control = ControlInputs(face_tokens, condition, added, cn_scale, mask)
+        controls = ControlInputs.per_person(face_tokens, conditions, added, cn_scale, mask)  # IdentityNet per person
         if cond_only:
-            control = control.second_half()
+            controls = [control.second_half() for control in controls]
         extras = [ExtraControl.of(self.extra_controlnets.get(name), j, items, window_keeps(len(timesteps), *window),
                                   cfg, per_item) for j, (name, *window) in enumerate(options.controlnets)]
         timings["prepare"] = _ms(clock, device)
@@ -564,17 +584,20 @@ class InstantIDPipeline:
             model_input = scheduler.scale_model_input(model_input, t)
             down, mid = None, None
             if keeps[step]:
-                down, mid = self.sdxl.controlnet(
-                    model_input[len(items):] if cond_only else model_input,
-                    t,
-                    encoder_hidden_states=control.face_tokens,
-                    controlnet_cond=control.condition,
-                    conditioning_scale=1.0,
-                    added_cond_kwargs=control.added,
-                    return_dict=False,
-                )
-                down = [scale_residual(d, control.scale, control.mask) for d in down]
-                mid = scale_residual(mid, control.scale, control.mask)
+                for control in controls:  # each person's residuals, masked to their region, summed
+                    person_down, person_mid = self.sdxl.controlnet(
+                        model_input[len(items):] if cond_only else model_input,
+                        t,
+                        encoder_hidden_states=control.face_tokens,
+                        controlnet_cond=control.condition,
+                        conditioning_scale=1.0,
+                        added_cond_kwargs=control.added,
+                        return_dict=False,
+                    )
+                    person_down = [scale_residual(d, control.scale, control.mask) for d in person_down]
+                    person_mid = scale_residual(person_mid, control.scale, control.mask)
+                    down = person_down if down is None else [a + b for a, b in zip(down, person_down)]
+                    mid = person_mid if mid is None else mid + person_mid
                 if cond_only:
                     down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                     mid = torch.cat([torch.zeros_like(mid), mid])
@@ -610,34 +633,8 @@ class InstantIDPipeline:
         return images, timings
 
     def _encode_text(self, items: list[RenderItem], cfg: bool, lora_scale: float | None, *, weighted: bool = False):
-        cache: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        cond, uncond, pooled, uncond_pooled = [], [], [], []
-        for item in items:
-            key = (item.prompt, item.negative_prompt)
-            if key in cache:
-                pass
-            elif weighted:
-                cache[key] = encode_weighted(self.sdxl.text_encoder, self.sdxl.text_encoder_2, self.sdxl.tokenizer,
-                                             item.prompt, item.negative_prompt, cfg=cfg, device=self.device,
-                                             lora_scale=lora_scale)
-            else:
-                cache[key] = self.sdxl.encode_prompt(
-                    prompt=item.prompt,
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=cfg,
-                    negative_prompt=item.negative_prompt,
-                    lora_scale=lora_scale,
-                )
-            embeds, negative, pool, negative_pool = cache[key]
-            cond.append(embeds)
-            pooled.append(pool)
-            if cfg:
-                uncond.append(negative)
-                uncond_pooled.append(negative_pool)
-        text = torch.cat(uncond + cond) if cfg else torch.cat(cond)
-        pool = torch.cat(uncond_pooled + pooled) if cfg else torch.cat(pooled)
-        return text.to(self.dtype), pool.to(self.dtype)
+        return encode_prompts(self.sdxl, [(i.prompt, i.negative_prompt) for i in items], cfg, lora_scale,
+                              weighted=weighted, device=self.device, dtype=self.dtype)
 
     def _time_ids(self, options: RenderOptions, rows: int, pooled_dim: int, dtype) -> torch.Tensor:
         size = (options.height, options.width)

@@ -17,7 +17,8 @@ with ``last`` its chunk's final (end token) row and w in float16, as the referen
 pooled embedding is the second encoder's of the last chunk.
 
 Parsing and counting are pure Python (the HTTP ingress validates prompts with them); only
-:func:`encode_weighted` needs torch.
+:func:`encode_weighted` and :func:`encode_prompts` (a batch's rows, weighted or plain) need
+torch.
 """
 
 from __future__ import annotations
@@ -187,6 +188,38 @@ def encode_weighted(text_encoder, text_encoder_2, tokenizer, prompt: str, negati
         if scaled:
             for encoder in encoders:
                 unscale_lora_layers(encoder, lora_scale)
+
+
+def encode_prompts(sdxl, prompts: list[tuple[str, str | None]], cfg: bool, lora_scale: float | None, *,
+                   weighted: bool, device, dtype):
+    """(text embeds, pooled) for ``(prompt, negative)`` pairs, one row each ([negatives...,
+    prompts...] under CFG); each distinct pair is encoded once, alone, so a prompt's rows are
+    the same in any batch. ``weighted``: :func:`encode_weighted`, else diffusers' plain SDXL
+    encoding (``sdxl.encode_prompt``)."""
+    import torch
+
+    cache: dict[tuple[str, str | None], tuple] = {}
+    cond, uncond, pooled, uncond_pooled = [], [], [], []
+    for key in prompts:
+        prompt, negative = key
+        if key in cache:
+            pass
+        elif weighted:
+            cache[key] = encode_weighted(sdxl.text_encoder, sdxl.text_encoder_2, sdxl.tokenizer, prompt, negative,
+                                         cfg=cfg, device=device, lora_scale=lora_scale)
+        else:
+            cache[key] = sdxl.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                            do_classifier_free_guidance=cfg, negative_prompt=negative,
+                                            lora_scale=lora_scale)
+        embeds, negative_embeds, pool, negative_pool = cache[key]
+        cond.append(embeds)
+        pooled.append(pool)
+        if cfg:
+            uncond.append(negative_embeds)
+            uncond_pooled.append(negative_pool)
+    text = torch.cat(uncond + cond) if cfg else torch.cat(cond)
+    pool = torch.cat(uncond_pooled + pooled) if cfg else torch.cat(pooled)
+    return text.to(dtype), pool.to(dtype)
 
 
 def _encode(text_encoder, text_encoder_2, tokenizer, prompt: str, negative: str | None, *, cfg: bool, device):

@@ -53,7 +53,7 @@ _arrivals = itertools.count()
 def group_key(options: "RenderOptions") -> tuple:
     """What images must share to run in one forward."""
     return (options.width, options.height, options.lora, options.lora_scale if options.lora else None,
-            options.do_cfg, options.text_tokens, options.enhance_face_region,
+            options.do_cfg, options.text_tokens, options.enhance_face_region or bool(options.people), options.people,
             tuple(name for name, *_ in options.controlnets))
 
 
@@ -133,9 +133,9 @@ class _Slot:
     start: StartImage | None
     text: torch.Tensor  # (rows, L, D): [uncond, cond] under CFG
     pooled: torch.Tensor
-    face: torch.Tensor  # (rows, 16, D)
-    condition: torch.Tensor  # (1, 3, H, W)
-    mask: torch.Tensor | None  # (1, 1, H, W)
+    face: torch.Tensor  # (rows, P * 16, D): a block of face tokens per person (P = 1 but for people)
+    conditions: list[torch.Tensor]  # (1, 3, H, W) per person: their keypoints
+    mask: torch.Tensor | None  # (1, P, H, W): each person's region
     controls: list[torch.Tensor]  # extra ControlNets' images, (1, 3, H, W) each
     control_scales: list[float]
     guidance_embedding: torch.Tensor | None
@@ -221,13 +221,17 @@ class StepLoop:
         pipe._activate_lora(options.lora, options.lora_scale)
         text, pooled = pipe._encode_text([item], cfg, options.lora_scale if options.lora else None,
                                          weighted=options.text_tokens is not None)
-        embedding = torch.from_numpy(np.asarray(item.embedding, np.float32).reshape(1, 1, -1)).to(device, dtype)
-        face = pipe.image_proj(embedding)
+        persons = item.persons()
+        embedding = torch.from_numpy(np.stack([np.asarray(p.embedding, np.float32).reshape(1, -1) for p in persons]))
+        embedding = embedding.to(device, dtype)
+        face = pipe.image_proj(embedding)  # (P, 16, D)
         if cfg:
             face = torch.cat([pipe.image_proj(torch.zeros_like(embedding)), face])
+        face = face.reshape(face.shape[0] // len(persons), -1, face.shape[-1])
         size = (options.width, options.height)
-        condition = to_tensor(draw_keypoints(item.kps, size))[None].to(device, dtype)
-        mask = box_mask(item.face_box, size)[None].to(device, dtype) if options.enhance_face_region else None
+        conditions = [to_tensor(draw_keypoints(p.kps, size))[None].to(device, dtype) for p in persons]
+        mask = torch.cat([box_mask(p.box, size) for p in persons])[None].to(device, dtype) \
+            if options.enhance_face_region or options.people else None
         scheduler = make_scheduler(options.scheduler, pipe.sdxl.scheduler.config)
         scheduler.set_timesteps(options.num_inference_steps, device=device)
         timesteps = scheduler.timesteps
@@ -248,7 +252,7 @@ class StepLoop:
             keeps=window_keeps(len(timesteps), options.control_guidance_start, options.control_guidance_end),
             extra_keeps=[window_keeps(len(timesteps), *window) for _, *window in options.controlnets],
             latents=latents, generator=generator, noise=noise, start=start, text=text, pooled=pooled, face=face,
-            condition=condition, mask=mask,
+            conditions=conditions, mask=mask,
             controls=[to_tensor(c)[None].to(device, dtype) for c in item.controls],
             control_scales=list(item.control_scales),
             guidance_embedding=pipe._guidance_embedding([item]))
@@ -308,8 +312,7 @@ class StepLoop:
         text, pooled, face = rows([s.text for s in slots]), rows([s.pooled for s in slots]), rows(
             [s.face for s in slots])
         double = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
-        condition = double(torch.cat([s.condition for s in slots]))
-        mask = double(torch.cat([s.mask for s in slots])) if options.enhance_face_region else None
+        mask = double(torch.cat([s.mask for s in slots])) if slots[0].mask is not None else None
         time_ids = pipe._time_ids(options, model_input.shape[0], pooled.shape[-1], pipe.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids}
 
@@ -319,9 +322,17 @@ class StepLoop:
         # 2. IdentityNet and the extra ControlNets on the rows inside their windows
         inside = [k for k, s in enumerate(slots) if s.keeps[s.step]]
         picked = [n + k for k in inside] if cond_only else (inside + [n + k for k in inside] if cfg else inside)
-        down, mid = self._residuals(
-            pipe.sdxl.controlnet, picked, model_input, t_all, face, condition, added,
-            per_row([s.item.controlnet_conditioning_scale for s in slots]), mask)
+        down = mid = None
+        tokens = face.shape[1] // len(slots[0].conditions)
+        for p in range(len(slots[0].conditions)):  # IdentityNet once per person, masked to their region
+            person_down, person_mid = self._residuals(
+                pipe.sdxl.controlnet, picked, model_input, t_all, face[:, p * tokens:(p + 1) * tokens],
+                double(torch.cat([s.conditions[p] for s in slots])), added,
+                per_row([s.item.controlnet_conditioning_scale for s in slots]),
+                mask[:, p:p + 1] if mask is not None else None)
+            if person_down is not None:
+                down = person_down if down is None else [a + b for a, b in zip(down, person_down)]
+                mid = person_mid if mid is None else mid + person_mid
         for j in range(len(options.controlnets)):
             net = pipe.extra_controlnets.get(options.controlnets[j][0])
             inside = [k for k, s in enumerate(slots) if s.extra_keeps[j][s.step]]

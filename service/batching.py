@@ -37,6 +37,7 @@ class RenderRequest:
     image: bytes | None = None  # img2img/inpainting: the picture (encoded, as sent)
     mask: bytes | None = None  # inpainting: its mask
     controls: tuple[bytes, ...] = ()  # the extra ControlNets' images (params.controlnets), in order
+    people: tuple[FaceInfo, ...] = ()  # several people: one face per params.people entry (pipeline.people)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def pictures(request: RenderRequest) -> dict:
     return {"image": load_image(request.image, field="image") if request.image is not None else None,
             "mask": load_image(request.mask, field="mask_image") if request.mask is not None else None,
             "control_images": [load_image(data, field=f"controlnets[{k}].image")
-                               for k, data in enumerate(request.controls)]}
+                               for k, data in enumerate(request.controls)],
+            "people": request.people}
 
 
 def render_requests(pipe, requests: Sequence[RenderRequest], *,
