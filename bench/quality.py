@@ -18,22 +18,24 @@ from .common import Results
 
 def run_quality(out: Path, weights: str | Path, identities: Sequence[Identity], prompts: Sequence[str],
                 settings: Sequence[Setting], *, seed: int, size: int | None, steps: int | None, device: str = "auto",
-                providers: str = "auto", save_images: bool = False) -> tuple[Results, Results]:
+                providers: str = "auto", save_images: bool = False, people: int = 0) -> tuple[Results, Results]:
     images = len(identities) * len(prompts)
     summary = Results(out, "quality", SUMMARY_COLUMNS, optional=SUMMARY_OPTIONAL, repeats=images, warmup=1,
                       table=[c for c in SUMMARY_COLUMNS if c != "setting"],
                       title=f"Identity fidelity: {len(identities)} identities x {len(prompts)} prompts, each setting")
     cases = Results(out, "quality_cases", CASE_COLUMNS, optional=CASE_OPTIONAL, repeats=1, warmup=0,
-                    table=["face_found", "face_sim", "face_sim2", "clip_score", "seconds"],
+                    table=["face_found", "face_sim", "face_sim2", "leak_sim", "clip_score", "seconds"],
                     title="Identity fidelity per image")
 
     def add_setting(result) -> None:
-        summary.add(case=result.setting.name, **result.row())
-        for case in result.cases:
-            cases.add(case=f"{case.setting}/{case.identity}/{case.prompt_index}", **case.row())
+        for row in result.rows():
+            summary.add(case=result.setting.name + (f" ({row['people']} people)" if row["people"] > 1 else ""), **row)
+        for case in result.cases + result.group_cases:
+            where = f"{case.group}[{case.region}]" if case.group else case.identity
+            cases.add(case=f"{case.setting}/{where}/{case.prompt_index}", **case.row())
 
     evaluation = evaluate(weights, identities, prompts, settings, seed=seed, size=size, steps=steps, device=device,
-                          providers=providers, on_setting=add_setting,
+                          providers=providers, on_setting=add_setting, people=people,
                           images_dir=Path(out) / "quality_images" if save_images else None)
     summary.footer = cases.footer = "\n".join(f"- {note}" for note in evaluation.notes)
     summary.close()
@@ -55,7 +57,8 @@ def run_from_args(args, weights: str | Path) -> Results:
                                   args.optimize, root=weights)
         summary, _ = run_quality(args.out, weights, identities, prompts, settings, seed=args.seed,
                                  size=args.size or (64 if small else None), steps=args.steps or (1 if small else None),
-                                 device=args.device, providers=args.providers, save_images=args.save_images)
+                                 device=args.device, providers=args.providers, save_images=args.save_images,
+                                 people=args.people)
     except InstantIDError as error:
         print(f"bench quality: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

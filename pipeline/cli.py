@@ -244,11 +244,14 @@ def _eval(args) -> int:
 
     def progress(case) -> None:
         row = case.row()
-        print(f"[eval] {case.setting} {case.identity} #{case.prompt_index}: " + ", ".join(
-            f"{k}={row[k]}" for k in ("face_found", "face_sim", "face_sim2", "clip_score", "seconds")), file=sys.stderr)
+        where = f"{case.group}[{case.region}]" if case.group else case.identity
+        print(f"[eval] {case.setting} {where} #{case.prompt_index}: " + ", ".join(
+            f"{k}={row[k]}" for k in ("face_found", "face_sim", "face_sim2", "leak_sim", "clip_score", "seconds")),
+              file=sys.stderr)
 
     result = evaluate(args.weights, identities, prompts, settings, seed=args.seed, size=args.size, steps=args.steps,
                       device=args.device, providers=args.providers, on_setting=report.add_setting, on_case=progress,
+                      people=args.people,
                       images_dir=args.out / "images" if args.save_images else None)
     report.close(result.notes)
     print(report.markdown())

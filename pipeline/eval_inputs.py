@@ -246,6 +246,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--size", type=int, help=f"image side (default {DEFAULT_SIZE})")
     parser.add_argument("--steps", type=int, help=f"steps of settings without their own (default {DEFAULT_STEPS}; "
                                                   "few-step presets keep theirs)")
+    parser.add_argument("--people", type=int, default=0, metavar="N",
+                        help="also render every identity with others, N (2-4) a picture, each in a box, and score "
+                             "each region: its own identity and the others' (leak_sim)")
     parser.add_argument("--save-images", action="store_true", help="also keep every output image (under OUT)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--providers", default="auto", help="onnxruntime providers for the face models")

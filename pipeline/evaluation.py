@@ -33,19 +33,20 @@ import numpy as np
 
 from .errors import InvalidParameter
 from .eval_inputs import DEFAULT_SIZE, DEFAULT_STEPS, Identity, Setting, check_render_size
+from .eval_people import check_people, render_groups
 from .optimize import Optimizations
 from .scoring import CaseScore, Reference, Scorer
 
-SUMMARY_COLUMNS = ("setting", "optimizations", "scheduler", "steps", "guidance_scale", "size", "identities",
-                   "prompts", "images", "face_found", "face_sim_mean", "face_sim_std", "face_sim2_mean",
-                   "face_sim2_std", "clip_score_mean", "clip_score_std", "s_per_image", "warmup_s", "compile_s",
-                   "load_s")
-# empty when nothing was measured: no face found, no second recogniser, no CLIP, compile off
-SUMMARY_OPTIONAL = ("face_sim_mean", "face_sim_std", "face_sim2_mean", "face_sim2_std", "clip_score_mean",
-                    "clip_score_std", "compile_s")
-CASE_COLUMNS = ("setting", "identity", "prompt_index", "prompt", "seed", "face_found", "det_score", "face_sim",
-                "face_sim2", "clip_cosine", "clip_score", "seconds")
-CASE_OPTIONAL = ("det_score", "face_sim", "face_sim2", "clip_cosine", "clip_score")
+SUMMARY_COLUMNS = ("setting", "people", "optimizations", "scheduler", "steps", "guidance_scale", "size",
+                   "identities", "prompts", "images", "face_found", "face_sim_mean", "face_sim_std", "face_sim2_mean",
+                   "face_sim2_std", "leak_sim_mean", "leak_sim_std", "clip_score_mean", "clip_score_std",
+                   "s_per_image", "warmup_s", "compile_s", "load_s")
+# empty when nothing was measured: no face found, no second recogniser, no other person, no CLIP, compile off
+SUMMARY_OPTIONAL = ("face_sim_mean", "face_sim_std", "face_sim2_mean", "face_sim2_std", "leak_sim_mean",
+                    "leak_sim_std", "clip_score_mean", "clip_score_std", "compile_s")
+CASE_COLUMNS = ("setting", "people", "group", "region", "identity", "prompt_index", "prompt", "seed", "face_found",
+                "det_score", "face_sim", "face_sim2", "leak_sim", "clip_cosine", "clip_score", "seconds")
+CASE_OPTIONAL = ("group", "region", "det_score", "face_sim", "face_sim2", "leak_sim", "clip_cosine", "clip_score")
 
 Loader = Callable[[Optimizations], object]  # speed settings -> an InstantIDPipeline
 
@@ -59,14 +60,19 @@ class Case:
     seed: int
     score: CaseScore
     seconds: float
+    people: int = 1  # several people a picture: this case is one region of it
+    group: str | None = None  # the picture's identities, "a+b", in region order
+    region: int | None = None
+    leak_sim: float | None = None  # the region's highest similarity to another identity of the picture
 
     def row(self) -> dict:
         s = self.score
-        return {"setting": self.setting, "identity": self.identity, "prompt_index": self.prompt_index,
+        return {"setting": self.setting, "people": self.people, "group": self.group, "region": self.region,
+                "identity": self.identity, "prompt_index": self.prompt_index,
                 "prompt": self.prompt, "seed": self.seed, "face_found": s.face_found,
                 "det_score": _round(s.det_score), "face_sim": _round(s.face_sim), "face_sim2": _round(s.face_sim2),
-                "clip_cosine": _round(s.clip_cosine), "clip_score": _round(s.clip_score),
-                "seconds": round(self.seconds, 4)}
+                "leak_sim": _round(self.leak_sim), "clip_cosine": _round(s.clip_cosine),
+                "clip_score": _round(s.clip_score), "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -79,23 +85,38 @@ class SettingResult:
     load_s: float
     warmup_s: float
     cases: list[Case] = field(default_factory=list)
+    people: int = 0  # several people a picture (pipeline.eval_people): 0 for none
+    group_cases: list[Case] = field(default_factory=list)  # one per region
+    group_warmup_s: float = 0.0
 
-    def row(self) -> dict:
-        """The setting's summary: face similarity (mean, std) over the outputs with a face,
-        the share of outputs with one, CLIP score, seconds per image."""
-        scores = [c.score for c in self.cases]
-        seconds = float(np.mean([c.seconds for c in self.cases]))
+    def rows(self) -> list[dict]:
+        """The one-person row, and the several-people row when there is one."""
+        rows = [self.row()]
+        if self.group_cases:
+            rows.append(self.row(self.group_cases, self.people, self.group_warmup_s))
+        return rows
+
+    def row(self, cases: list[Case] | None = None, people: int = 1, warmup_s: float | None = None) -> dict:
+        """The setting's summary: face similarity (mean, std) over the faces found, the share
+        of faces found, (several people) similarity to the other identities, CLIP score,
+        seconds per image."""
+        cases = self.cases if cases is None else cases
+        warmup_s = self.warmup_s if warmup_s is None else warmup_s
+        scores = [c.score for c in cases]
+        images = {(c.group, c.prompt_index, c.identity if people == 1 else None): c.seconds for c in cases}
+        seconds = float(np.mean(list(images.values())))
         compiled = self.setting.optimizations.compile != "off"
-        row = {"setting": self.setting.name, "optimizations": self.setting.optimizations.label(),
+        row = {"setting": self.setting.name, "people": people, "optimizations": self.setting.optimizations.label(),
                "scheduler": self.params["scheduler"], "steps": self.params["num_inference_steps"],
                "guidance_scale": self.params["guidance_scale"], "size": self.size, "identities": self.identities,
-               "prompts": self.prompts, "images": len(scores),
+               "prompts": self.prompts, "images": len(images),
                "face_found": round(sum(s.face_found for s in scores) / len(scores), 4),
-               "s_per_image": round(seconds, 4), "warmup_s": round(self.warmup_s, 3),
-               "compile_s": round(max(self.warmup_s - seconds, 0.0), 3) if compiled else None,
-               "load_s": round(self.load_s, 3)}
+               "s_per_image": round(seconds, 4), "warmup_s": round(warmup_s, 3),
+               "compile_s": round(max(warmup_s - seconds, 0.0), 3) if compiled else None,
+               "load_s": round(self.load_s, 3) if people == 1 else 0.0}
         for name in ("face_sim", "face_sim2", "clip_score"):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std([getattr(s, name) for s in scores])
+        row["leak_sim_mean"], row["leak_sim_std"] = mean_std([c.leak_sim for c in cases])
         return row
 
 
@@ -105,10 +126,10 @@ class Evaluation:
     notes: list[str]
 
     def summary_rows(self) -> list[dict]:
-        return [s.row() for s in self.settings]
+        return [row for s in self.settings for row in s.rows()]
 
     def case_rows(self) -> list[dict]:
-        return [c.row() for s in self.settings for c in s.cases]
+        return [c.row() for s in self.settings for c in s.cases + s.group_cases]
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -150,6 +171,7 @@ def evaluate(
     images_dir: str | Path | None = None,
     on_setting: Callable[[SettingResult], None] | None = None,
     on_case: Callable[[Case], None] | None = None,
+    people: int = 0,
 ) -> Evaluation:
     """Render and score every identity x prompt under each setting (see the module
     docstring). ``weights``: a weights root, where the scoring models are looked for
@@ -157,12 +179,15 @@ def evaluate(
     loads a pipeline for speed settings (default: :meth:`InstantIDPipeline.from_weights` of
     ``weights``); ``scorer``: the scoring models (default: :meth:`Scorer.from_root`).
     ``images_dir``: write each output there as ``<setting>/<identity>-<prompt index>.png``.
-    ``on_setting``/``on_case``: called as each is done (to write rows as they come)."""
+    ``on_setting``/``on_case``: called as each is done (to write rows as they come).
+    ``people``: also render groups of that many identities a picture and score each
+    region (:mod:`pipeline.eval_people`), after the one-person cases, seeds going on."""
     size = size or DEFAULT_SIZE
     steps = steps or DEFAULT_STEPS
     check_render_size(size, steps, seed)
     if not identities or not prompts or not settings:
         raise InvalidParameter("evaluate", "needs at least one identity, prompt and setting")
+    check_people(people, len(identities))
     from .devices import resolve_device
 
     device_name = str(resolve_device(device))
@@ -203,10 +228,25 @@ def evaluate(
             result.cases.append(case)
             if on_case is not None:
                 on_case(case)
+        if people:
+            def make_case(group, region, index, prompt, case_seed, score, leak, seconds, name=setting.name):
+                return Case(name, group[region], index, prompt, case_seed, score, seconds, people=people,
+                            group="+".join(group), region=region, leak_sim=leak)
+
+            result.people = people
+            result.group_cases, result.group_warmup_s = render_groups(
+                pipe, scorer, faces, references, prompts, people, params, size, seed + len(cases), make_case, on_case=on_case,
+                images_dir=Path(images_dir) / _file_name(setting.name) / "people" if images_dir is not None else None)
         results.append(result)
         if on_setting is not None:
             on_setting(result)
-    return Evaluation(results, scorer.notes())
+    notes = scorer.notes()
+    if people:
+        notes.append(f"people={people} rows: {people} identities a picture, each face in its own box; face_found, "
+                     "face_sim and face_sim2 per region (the face found in its box against its own identity); "
+                     "leak_sim: a region's highest similarity to another identity of the same picture (lower is "
+                     "better); s_per_image per picture")
+    return Evaluation(results, notes)
 
 
 def _renderer(pipe, params: dict, size: int):
@@ -260,10 +300,10 @@ class Report:
                 csv.writer(handle).writerow([*columns, "hardware", "device", "date"])
 
     def add_setting(self, result: SettingResult) -> None:
-        row = result.row()
-        self.rows.append(row)
-        self._append("quality", SUMMARY_COLUMNS, [row])
-        self._append("quality_cases", CASE_COLUMNS, [c.row() for c in result.cases])
+        rows = result.rows()
+        self.rows.extend(rows)
+        self._append("quality", SUMMARY_COLUMNS, rows)
+        self._append("quality_cases", CASE_COLUMNS, [c.row() for c in result.cases + result.group_cases])
 
     def _append(self, name: str, columns: Sequence[str], rows: list[dict]) -> None:
         with open(self.out / f"{name}.csv", "a", newline="") as handle:

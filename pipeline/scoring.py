@@ -177,13 +177,41 @@ class Scorer:
     def score(self, image: Image.Image, reference: Reference, prompt: str) -> CaseScore:
         """One rendered image, as it was rendered (no resize), against ``reference`` and its prompt."""
         cos = self.clip.cosine(image, prompt) if self.clip is not None else None
+        return self._face_score(image, reference, cos, "output")[0]
+
+    def score_regions(self, image: Image.Image, boxes: Sequence[Sequence[float]], references: Sequence[Reference],
+                      prompt: str) -> list[tuple[CaseScore, float | None]]:
+        """Several people in one image: per region (``boxes``, one per reference), the face
+        found there (the box grown by a quarter of its size each side) against its own
+        reference, and ``leak``: its highest antelopev2 similarity to the other references
+        (``None`` without a face). CLIP scores the whole image against ``prompt``."""
+        cos = self.clip.cosine(image, prompt) if self.clip is not None else None
+        out = []
+        for k, box in enumerate(boxes):
+            crop = image.crop(grown(box, image.size))
+            score, embedding = self._face_score(crop, references[k], cos, f"region {k}")
+            leak = None if embedding is None else max(
+                cosine(r.embedding, embedding) for j, r in enumerate(references) if j != k)
+            out.append((score, leak))
+        return out
+
+    def _face_score(self, picture: Image.Image, reference: Reference, cos: float | None, field: str):
+        """(the score of the largest face in ``picture``, its antelopev2 embedding or None)."""
         try:
-            found = self.face.analyze(image, field="output", reference_resize=False)
+            found = self.face.analyze(picture, field=field, reference_resize=False)
         except NoFaceDetected:
-            return CaseScore(False, None, None, None, cos, clip_score(cos))
+            return CaseScore(False, None, None, None, cos, clip_score(cos)), None
         second = None
         if self.recognizer is not None and reference.embedding2 is not None:
-            embedding = embed_aligned(self.recognizer, [(to_bgr(image), np.asarray(found.kps))])[0]
+            embedding = embed_aligned(self.recognizer, [(to_bgr(picture), np.asarray(found.kps))])[0]
             second = cosine(reference.embedding2, embedding)
         return CaseScore(True, found.det_score, cosine(reference.embedding, found.embedding), second, cos,
-                         clip_score(cos))
+                         clip_score(cos)), found.embedding
+
+
+def grown(box: Sequence[float], size: tuple[int, int], by: float = 0.25) -> tuple[int, int, int, int]:
+    """``box`` grown by ``by`` of its width and height on each side, within a ``size`` picture."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    dx, dy = by * (x2 - x1), by * (y2 - y1)
+    return (max(0, int(x1 - dx)), max(0, int(y1 - dy)), min(size[0], int(round(x2 + dx))),
+            min(size[1], int(round(y2 + dy))))

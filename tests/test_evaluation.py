@@ -276,3 +276,56 @@ def test_the_eval_fixture_models_are_another_recogniser_and_a_clip_that_loads_of
     model, processor = CLIPModel.from_pretrained(clip), CLIPProcessor.from_pretrained(clip)
     assert processor(text=["a watercolor portrait"], return_tensors="pt").input_ids.shape[1] > 2
     assert sum(p.numel() for p in model.parameters()) < 200_000  # tiny
+
+
+def test_several_people_a_picture_get_their_own_row_and_a_region_is_recomputed(weights_dir, inputs, pipe,
+                                                                                 tmp_path):
+    """``--people 2``: after the one-person cases, each identity with the other in one
+    picture (groups alice+bob and bob+alice), each region scored; the row says people=2.
+    One picture recomputed with the plain pipeline: the same boxes, the same seed, the same
+    pixels."""
+    out = tmp_path / "out"
+    (tmp_path / "one.txt").write_text(PROMPTS[0] + "\n")
+    assert main(["eval", "--weights", str(weights_dir), "--identities", str(inputs / "faces"), "--prompts",
+                 str(tmp_path / "one.txt"), "--settings", "default", "--size", "64", "--steps", "1", "--seed",
+                 str(SEED), "--people", "2", "--save-images", "--out", str(out), "--providers", "CPUExecutionProvider"]
+                ) == 0
+    _, rows = read_csv(out / "quality.csv")
+    assert [(r["setting"], r["people"], r["images"]) for r in rows] == [("default", "1", "2"), ("default", "2", "2")]
+    assert rows[1]["face_found"] == "0.0" and rows[1]["leak_sim_mean"] == ""  # random renders hold no face
+    _, cases = read_csv(out / "quality_cases.csv")
+    regions = [(c["group"], c["region"], c["identity"], c["seed"]) for c in cases if c["people"] == "2"]
+    assert regions == [("alice+bob", "0", "alice", str(SEED + 2)), ("alice+bob", "1", "bob", str(SEED + 2)),
+                       ("bob+alice", "0", "bob", str(SEED + 3)), ("bob+alice", "1", "alice", str(SEED + 3))]
+    faces = {name: pipe.analyze_faces([Image.open(inputs / "faces" / f"{name}.png").convert("RGB")])
+             for name in ("alice", "bob")}
+    boxes = [[3, 16, 29, 42], [35, 16, 61, 42]]  # two columns of 32 px, each face box 80% of one, from y = 16
+    image = pipe(people=[{"face": faces["bob"], "box": boxes[0]}, {"face": faces["alice"], "box": boxes[1]}],
+                 prompt=PROMPTS[0], seed=SEED + 3, width=64, height=64, num_inference_steps=1).images[0]
+    saved = Image.open(out / "images" / "default" / "people" / "bob+alice-0.png")
+    assert np.array_equal(np.asarray(saved), np.asarray(image))
+    assert "leak_sim: a region's highest similarity" in (out / "quality.md").read_text()
+
+
+def test_regions_score_their_own_identity_and_the_others_as_computed_directly(scorer, direct, inputs):
+    """Two photos side by side stand for a picture of two people: each region's face against
+    its own identity (face_sim, face_sim2) and against the other (leak_sim), checked against
+    the direct computation on the region's crop."""
+    alice = Image.open(inputs / "faces" / "alice.png").convert("RGB")
+    bob = Image.open(inputs / "faces" / "bob.png").convert("RGB")
+    picture = Image.new("RGB", (512, 256))
+    picture.paste(alice, (0, 0))
+    picture.paste(bob, (256, 0))
+    boxes = [(60, 60, 196, 196), (316, 60, 452, 196)]
+    references = [scorer.reference(alice), scorer.reference(bob)]
+    scores = scorer.score_regions(picture, boxes, references, PROMPTS[0])
+    for k, ((score, leak), own, other) in enumerate(zip(scores, (alice, bob), (bob, alice))):
+        crop = picture.crop((boxes[k][0] - 34, boxes[k][1] - 34, boxes[k][2] + 34, boxes[k][3] + 34))
+        expected, crossed = direct.scores(crop, own, PROMPTS[0]), direct.scores(crop, other, PROMPTS[0])
+        assert score.face_found and expected["face_found"]
+        assert score.face_sim == pytest.approx(expected["face_sim"], abs=1e-4)
+        assert score.face_sim2 == pytest.approx(expected["face_sim2"], abs=1e-4)
+        assert leak == pytest.approx(crossed["face_sim"], abs=1e-4)
+        assert score.face_sim > leak  # its own identity scores higher than the other's
+    empty = scorer.score_regions(Image.new("RGB", (128, 64)), [(0, 0, 60, 60), (64, 0, 128, 60)], references, "x")
+    assert [(s.face_found, leak) for s, leak in empty] == [(False, None), (False, None)]
