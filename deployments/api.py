@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.controlnets import MAX_CONTROLNETS, ControlNetParams
 from pipeline.errors import InvalidParameter
 from pipeline.params import GenerationParams
+from pipeline.people import MAX_PEOPLE, PersonParams
 from service.config import FACE_IMAGES_CAP
 from service.records import Face, JobError, JobStatus, OutputFormat, Progress
 
@@ -43,8 +44,29 @@ class ControlNetRequest(ControlNetParams):
     image: str = Field(description=f"The photo its annotator reads, or (preprocessed) its control image. {IMAGE_REF}")
 
 
+class PersonRequest(PersonParams):
+    """One of several people: their face (photos or a registered ``face_id``) and where it
+    goes (a ``box``, or where their face is in a ``pose_image``)."""
+
+    face_images: list[str] | None = Field(None, min_length=1, max_length=FACE_IMAGES_CAP,
+                                          description=f"1 to 4 photos of this person. {IMAGE_REF}")
+    face_id: str | None = Field(None, description="A face registered with POST /v1/faces (instead of face_images).")
+    pose_image: str | None = Field(None, description="Instead of a box: the face goes where it is in this photo (its "
+                                                     "head pose too), the photo framed to the output as a single "
+                                                     f"person's pose is. {IMAGE_REF}")
+
+    @model_validator(mode="after")
+    def _one_face_one_place(self) -> "PersonRequest":
+        if (self.face_images is None) == (self.face_id is None):
+            raise ValueError("needs its face: face_images (photos) or face_id, exactly one of them")
+        if (self.box is None) == (self.pose_image is None):
+            raise ValueError("needs exactly one of box (where the face goes) and pose_image")
+        return self
+
+
 class GenerationRequest(GenerationParams):
-    """``POST /v1/generations``: a face (photos or a registered ``face_id``) and what to render."""
+    """``POST /v1/generations``: a face (photos or a registered ``face_id``), or several
+    people each with theirs, and what to render."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -61,7 +83,15 @@ class GenerationRequest(GenerationParams):
         description="Extra ControlNets beside IdentityNet: [{type, image, scale, preprocessed, "
                     "control_guidance_start, control_guidance_end}]; GET /v1/options lists the types offered."
     )
-    face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos are combined.")
+    people: list[PersonRequest] = Field(
+        default_factory=list, max_length=MAX_PEOPLE,
+        description=f"Several people in one picture (1 to {MAX_PEOPLE}) instead of face_images/face_id: "
+                    "[{face_images | face_id, box | pose_image}]. Each person's face tokens and IdentityNet act only "
+                    "in their region (box: [x1, y1, x2, y2] in output pixels; regions may not overlap); the prompt "
+                    "describes the scene. Needs width and height."
+    )
+    face_combine: Literal["mean", "norm_mean"] = Field("mean", description="How several photos (of a face, or of "
+                                                                            "each person) are combined.")
     output_format: OutputFormat = "png"
     quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality.")
     run_async: bool = Field(False, alias="async", description="Answer 202 with a job at once (as does the header "
@@ -70,6 +100,14 @@ class GenerationRequest(GenerationParams):
                                                                        "ends (implies async).")
 
     _known_keys_only = model_validator(mode="before")(classmethod(refuse_unknown_keys))
+
+    @model_validator(mode="after")
+    def _faces_in_people(self) -> "GenerationRequest":
+        if self.people:
+            for name in ("face_images", "face_id", "pose_image"):
+                if getattr(self, name) is not None:
+                    raise InvalidParameter(name, "give each person's face (and pose) in people, not beside it")
+        return self
 
     def with_defaults(self, defaults: dict) -> "GenerationRequest":
         """This request with ``defaults`` (e.g. a few-step preset's steps, guidance and
@@ -80,6 +118,8 @@ class GenerationRequest(GenerationParams):
     def generation_params(self, **overrides) -> GenerationParams:
         values = self.model_dump(include=set(GenerationParams.model_fields))
         values["controlnets"] = [{k: v for k, v in entry.items() if k != "image"} for entry in values["controlnets"]]
+        values["people"] = [{k: v for k, v in entry.items() if k in PersonParams.model_fields}  # no face data
+                            for entry in values["people"]]
         values.update(overrides)
         return GenerationParams(**values)
 

@@ -14,7 +14,7 @@ from service.batching import RenderRequest
 from service.errors import Unavailable
 from service.fairness import FairQueue
 from service.lookup import load_face
-from service.records import Face, GenerationRecord, OutputSpec
+from service.records import Face, GenerationRecord, OutputSpec, PersonInput
 from service.storage import Storage
 
 from service.config import AppArgs
@@ -36,9 +36,11 @@ class GenerationFlow:
     async def analyze(self, job: FaceJob, deadline: float) -> FaceInfo:
         return await call(self.face.embed.remote(job), deadline, "face analysis", retry_after_s=self.args.retry_after_s)
 
-    async def registered_face(self, face_id: str, owner: str, pose: Face | None = None) -> FaceInfo:
-        """A registered face, with the head pose of another photo when one was analysed."""
-        record = await asyncio.to_thread(load_face, self.storage, face_id, owner, delete_expired=True)
+    async def registered_face(self, face_id: str, owner: str, pose: Face | None = None,
+                              field: str = "face_id") -> FaceInfo:
+        """A registered face, with the head pose of another photo when one was analysed
+        (errors name ``field``)."""
+        record = await asyncio.to_thread(load_face, self.storage, face_id, owner, field=field, delete_expired=True)
         info = record.face.to_info()
         if pose is not None:
             posed = pose.model_dump()
@@ -46,30 +48,41 @@ class GenerationFlow:
                             info.embedding, tuple(posed["image_size"]))
         return info
 
+    async def people_faces(self, people: list[PersonInput], owner: str) -> tuple[FaceInfo, ...]:
+        """Each person's face, as analysed, or registered (read now: a face erased since is
+        a 404 naming ``people[k].face_id``)."""
+        return tuple([person.face.to_info() if person.face is not None else
+                      await self.registered_face(person.face_id, owner, person.pose, f"people[{k}].face_id")
+                      for k, person in enumerate(people)])
+
     async def render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
                      output: OutputSpec, request_hash: str | None, deadline: float,
-                     on_event: EventSink | None = None, pictures: Pictures = Pictures()) -> StoredGeneration:
+                     on_event: EventSink | None = None, pictures: Pictures = Pictures(),
+                     people: tuple[FaceInfo, ...] = ()) -> StoredGeneration:
         """Render and store (the Generator hands the images to the Postprocessor, which
         creates the record once they are stored), once this replica has a place for it (a
         :class:`~service.fairness.FairQueue`: keys take turns). A Generator replica that dies
-        under the render is retried once, as the proxy would retry it."""
+        under the render is retried once, as the proxy would retry it. Several people:
+        ``people``, one face per ``params.people`` entry (``face`` is the first's: the
+        record's face)."""
         notify = on_event or (lambda event: None)
         if self.fair.busy():
             notify({"stage": "queued"})
         async with self.fair.place(owner, max(0.001, deadline - time.monotonic())):
             notify({"stage": "rendering", "step": 0, "total": params.num_inference_steps})
             return await self._render(generation_id, owner, params, face, output, request_hash, deadline, notify,
-                                      pictures)
+                                      pictures, people)
 
     async def _render(self, generation_id: str, owner: str, params: GenerationParams, face: FaceInfo,
                       output: OutputSpec, request_hash: str | None, deadline: float,
-                      notify: EventSink, pictures: Pictures) -> StoredGeneration:
+                      notify: EventSink, pictures: Pictures, people: tuple[FaceInfo, ...]) -> StoredGeneration:
         lora = self.args.loras.get(params.lora) if params.lora else None
         waited_ms = None  # for a replica to start
         record = GenerationRecord(id=generation_id, owner=owner, face=Face.of(face), request_hash=request_hash,
                                   created_at=time.time(), expires_at=time.time() + self.args.retention.results_s)
         job = GenerationJob(RenderRequest(generation_id, params.model_copy(update={"lora": lora}), face,
-                                          image=pictures.image, mask=pictures.mask, controls=pictures.controls),
+                                          image=pictures.image, mask=pictures.mask, controls=pictures.controls,
+                                          people=tuple(people)),
                             output, record, settings_of(params, mode="inpainting" if pictures.mask else
                                                         "img2img" if pictures.image else "text2img"))
         for attempt in range(2):

@@ -45,6 +45,7 @@ from .bodies import BoundedJSONRoute
 from .flow import GenerationFlow
 from .health import stage_health
 from .inputs import ImageInputs
+from .persons import check_photos
 from .security import AuthFirst, EventStreams, Gate, HostCheck, StreamTicket, caller, host_name
 from .submissions import Submissions
 from .views import Views
@@ -164,11 +165,11 @@ class Ingress:
         try:
             await self.gate.charge_images(owner, body.num_images)
             pictures = await self.submissions.pictures(body, owner)
-            face = await self.submissions.face(body, owner, deadline, pictures, generation_id)
+            face, people = await self.submissions.faces(body, owner, deadline, pictures, generation_id)
             face_ms = (time.monotonic() - started) * 1000
             stored = await self.flow.render(generation_id, owner, params, face,
                                             OutputSpec(format=body.output_format, quality=body.quality),
-                                            request_hash, deadline, pictures=pictures)
+                                            request_hash, deadline, pictures=pictures, people=people)
         finally:
             if key is not None:
                 await _off_loop(claims.release, self.storage, generation_id, attempt)
@@ -312,8 +313,9 @@ class Ingress:
             raise InvalidParameter("num_inference_steps", f"must be at most {limits.max_steps} on this server")
         if body.num_images > limits.max_num_images:
             raise InvalidParameter("num_images", f"must be at most {limits.max_num_images} on this server")
-        if (body.face_images is None) == (body.face_id is None):
-            raise InvalidParameter("face_images", "give either face_images or face_id (exactly one)")
+        if not body.people and (body.face_images is None) == (body.face_id is None):
+            raise InvalidParameter("face_images", "give either face_images or face_id (exactly one), or people")
+        check_photos(body, limits)  # several people: their photos together
         for name in ("mask_image", "strength"):
             if getattr(body, name) is not None and body.image is None:
                 raise InvalidParameter(name, "needs image (the picture to start from)")

@@ -39,10 +39,11 @@ class ImageInputs:
         self._s3 = self._presign = None
 
     async def face_job(self, refs: list[str], pose: str | None, combine: str, owner: str,
-                       pose_name: str = "pose_image") -> FaceJob:
+                       pose_name: str = "pose_image", field: str = "face_images") -> FaceJob:
+        """The photos of one face (errors name them ``field[i]``, the pose photo ``pose_name``)."""
         if len(refs) > self.limits.max_face_images:
-            raise InvalidParameter("face_images", f"at most {self.limits.max_face_images} photos")
-        names = [f"face_images[{i}]" for i in range(len(refs))]
+            raise InvalidParameter(field, f"at most {self.limits.max_face_images} photos")
+        names = [f"{field}[{i}]" for i in range(len(refs))]
         images = [await self.image_bytes(ref, name, owner) for ref, name in zip(refs, names)]
         pose_bytes = await self.image_bytes(pose, pose_name, owner) if pose else None
         return FaceJob(images=images, pose=pose_bytes, combine=combine, names=names, pose_name=pose_name)

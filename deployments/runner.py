@@ -202,7 +202,10 @@ class JobRunner:
         """Face and render. A full or missing Generator is no reason for a job to fail: it
         waits and tries again (backing off up to 10 s) until the job's deadline."""
         job = await asyncio.to_thread(self.jobs.input, record.id)
-        if job.face is not None:
+        people = await self.flow.people_faces(job.people, record.owner)  # several people: one face each
+        if people:
+            face = people[0]
+        elif job.face is not None:
             face = job.face.to_info()
         else:
             face = await self.flow.registered_face(job.face_id, record.owner, job.pose)
@@ -212,7 +215,7 @@ class JobRunner:
             try:
                 return await self.flow.render(record.id, record.owner, job.params, face, job.output,
                                               record.request_hash, deadline, on_event,
-                                              Pictures(job.image, job.mask_image, tuple(job.controls)))
+                                              Pictures(job.image, job.mask_image, tuple(job.controls)), people)
             except (Overloaded, Unavailable):
                 if time.monotonic() + backoff > deadline:
                     raise

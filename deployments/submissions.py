@@ -1,6 +1,7 @@
 """What ``POST /v1/generations`` does besides rendering: the generation's id (one per
-``Idempotency-Key``), the face it renders (analysed or registered), handing an async
-request to the job runners as a durable job, and finding an earlier attempt's result."""
+``Idempotency-Key``), the face it renders (analysed or registered; several people's:
+:mod:`.persons`), handing an async request to the job runners as a durable job, and
+finding an earlier attempt's result."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .api import GenerationRequest
 from .flow import GenerationFlow
 from .inputs import ImageInputs
 from .messages import FaceJob, Pictures
+from .persons import People
 
 
 def generation_id(owner: str, key: str | None, body: GenerationRequest) -> tuple[str, str | None]:
@@ -43,7 +45,17 @@ class Submissions:
                  claim_s: float) -> None:
         self.flow, self.inputs, self.jobs, self.runner = flow, inputs, jobs, runner
         self.results_s, self.claim_s = results_s, claim_s
+        self.people = People(flow, inputs, results_s)
         self._tasks: set[asyncio.Task] = set()
+
+    async def faces(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures,
+                    generation_id: str) -> tuple[FaceInfo, tuple[FaceInfo, ...]]:
+        """The face to render and, with ``people``, each person's face (the first person's
+        is the face: the generation's record shows it)."""
+        if body.people:
+            people = await self.people.faces(body, owner, deadline, generation_id)
+            return people[0], people
+        return await self.face(body, owner, deadline, pictures, generation_id), ()
 
     async def face(self, body: GenerationRequest, owner: str, deadline: float, pictures: Pictures,
                    generation_id: str) -> FaceInfo:
@@ -83,13 +95,15 @@ class Submissions:
 
     async def start_job(self, generation_id: str, owner: str, body: GenerationRequest, params: GenerationParams,
                         request_hash: str | None, deadline: float) -> JobRecord:
-        """Analyse the face now (bad photos are a 4xx at once), store the job, and hand it
-        to the job runners. A registered face stays a reference (read when the job runs);
-        an analysed one is kept in the job's input until the job ends."""
+        """Analyse the face (or each person's) now (bad photos are a 4xx at once), store the
+        job, and hand it to the job runners. A registered face stays a reference (read when
+        the job runs); an analysed one is kept in the job's input until the job ends."""
         pictures = await self.pictures(body, owner)
         job_input = JobInput(params=params, output=OutputSpec(format=body.output_format, quality=body.quality),
                              image=pictures.image, mask_image=pictures.mask, controls=list(pictures.controls))
-        if body.face_id is not None:
+        if body.people:
+            job_input.people = await self.people.inputs_of(body, owner, deadline, generation_id)
+        elif body.face_id is not None:
             await asyncio.to_thread(load_face, self.flow.storage, body.face_id, owner, delete_expired=True)  # now
             job_input.face_id, job_input.pose = body.face_id, await self._pose(body, owner, deadline, pictures)
             await asyncio.to_thread(record_use, self.flow.storage, body.face_id, generation_id, owner, self.results_s)

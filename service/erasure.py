@@ -26,15 +26,16 @@ from .places import JobPlaces
 from .storage import ObjectNotFound, Storage
 
 
-def record_use(storage: Storage, face_id: str, generation_id: str, owner: str, keep_s: float) -> None:
+def record_use(storage: Storage, face_id: str, generation_id: str, owner: str, keep_s: float,
+               field: str = "face_id") -> None:
     """Link ``generation_id`` to the face it is made from, and log the use; refused (404
-    ``face_id``) when the face was erased meanwhile."""
+    naming ``field``) when the face was erased meanwhile."""
     now = time.time()
     storage.put_json(use_key(face_id, generation_id), {"face_id": face_id, "generation_id": generation_id,
                                                        "owner": owner, "created_at": now, "expires_at": now + keep_s})
     if not storage.exists(face_key(face_id)):  # erased since it was read: its cascade may not see this use
         storage.delete(use_key(face_id, generation_id))
-        raise NotFound(f"face {face_id!r} was erased", "face_id")
+        raise NotFound(f"face {face_id!r} was erased", field)
     audit(storage, "face_used", owner=owner, face_id=face_id, generation_id=generation_id, at=now)
 
 

@@ -150,16 +150,28 @@ class JobRecord(_Owned):
         return self.status in FINAL_STATUSES
 
 
+class PersonInput(_Record):
+    """One person's face (``params.people[k]``), kept as a job's face is: analysed (kept
+    until the job ends), or registered, named by id (read when the job runs) with the head
+    pose of their pose photo when they have one."""
+
+    face: StoredFace | None = None
+    face_id: str | None = None
+    pose: Face | None = None
+
+
 class JobInput(_Record):
     """``jobs/<id>/input.json``: everything a runner needs to render the job, on any
     replica, as often as it is taken over (the seed is fixed: the same bytes each time).
     A registered face is named by id (read when the job runs); an analysed one is kept
-    here until the job ends."""
+    here until the job ends. Several people: ``people`` (one per ``params.people``
+    entry), and neither ``face`` nor ``face_id``."""
 
     params: GenerationParams
     face: StoredFace | None = None
     face_id: str | None = None
     pose: Face | None = None  # head pose from another photo, for a registered face
+    people: list[PersonInput] = Field(default_factory=list)
     output: OutputSpec = Field(default_factory=OutputSpec)
     image: EncodedImage | None = None  # img2img/inpainting: the picture, as sent (kept until the job ends)
     mask_image: EncodedImage | None = None
