@@ -206,9 +206,11 @@ def evaluate(
             started = time.perf_counter()
             pipe, pipe_opts = loader(setting.optimizations), setting.optimizations
             load_s = time.perf_counter() - started
+            # the identities as this pipeline's face stage sees them (a setting may change that stage:
+            # face_providers, face_batch); a pipeline loaded without one: the scorer's (the same model)
+            analyzer = pipe.face or scorer.face
+            faces = {i.name: analyzer.analyze_many([i.photo], names=[f"--identities {i.name}"]) for i in identities}
         params = setting.render_params(steps)
-        analyzer = pipe.face or scorer.face  # a pipeline loaded without its face stage: the scorer's (the same)
-        faces = {i.name: analyzer.analyze_many([i.photo], names=[f"--identities {i.name}"]) for i in identities}
         render = _renderer(pipe, params, size)
         identity, _, prompt = cases[0]
         started = time.perf_counter()
@@ -235,7 +237,8 @@ def evaluate(
 
             result.people = people
             result.group_cases, result.group_warmup_s = render_groups(
-                pipe, scorer, faces, references, prompts, people, params, size, seed + len(cases), make_case, on_case=on_case,
+                pipe, scorer, faces, references, prompts, people, params, size, seed + len(cases), make_case,
+                on_case=on_case,
                 images_dir=Path(images_dir) / _file_name(setting.name) / "people" if images_dir is not None else None)
         results.append(result)
         if on_setting is not None:
