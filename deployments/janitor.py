@@ -47,23 +47,28 @@ def sweep(storage: Storage, now: float | None = None, orphans_s: float = ORPHANS
                 deleted[kind] += 1
     expired_jobs = [key.split("/")[1] for key in storage.list_keys("jobs")
                     if key.endswith("/record.json") and _expired(storage, key, now)]
-    generations = {key.split("/")[1] for key in storage.list_keys("generations") if key.endswith("/record.json")
+    listed = storage.list_modified("generations")  # one listing for both sweeps (a store lists slowly)
+    generations = {key.split("/")[1] for key in listed if key.endswith("/record.json")
                    and _expired(storage, key, now)}
-    for generation_id in sorted(generations | set(expired_jobs)):
+    erased = generations | set(expired_jobs)
+    for generation_id in sorted(erased):
         erase_generation(storage, generation_id)  # images, record and job alike
         deleted["generations" if generation_id in generations else "jobs"] += 1
-    return deleted | sweep_orphans(storage, now, orphans_s)
+    left = {key: modified for key, modified in listed.items() if key.split("/")[1] not in erased}
+    return deleted | sweep_orphans(storage, now, orphans_s, left)
 
 
-def sweep_orphans(storage: Storage, now: float, orphans_s: float) -> dict[str, int]:
+def sweep_orphans(storage: Storage, now: float, orphans_s: float,
+                  listed: dict[str, float] | None = None) -> dict[str, int]:
     """What a writer that died left, once older than ``orphans_s``: a generation's images
     without its record (the record is written last), an Idempotency-Key claim past its
     hold, and uploads never completed. A generation whose job still holds its lease is
-    left alone, however old."""
+    left alone, however old. ``listed``: the ``generations/`` keys and their modification
+    times, when the caller listed them already."""
     before = now - orphans_s
     swept = {"orphan_generations": 0, "stale_claims": 0, "partial_uploads": storage.abort_partial(before)}
     objects: dict[str, dict[str, float]] = {}
-    for key, modified in storage.list_modified("generations").items():
+    for key, modified in (storage.list_modified("generations") if listed is None else listed).items():
         objects.setdefault(key.split("/")[1], {})[key] = modified
     running = set(active_job_ids(storage))
     for generation_id, keys in sorted(objects.items()):

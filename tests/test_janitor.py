@@ -111,3 +111,33 @@ def test_orphans_and_unfinished_multipart_uploads_are_swept_on_s3(s3_server, mon
     uploads = client.list_multipart_uploads(Bucket="janitor-tests").get("Uploads", [])
     assert [u["UploadId"] for u in uploads] == [other["UploadId"]]
     client.abort_multipart_upload(Bucket="janitor-tests", Key="elsewhere/1.png", UploadId=other["UploadId"])
+
+
+class CountingStorage(LocalStorage):
+    """A local store that counts its listings of each prefix (on S3 each is a paged LIST)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.listings: dict[str, int] = {}
+
+    def list_keys(self, prefix: str) -> list[str]:  # list_modified lists through it
+        self.listings[prefix] = self.listings.get(prefix, 0) + 1
+        return super().list_keys(prefix)
+
+
+def test_one_sweep_lists_the_generations_once_and_an_erased_one_is_no_orphan(tmp_path):
+    """Expired generations and orphans swept together from one listing of ``generations/``;
+    what the expiry sweep erased is not counted again as an orphan."""
+    import os
+
+    store = CountingStorage(tmp_path, signing_key=b"k")
+    now = time.time()
+    orphan, _, _, _ = left_over(store, now - 2 * HOUR)
+    store.put("generations/" + OLD + "/0.png", b"png")
+    store.put_json(record_key(OLD), {"expires_at": now - 1})
+    for path in tmp_path.rglob("*"):
+        os.utime(path, (now - 2 * HOUR, now - 2 * HOUR))
+    swept = sweep(store, now=now, orphans_s=HOUR)
+    assert (swept["generations"], swept["orphan_generations"]) == (1, 1)
+    assert store.list_keys(f"generations/{OLD}") == [] and store.list_keys(f"generations/{orphan}") == []
+    assert store.listings["generations"] == 1
