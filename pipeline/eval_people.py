@@ -59,7 +59,7 @@ def render_groups(pipe, scorer, faces: dict, references: dict, prompts: Sequence
     built by ``make_case(group, region, prompt_index, prompt, seed, score, leak, seconds)``)
     and the warm-up's seconds (one render of the first case, discarded)."""
     boxes = layout(people, size, size)
-    names = [i for i in faces]
+    names = list(faces)
 
     def render(group: list[str], prompt: str, seed: int):
         entries = [{"face": faces[name], "box": list(box)} for name, box in zip(group, boxes)]
