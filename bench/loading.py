@@ -75,8 +75,9 @@ def files_loaded(root: Path, dtype: str, dtype_cache: Path) -> tuple[list[Path],
     started = time.perf_counter()
     copies = paths_in_dtype(paths, resolve_dtype(dtype), dtype_cache)
     converted_s = time.perf_counter() - started
-    rest = [p for p in tree_files(root) if not any(p.is_relative_to(f) for f in (paths.sdxl, paths.controlnet))]
-    return rest + tree_files(copies.sdxl) + tree_files(copies.controlnet), converted_s
+    replaced = (paths.sdxl, paths.controlnet, paths.ip_adapter)
+    rest = [p for p in tree_files(root) if not any(p.is_relative_to(f) for f in replaced)]
+    return rest + tree_files(copies.sdxl) + tree_files(copies.controlnet) + [copies.ip_adapter], converted_s
 
 
 def run_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats: int, warmup: int,

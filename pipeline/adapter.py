@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,11 +427,13 @@ def load_adapter_layers(adapters: Mapping[str, IdentityAttnProcessor], state: Ma
         if tuple(state[key].shape) != shape:
             raise AdapterWeightsError(f"ip_adapter {key}: shape {tuple(state[key].shape)}, expected {shape}")
     for index, processor in adapters.items():
-        processor.load_state_dict(
-            {"to_k_ip.weight": state[f"{index}.to_k_ip.weight"], "to_v_ip.weight": state[f"{index}.to_v_ip.weight"]},
-            strict=True,
-            assign=processor.to_k_ip.weight.is_meta,
-        )
+        weights = {f"{part}.weight": state[f"{index}.{part}.weight"] for part in ("to_k_ip", "to_v_ip")}
+        target = processor.to_k_ip.weight
+        # tensors already in the layers' dtype and device are taken as they are (no copy: a
+        # mapped file's tensors stay mapped); others are converted into the layers
+        same = all(w.dtype == target.dtype and w.device == target.device for w in weights.values())
+        processor.load_state_dict(weights, strict=True, assign=target.is_meta or same)
+        processor.requires_grad_(False)
 
 
 def _index_order(key: str) -> tuple[int, str]:
@@ -455,8 +458,8 @@ def read_adapter_file(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
                 raise AdapterWeightsError(f"{path.name}: key {key!r} has no image_proj./ip_adapter. prefix")
             state[group][rest] = tensor
     else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # mapped, not read into memory, when the file is in torch.save's zip format (as published)
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as error:  # unpickling refuses anything but tensors and containers
             raise AdapterWeightsError(f"{path.name}: not a loadable weights file ({error})") from None
     if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):

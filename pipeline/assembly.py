@@ -22,8 +22,8 @@ def load_sdxl_parts(paths: WeightsPaths, dtype: torch.dtype, device: torch.devic
     """The SDXL ControlNet pipeline (the IdentityNet as its ControlNet) on ``device`` in
     ``dtype``, and the ip-adapter file's contents. ``prefetch``: the files read ahead of
     the loader, in the order it reads them (:mod:`pipeline.prefetch`); ``dtype_cache``:
-    model folders in another dtype read from their copy in ``dtype``, made once
-    (:mod:`pipeline.dtype_cache`)."""
+    model folders and the ip-adapter in another dtype read from their copy in ``dtype``,
+    made once (:mod:`pipeline.dtype_cache`)."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
     if dtype_cache is not None:

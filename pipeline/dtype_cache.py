@@ -8,8 +8,10 @@ returns it; every later load on the node reads tensors that need no conversion (
 the bytes, for fp32 files). The mirror is keyed by the source files' names, sizes and
 modification times and by the dtype, built under a temporary name and renamed when
 complete, under a file lock, so processes that start together convert once and never read
-half a mirror. Integers and non-floating tensors are kept as they are; values are those of
-``tensor.to(dtype)``, as a load in that dtype makes them."""
+half a mirror. :func:`adapter_in_dtype` does the same for the ip-adapter file (its copy is
+a ``.safetensors`` file, mapped when loaded, where the published ``.bin`` is a pickle whose
+tensors are converted on every load). Integers and non-floating tensors are kept as they
+are; values are those of ``tensor.to(dtype)``, as a load in that dtype makes them."""
 
 from __future__ import annotations
 
@@ -89,29 +91,79 @@ def in_dtype(folder: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
         return folder
 
 
-def _make(folder: Path, mirror: Path, dtype: torch.dtype) -> Path:
+def _make(source: Path, target: Path, dtype: torch.dtype, build=_mirror) -> Path:
+    """``build(source, partial, dtype)`` into a temporary name, renamed to ``target`` when
+    complete, under a lock (one process builds; the others wait and take its result)."""
     from filelock import FileLock
 
-    mirror.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(mirror) + ".lock"):
-        if mirror.is_dir():  # another process made it while this one waited
-            return mirror
-        building = mirror.with_name(mirror.name + f".partial-{os.getpid()}")
-        shutil.rmtree(building, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if target.exists():  # another process made it while this one waited
+            return target
+        building = target.with_name(target.name + f".partial-{os.getpid()}")
+        _remove(building)
         try:
-            _mirror(folder, building, dtype)
-            os.rename(building, mirror)
+            build(source, building, dtype)
+            os.rename(building, target)
         finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return mirror
+            _remove(building)
+    return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _adapter_dtypes(path: Path) -> set[torch.dtype]:
+    """The floating dtypes of an ip-adapter file's tensors (the file is mapped, not read)."""
+    from .adapter import read_adapter_file
+
+    return {t.dtype for group in read_adapter_file(path).values() for t in group.values() if t.is_floating_point()}
+
+
+def _convert_adapter(source: Path, target: Path, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    from .adapter import read_adapter_file
+
+    tensors = {f"{group}.{name}": (t.to(dtype) if t.is_floating_point() else t).contiguous()
+               for group, state in read_adapter_file(source).items() for name, t in state.items()}
+    save_file(tensors, str(target), metadata={"format": "pt"})
+
+
+def adapter_in_dtype(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:
+    """The ip-adapter file itself when its tensors are in ``dtype`` already; otherwise its
+    copy in ``dtype`` under ``cache_dir`` (its ``.safetensors`` form, the same groups and
+    names; made now if missing). A file that cannot be read is returned as it is, so that
+    loading it reports what is wrong with it."""
+    path = Path(path)
+    try:
+        if dtype not in SAFETENSORS_DTYPES or _adapter_dtypes(path) <= {dtype}:
+            return path
+    except Exception:  # noqa: BLE001 - the loader names the problem
+        return path
+    stat = path.stat()
+    key = hashlib.sha256(f"{dtype}\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:20]
+    copy = Path(cache_dir) / "in-dtype" / f"{path.stem}-{SAFETENSORS_DTYPES[dtype].lower()}-{key}.safetensors"
+    if copy.is_file():
+        return copy
+    try:
+        return _make(path, copy, dtype, build=_convert_adapter)
+    except OSError:  # a full or read-only cache: load from the source (converting as it loads)
+        return path
 
 
 def paths_in_dtype(paths: WeightsPaths, dtype: torch.dtype, cache_dir: Path) -> WeightsPaths:
-    """``paths`` with the SDXL folder and the IdentityNet read from their copies in
-    ``dtype`` (:func:`in_dtype`); a single-file SDXL checkpoint is read as it is."""
+    """``paths`` with the SDXL folder, the IdentityNet and the ip-adapter read from their
+    copies in ``dtype`` (:func:`in_dtype`, :func:`adapter_in_dtype`); a single-file SDXL
+    checkpoint is read as it is."""
     from dataclasses import replace
 
+    ip_adapter = adapter_in_dtype(paths.ip_adapter, dtype, cache_dir) if paths.ip_adapter else paths.ip_adapter
     if paths.sdxl_is_single_file:
-        return paths
-    return replace(paths, sdxl=in_dtype(paths.sdxl, dtype, cache_dir), controlnet=in_dtype(paths.controlnet, dtype,
-                                                                                             cache_dir))
+        return replace(paths, ip_adapter=ip_adapter)
+    return replace(paths, sdxl=in_dtype(paths.sdxl, dtype, cache_dir),
+                   controlnet=in_dtype(paths.controlnet, dtype, cache_dir), ip_adapter=ip_adapter)

@@ -215,8 +215,8 @@ class InstantIDPipeline:
         ``instantid generate --optimize`` takes them); a bad combination is refused before
         any weights are read. ``prefetch``: a thread reads the weight files ahead of the
         loader (:mod:`pipeline.prefetch`; the same weights either way). ``dtype_cache``: a
-        folder where model folders whose files hold another dtype than the one loaded are
-        kept converted, once per node (:mod:`pipeline.dtype_cache`; the same values as a
+        folder where model folders (and the ip-adapter) whose files hold another dtype than
+        the one loaded are kept converted, once per node (:mod:`pipeline.dtype_cache`; the same values as a
         conversion while loading)."""
         opts = Optimizations.parse(optimizations)
         device = resolve_device(device)
