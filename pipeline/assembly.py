@@ -12,7 +12,7 @@ from .adapter import read_adapter_file
 from .dtype_cache import paths_in_dtype
 from .errors import InvalidParameter, InvalidWeights
 from .prefetch import model_files, prefetching
-from .weights import HUB_REPOS, SDXL_COMPONENTS, WeightsPaths
+from .weights import HUB_REPOS, WeightsPaths
 
 SDXL_MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -28,19 +28,49 @@ def load_sdxl_parts(paths: WeightsPaths, dtype: torch.dtype, device: torch.devic
 
     if dtype_cache is not None:
         paths = paths_in_dtype(paths, dtype, Path(dtype_cache))
-    # in the order they load (a pipeline's parts load in model_index.json's order: by name)
-    sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, sorted(SDXL_COMPONENTS))
-    with prefetching([*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter], enabled=prefetch):
+    models = {} if paths.sdxl_is_single_file else sdxl_models(paths.sdxl)
+    # in the order they load: the IdentityNet, SDXL's models one by one, the ip-adapter
+    sdxl_files = [paths.sdxl] if paths.sdxl_is_single_file else model_files(paths.sdxl, list(models))
+    with prefetching([*model_files(paths.controlnet), *sdxl_files, paths.ip_adapter], enabled=prefetch) as ahead:
+        def read(files: list[Path]) -> None:  # a model loads once its files are in memory
+            if ahead is not None:
+                ahead.wait_for(files)
+
+        read(model_files(paths.controlnet))
         controlnet = ControlNetModel.from_pretrained(str(paths.controlnet), dtype=dtype)
         if paths.sdxl_is_single_file:
+            read([paths.sdxl])
             sdxl = load_single_file(paths.sdxl, paths.sdxl_config or HUB_REPOS["sdxl"], controlnet, dtype)
         else:
-            sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(
-                str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False
+            loaded = {}
+            for name, cls in models.items():
+                read(model_files(paths.sdxl / name))
+                loaded[name] = cls.from_pretrained(str(paths.sdxl / name), dtype=dtype)
+            sdxl = StableDiffusionXLControlNetPipeline.from_pretrained(  # the rest: tokenizers, scheduler
+                str(paths.sdxl), controlnet=controlnet, dtype=dtype, add_watermarker=False, **loaded
             )
+        read([paths.ip_adapter])
         adapter = read_adapter_file(paths.ip_adapter)
         sdxl.to(device)
     return sdxl, adapter
+
+
+def sdxl_models(folder: Path) -> dict[str, type]:
+    """The model classes of an SDXL folder's weighted parts, by name, from its
+    ``model_index.json`` (parts it leaves empty or lacks a folder for are left to the
+    pipeline's loader, as are tokenizers and the scheduler)."""
+    import importlib
+    import json
+
+    index = json.loads((folder / "model_index.json").read_text())
+    models = {}
+    for name in sorted(SDXL_MODELS):  # the order a pipeline loads its parts: by name
+        library, class_name = (index.get(name) or [None, None])[:2]
+        if library in ("diffusers", "transformers") and class_name and (folder / name).is_dir():
+            cls = getattr(importlib.import_module(library), class_name, None)
+            if cls is not None:
+                models[name] = cls
+    return models
 
 
 def load_single_file(path: Path, config: str, controlnet, dtype: torch.dtype):

@@ -2,8 +2,11 @@
 loaded, in large sequential reads, into the page cache, while the loading thread builds
 models and converts tensors. Loading from cold storage then overlaps the disk with the
 CPU instead of waiting on one page fault after another, and tensors the loader only maps
-(files already in the dtype loaded) are in memory when loading ends. It only reads: what
-is loaded, and how, is unchanged."""
+(files already in the dtype loaded) are in memory when loading ends. The loader may wait
+for a model's files (:meth:`Prefetcher.wait_for`) before it loads that model: its page
+faults then find the page cache and never race the thread for the disk, so the disk sees
+one sequential reader while the CPU builds the model before. It only reads: what is
+loaded, and how, is unchanged."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-CHUNK = 8 * 1024 * 1024
+CHUNK = 16 * 1024 * 1024
 
 
 def model_files(folder: Path, components: Sequence[str] | None = None) -> list[Path]:
@@ -35,6 +38,8 @@ class Prefetcher:
         self.files = files
         self.bytes_read = 0
         self._stop = threading.Event()
+        self._passed: set[Path] = set()  # files read to their end (or skipped: unreadable)
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="weights-prefetch", daemon=True)
 
     def start(self) -> "Prefetcher":
@@ -45,12 +50,27 @@ class Prefetcher:
         self._stop.set()
         self._thread.join()
 
+    def wait_for(self, files: Sequence[Path]) -> None:
+        """Return once each of ``files`` was read to its end, or when the thread ended
+        (stopped, or done: a file it was not given is not waited for)."""
+        wanted = {Path(f) for f in files}
+        with self._progress:
+            self._progress.wait_for(lambda: wanted <= self._passed or not self._thread.is_alive())
+
     def finish(self) -> None:
         """Wait until every file was read (the loader may be done before its lazily mapped
         tensors were read: then this reads them in)."""
         self._thread.join()
 
     def _run(self) -> None:
+        try:
+            self._read_all()
+        finally:
+            with self._progress:  # waiters see the thread end (is_alive turns false after this)
+                self._passed.update(Path(f) for f in self.files)
+                self._progress.notify_all()
+
+    def _read_all(self) -> None:
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
         for path in self.files:
@@ -62,9 +82,12 @@ class Prefetcher:
                             break
                         self.bytes_read += count
             except OSError:  # the loader reports a file it cannot read; this thread only helps
-                continue
+                pass
             if self._stop.is_set():
                 return
+            with self._progress:
+                self._passed.add(Path(path))
+                self._progress.notify_all()
 
 
 @contextmanager

@@ -85,3 +85,45 @@ def test_a_prefetched_load_holds_exactly_the_tensors_of_a_plain_diffusers_load(w
             assert torch.equal(getattr(processors[name], part).weight, published), f"{position}.{part}"
             compared += 1
     assert compared > 100
+
+
+def test_waiting_for_files_returns_once_they_are_read_or_the_thread_ended(tmp_path):
+    files = []
+    for k, size in enumerate([3 * 1024 * 1024, 5, 2 * 1024 * 1024]):
+        path = tmp_path / f"{k}.safetensors"
+        path.write_bytes(b"y" * size)
+        files.append(path)
+    ahead = Prefetcher(files).start()
+    ahead.wait_for(files[:2])
+    assert ahead.bytes_read >= 3 * 1024 * 1024 + 5  # both read to their ends
+    ahead.wait_for([tmp_path / "not-given.bin"])  # not one of its files: returns when the thread is done
+    assert ahead.bytes_read == 5 * 1024 * 1024 + 5 and not ahead._thread.is_alive()
+    stopped = Prefetcher(files * 50)
+    stopped._stop.set()
+    stopped.start()
+    stopped.wait_for(files)  # stopped before reading: waiters are not left hanging
+    assert stopped.bytes_read == 0
+
+
+def test_each_model_loads_after_its_files_were_read_ahead_in_load_order(weights_dir, monkeypatch):
+    from pipeline import prefetch
+    from pipeline.assembly import load_sdxl_parts
+    from pipeline.weights import resolve_weights
+
+    waited, given = [], []
+
+    class Watched(prefetch.Prefetcher):
+        def wait_for(self, files):
+            super().wait_for(files)
+            given[:] = self.files
+            for path in files:  # every byte up to the model's last file is read when it loads
+                assert self.bytes_read >= sum(f.stat().st_size for f in self.files[:self.files.index(path) + 1])
+            waited.extend(files)
+
+    monkeypatch.setattr(prefetch, "Prefetcher", Watched)
+    paths = resolve_weights(weights_dir)
+    load_sdxl_parts(paths, torch.float32, torch.device("cpu"))
+    sdxl = paths.sdxl
+    assert waited == given == [*model_files(paths.controlnet), *model_files(sdxl / "text_encoder"),
+                               *model_files(sdxl / "text_encoder_2"), *model_files(sdxl / "unet"),
+                               *model_files(sdxl / "vae"), paths.ip_adapter]
