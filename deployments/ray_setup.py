@@ -115,10 +115,17 @@ def stop_ray_now() -> None:
     graceful drain of each application (seconds per app), and forget Serve's cached
     controller client so that a Ray started later in this process gets its own. (The cache
     is keyed by job id, which a fresh cluster hands out again from 1.) For throw-away
-    clusters: tests and benchmarks; a user's ``instantid serve`` drains gracefully."""
+    clusters: tests and benchmarks; a user's ``instantid serve`` drains gracefully.
+
+    Ray's implicit start is turned off for the rest of the process: a Serve handle's router
+    pushes metrics from a thread of its own, and after the shutdown its next push (a
+    ``ray.wait``) would start a new local Ray, racing the Ray this process starts next (an
+    explicit ``ray.init`` then fails: already initialised) or left starting at exit."""
     import ray
+    from ray._private import auto_init_hook
 
     ray.shutdown()
+    auto_init_hook.enable_auto_connect = False  # read on each call (RAY_ENABLE_AUTO_CONNECT=0 at import)
     try:
         from ray.serve.context import _set_global_client
     except ImportError:  # a Ray without it: nothing cached there to forget

@@ -2,6 +2,9 @@
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from ray.serve.schema import ServeDeploySchema
@@ -165,3 +168,17 @@ def test_a_safety_policy_needs_the_classifier_in_a_local_weights_root(weights_di
     build_app({"weights": "s3://bucket/weights", "auth": {"disabled": True}})
     with pytest.raises(ValueError, match="safety.policy"):
         build_app({"weights": str(weights_dir), "auth": {"disabled": True}, "safety": {"policy": "hide"}})
+
+
+def test_after_stop_ray_now_nothing_in_the_process_starts_a_ray_of_its_own():
+    """A Serve handle's router left in the process calls Ray from its own thread after the
+    stop; Ray's implicit start must not bring up a new local Ray then (it raced the next
+    explicit ray.init, and started one at pytest's exit). In a process of its own: the flag
+    lasts for the process."""
+    code = ("import ray; from deployments.ray_setup import stop_ray_now; stop_ray_now()\n"
+            "try:\n    ray.put(0)\nexcept Exception as error:\n    print('refused:', type(error).__name__)\n"
+            "print('initialized:', ray.is_initialized())")
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[:2] == ["refused: RaySystemError", "initialized: False"], run.stdout + run.stderr
