@@ -1,9 +1,10 @@
 """Weight loading: seconds to load a weights tree into a pipeline
 (``InstantIDPipeline.from_weights``, face stage included) against the seconds to merely
-read the same bytes, as a ratio, with the files in the page cache ("warm") and evicted
-from it before each run ("cold", ``posix_fadvise(DONTNEED)``: best effort, no root
-needed). A ratio near 1 means loading is I/O-bound; well above 1, the time goes to
-building models and converting tensors. Three paths side by side, alternating: ``plain``
+read the same bytes, as a ratio, with the files in the page cache ("warm": the other
+paths' files evicted and these read once before the timed read) and evicted from it before
+each run ("cold", ``posix_fadvise(DONTNEED)``: best effort, no root needed). A ratio
+near 1 means loading is I/O-bound; well above 1, the time goes to building models and
+converting tensors. Three paths side by side, alternating: ``plain``
 (the loader alone: the reference), ``prefetch`` (a thread reads the files ahead of it,
 :mod:`pipeline.prefetch`) and ``cached`` (prefetch, and the model folders read from a copy
 already in the dtype loaded, :mod:`pipeline.dtype_cache`)."""
@@ -101,6 +102,10 @@ def run_loading(trees: list[tuple[str, Path]], out: Path, *, dtype: str, repeats
                 for path in PATHS:
                     if cache == "cold":
                         evict(files[path])
+                    else:  # warm: only this path's files in the page cache (the trees together may not fit)
+                        own = set(files[path])
+                        evict([f for other in PATHS if other != path for f in files[other] if f not in own])
+                        read_all(files[path])
                     reads[path].append(read_all(files[path]))
                     if cache == "cold":
                         evict(files[path])
