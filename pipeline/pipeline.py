@@ -216,8 +216,8 @@ class InstantIDPipeline:
         any weights are read. ``prefetch``: a thread reads the weight files ahead of the
         loader (:mod:`pipeline.prefetch`; the same weights either way). ``dtype_cache``: a
         folder where model folders (and the ip-adapter) whose files hold another dtype than
-        the one loaded are kept converted, once per node (:mod:`pipeline.dtype_cache`; the same values as a
-        conversion while loading)."""
+        the one loaded are kept converted, once per node (:mod:`pipeline.dtype_cache`; the
+        same values as a conversion while loading)."""
         opts = Optimizations.parse(optimizations)
         device = resolve_device(device)
         dtype, providers = resolve_load_settings(opts, device, dtype, providers)

@@ -51,8 +51,8 @@ class Prefetcher:
         self._thread.join()
 
     def wait_for(self, files: Sequence[Path]) -> None:
-        """Return once each of ``files`` was read to its end, or when the thread ended
-        (stopped, or done: a file it was not given is not waited for)."""
+        """Return once each of ``files`` was read to its end (or skipped: unreadable), or
+        once the thread has ended (stopped, or done: for a file it was not given)."""
         wanted = {Path(f) for f in files}
         with self._progress:
             self._progress.wait_for(lambda: wanted <= self._passed or not self._thread.is_alive())
