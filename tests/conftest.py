@@ -6,17 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# One thread per process for torch's and BLAS's pools (read when they are imported, so before
-# numpy; every process the suite starts inherits it: Ray's workers, the commands). The
-# fixture models are tiny, so a second thread buys nothing (test_pipeline and test_stepping:
-# 29.2 s with two threads, 26.8 s with one, on half the CPU time), and the suite runs several
-# processes at once on two cores, where pools of two threads wait on each other (worst with
-# a core busy: a one-core-busy run took 2228 s with two threads).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
