@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/deps.py
 	touch $(STAMP)
 
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py

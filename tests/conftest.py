@@ -186,24 +186,47 @@ def ray_runtime(tmp_path_factory, s3_server):
 
 
 # ----------------------------------------------------------------------------- module order
-# Modules without the session's Ray run first (the benchmark and the demo start Rays of their
-# own: better alone than beside the session's); then those on the session's Ray without a
-# shared app; then those of the S3 app, of both apps, of the local app. Each shared app is
-# deleted after the last test that uses it. Within a rank, modules keep their file order.
+# Modules without the session's Ray run first (the benchmark, the demo and the multi-node
+# cluster start Rays of their own: better alone than beside the session's); then those on the
+# session's Ray without a shared app; then those of the S3 app, of both apps, of the local app.
+# Each shared app is deleted after the last test that uses it. Within a rank, modules keep
+# their file order.
+#
+# `make test` runs the suite in two processes (pytest-xdist, ``--dist loadgroup``): the
+# modules of rank 0 in one, those on the session's Ray in the other, each in this order. A
+# test on its own spends a third of its time waiting (on replicas starting, on a Ray of its
+# own, on a subprocess), and the other process's tests fill that time.
+OWN_PROCESS, SESSION_RAY = "apart", "session-ray"  # the two groups
 
-def _rank(fixtures: set[str]) -> int:
-    if "ray_runtime" not in fixtures:
+
+def _rank(fixtures: set[str], own_ray: bool) -> int:
+    if own_ray or "ray_runtime" not in fixtures:
         return 0
     s3, local = "s3_app" in fixtures, "local_app" in fixtures
     return {(False, False): 1, (True, False): 2, (True, True): 3, (False, True): 4}[(s3, local)]
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
     used: dict[Path, set[str]] = {}
+    own_ray: dict[Path, bool] = {}
     for item in items:
         used.setdefault(item.path, set()).update(item.fixturenames)
-    items.sort(key=lambda item: _rank(used[item.path]))  # stable: file order within a rank
+        own_ray[item.path] = own_ray.get(item.path, False) or item.get_closest_marker("own_ray") is not None
+    ranks = {path: _rank(fixtures, own_ray[path]) for path, fixtures in used.items()}
+    items.sort(key=lambda item: ranks[item.path])  # stable: file order within a rank
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SESSION_RAY if ranks[item.path] else OWN_PROCESS))
     _ORDER[:] = items
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under ``--dist loadgroup`` each test's node id carries its group: without it (a pytest
+    that this pytest-xdist cannot mark), every module would start a Ray in each process."""
+    if node.config.getoption("dist", "no") == "loadgroup" and any("@" not in nodeid for nodeid in ids):
+        pytest.exit("pytest-xdist lost the test groups (--dist loadgroup) with this pytest: "
+                    "install the versions of constraints.txt (make setup)", returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -250,7 +273,7 @@ def local_test_options(**generator) -> dict:
 def local_app(ray_runtime, weights_dir, tmp_path_factory):
     """The app on a local-folder store: async jobs, webhooks to loopback, the web page. Its
     args and deployment options come along, for a test that redeploys it changed. Started
-    once for the session: 30-60 s (every deployment's replicas start, the Generator loads
+    once for the session: 15-60 s (every deployment's replicas start, the Generator loads
     the fixture weights), counted in the first test that uses it."""
     from ray import serve
 

@@ -25,6 +25,8 @@ from deployments.local import application_config, deployment_options, load_serve
 from tests.conftest import CONSENT, data_url, face_photo
 from tests.s3server import free_ports
 
+pytestmark = pytest.mark.own_ray  # a Ray of its own: it runs in the suite's other process (conftest.py)
+
 KEY, DIGEST = new_key()
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 MB = 1024 * 1024

@@ -23,6 +23,8 @@ STABLE_CODES = set(STATUS) | {"http_error"}
 
 @pytest.fixture(scope="module")
 def fuzz_url(ray_serve, flagging_weights_dir, tmp_path_factory):
+    """An app of its own (its safety checker flags every picture; tiny limits). Over 60 s
+    beside the suite's other process (15-25 s alone): a whole app's replicas start at once."""
     from ray import serve
 
     options = deployment_options(application_config(load_serve_config()), gpus=False, max_replicas=1, cpu_cap=0.5)

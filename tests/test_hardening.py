@@ -33,7 +33,8 @@ def hard_url(s3_app):
 
 @pytest.fixture(scope="module")
 def limited_url(ray_serve, weights_dir, s3_server, s3_app):
-    """The app with per-key limits and two ingress replicas that must agree on them."""
+    """The app with per-key limits and two ingress replicas that must agree on them.
+    Over 60 s beside the suite's other process (15-25 s alone): a whole app's replicas start at once."""
     from ray import serve
 
     options = local_test_options()

@@ -35,6 +35,8 @@ def test_a_stage_without_a_running_replica_is_healthy_only_when_scaled_to_zero(s
 
 @pytest.fixture(scope="module")
 def zero_url(ray_serve, weights_dir, tmp_path_factory):
+    """An app whose Generator scales to zero. Over 60 s beside the suite's other process
+    (15-25 s alone): a whole app's replicas start at once."""
     from ray import serve
 
     from deployments.app import build_app

@@ -35,7 +35,8 @@ def app_url(s3_app):
 @pytest.fixture(scope="module")
 def tight_url(ray_serve, weights_dir, s3_server, s3_app):
     """An app with one render slot and a one-deep queue, for overload and timeouts; its
-    ingress sends one render at a time and lets one more per key wait."""
+    ingress sends one render at a time and lets one more per key wait. Over 60 s beside the
+    suite's other process (15-25 s alone): a whole app's replicas start at once."""
     from ray import serve
 
     options = local_test_options(max_ongoing_requests=1, max_queued_requests=1, graceful_shutdown_timeout_s=5)
