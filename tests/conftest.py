@@ -186,16 +186,15 @@ def ray_runtime(tmp_path_factory, s3_server):
 
 
 # ----------------------------------------------------------------------------- module order
-# Modules without the session's Ray run first (the benchmark, the demo and the multi-node
-# cluster start Rays of their own: better alone than beside the session's); then those on the
-# session's Ray without a shared app; then those of the S3 app, of both apps, of the local app.
-# Each shared app is deleted after the last test that uses it. Within a rank, modules keep
-# their file order.
+# Modules without the session's Ray come first (the benchmark, the demo and the multi-node
+# cluster, marked own_ray, start Rays of their own); then those on the session's Ray without a
+# shared app; then those of the S3 app, of both apps, of the local app. Each shared app is
+# deleted after the last test that uses it. Within a rank, modules keep their file order.
 #
 # `make test` runs the suite in two processes (pytest-xdist, ``--dist loadgroup``): the
-# modules of rank 0 in one, those on the session's Ray in the other, each in this order. A
-# test on its own spends a third of its time waiting (on replicas starting, on a Ray of its
-# own, on a subprocess), and the other process's tests fill that time.
+# modules of rank 0 in one, those on the session's Ray in the other, each in this order. Run
+# alone, the suite left a third of the machine's CPU time idle (tests waiting on replicas
+# starting, on a Ray of their own, on a subprocess); the other process's tests fill it.
 OWN_PROCESS, SESSION_RAY = "apart", "session-ray"  # the two groups
 
 

@@ -51,8 +51,8 @@ def finish(proc: subprocess.Popen, timeout: float = 1200) -> None:
 @pytest.fixture(scope="module")
 def background(weights_dir, tmp_path_factory):
     """The GPU script on CPU (small, one process) runs while the serving benchmark waits on its
-    Ray. (The cold start runs in test_demo, alone: two Rays with whole apps at once on two
-    cores only slow each other down.)"""
+    Ray. (The cold start runs in test_demo, not beside this benchmark: under `make test` the
+    session's Ray and its apps already run in the suite's other process.)"""
     out = tmp_path_factory.mktemp("gpu")
     proc = start(out, "gpu", "--tiny", "--compile-backend", "eager")
     yield {"gpu": (proc, out)}
