@@ -272,8 +272,9 @@ def local_test_options(**generator) -> dict:
 def local_app(ray_runtime, weights_dir, tmp_path_factory):
     """The app on a local-folder store: async jobs, webhooks to loopback, the web page. Its
     args and deployment options come along, for a test that redeploys it changed. Started
-    once for the session: 15-60 s (every deployment's replicas start, the Generator loads
-    the fixture weights), counted in the first test that uses it."""
+    once for the session: 15-75 s, over 60 s beside the suite's other process (every
+    deployment's replicas start at once, the Generator loads the fixture weights), counted in
+    the first test that uses it."""
     from ray import serve
 
     from deployments.app import build_app
