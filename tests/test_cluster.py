@@ -181,9 +181,10 @@ def render_count(s3, generation_id: str) -> int:
 
 def test_generator_replicas_killed_mid_render_are_replaced_under_load_and_a_retry_renders_once(cluster, face_id):
     """40-75 s on a quiet machine (over 60 s beside the suite's other process), up to two
-    minutes on a busy one: one replica replacement, shared by both checks. While other clients keep sending, every Generator replica is killed
-    while a keyed render (40 steps at 256) is on one of them; a replacement starts and serves
-    the load, and the retry with the same Idempotency-Key is rendered once."""
+    minutes on a busy one: one replica replacement, shared by both checks. While other
+    clients keep sending, every Generator replica is killed while a keyed render (40 steps at
+    256) is on one of them; a replacement starts and serves the load, and the retry with the
+    same Idempotency-Key is rendered once."""
     import ray
 
     body = {"face_id": face_id, "width": 256, "height": 256, "num_inference_steps": 40, "seed": 77}
