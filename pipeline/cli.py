@@ -31,20 +31,24 @@ class _UsageError(Exception):
 
 
 def _quiet_libraries() -> None:
+    """Errors only, no progress bars, from the libraries a command may load. Set through
+    the environment, which diffusers and transformers read when first imported (and tqdm
+    on each bar): a command that never loads them (``verify``, ``fixtures``, ``serve``'s
+    driver) does not import them for this (diffusers alone is 2 s of CPU)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    import sys
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):  # loaded before this call
+        library = sys.modules.get(name)
+        if library is not None:
+            library.set_verbosity_error()
+            library.disable_progress_bar()
 
 
 def add_marking_arguments(parser, c2pa_default: str) -> None:
