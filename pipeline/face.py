@@ -131,6 +131,20 @@ def cuda_is_usable() -> bool:
         return False
 
 
+def session_options():
+    """ONNX Runtime session options for the face models: the intra-op threads sleep when
+    they run out of work instead of spinning. Measured on a 2-core CPU (the fixture
+    detector at 640x640): the same 80 ms a detection either way, but 161 ms of CPU time
+    with ORT's default spinning against 81 ms without, CPU taken from the replicas and
+    requests beside it. (Only ORT's CPU-side thread pool is concerned: a GPU provider's
+    kernels are not.)"""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def select_providers(providers: str | Sequence[str] = "auto") -> list[str]:
     """ONNX Runtime execution providers for the face models.
 
@@ -196,7 +210,8 @@ class FaceAnalyzer:
         from insightface.app import FaceAnalysis
 
         self._app = FaceAnalysis(
-            name=str(model_dir), allowed_modules=["detection", "recognition"], providers=self.providers, **extra
+            name=str(model_dir), allowed_modules=["detection", "recognition"], providers=self.providers,
+            sess_options=session_options(), **extra,
         )
         if "recognition" not in self._app.models:
             raise WeightsNotFound(RECOGNIZER_FILE, str(model_dir), "no recognition model was recognised there")

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidWeights, NoFaceDetected
-from .face import FaceAnalyzer, embed_aligned, reference_picture, select_providers, to_bgr
+from .face import FaceAnalyzer, embed_aligned, reference_picture, select_providers, session_options, to_bgr
 from .images import ImageInput, load_image
 
 EVAL_FACE_DIR = Path("eval") / "face"
@@ -78,7 +78,7 @@ def load_recognizer(path: Path, providers: Sequence[str]):
     from insightface.model_zoo import model_zoo
 
     try:
-        model = model_zoo.get_model(str(path), providers=list(providers))
+        model = model_zoo.get_model(str(path), providers=list(providers), sess_options=session_options())
     except Exception as error:  # onnxruntime or onnx refused the file
         raise InvalidWeights(f"{path}: not a loadable ONNX model ({error})") from None
     if model is None or getattr(model, "taskname", None) != "recognition":
