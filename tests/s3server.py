@@ -118,11 +118,13 @@ class SeaweedFS:
         self.stop()
         return self.start()
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` (0: at once)."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
+            if grace_s > 0:
+                self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
@@ -132,7 +134,9 @@ class SeaweedFS:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        # its data is thrown away with it: no flush to wait for (a SIGTERM may take the whole
+        # grace while a client's connection is open: 20 s at the suite's end, seen in a run)
+        self.stop(grace_s=0)
 
 
 if __name__ == "__main__":  # manual use: python tests/s3server.py DIR
