@@ -209,8 +209,9 @@ def render_command(weights_dir, batch) -> list[str]:
 def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_every_bad_row(
         weights_dir, s3_server, batch, tmp_path, ray_runtime):
     """The job is submitted to a running Ray cluster (RAY_ADDRESS, as `ray job submit` does):
-    killing its driver ends its job (its workers later, not at once); the cluster stays. Over 60 s: two runs of a Ray Data
-    job (actor pools started twice), the one end-to-end run of `instantid render`."""
+    killing its driver ends its job (its workers later, not at once); the cluster stays. Over
+    60 s: two runs of a Ray Data job (actor pools started twice), the one end-to-end run of
+    `instantid render`."""
     import psutil
     import ray
 
