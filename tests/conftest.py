@@ -6,9 +6,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image, ImageDraw
+# One thread per process for torch's and BLAS's pools, read when they are loaded (so before
+# numpy) and inherited by every process the suite starts: Ray's workers, the commands, the
+# benchmarks. The fixture models are tiny and the suite runs several processes on two cores;
+# a second torch thread spins (libgomp) at every parallel region waiting for the first. With
+# one core kept busy, test_pipeline and test_stepping took 68 s with two threads, 24 s with one
+# (26 s against 25 s quiet). MKL_CBWR=AUTO: MKL's reproducible mode, whose results do not
+# depend on the operands' alignment (one thread without it once rendered a LoRA switched off
+# 1/255 away from the image before it, in 0250596's clean-clone run; not reproduced here).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_CBWR", "AUTO")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
