@@ -9,8 +9,9 @@ on a loopback Ray, over real HTTP:
 * ``load`` (:mod:`bench.load`): open-loop Poisson load, the static and the step-level
   loop side by side.
 
-The Generator replica gets ``num_cpus`` = this machine's cores, so its torch uses as many
-threads as the direct call does (Ray sets ``OMP_NUM_THREADS`` from ``num_cpus``).
+The Generator replica gets ``num_cpus`` = the direct call's torch threads (torch's own count:
+the cores, or ``OMP_NUM_THREADS`` where the environment sets it), so both use as many: Ray
+sets a replica's ``OMP_NUM_THREADS`` from its ``num_cpus``, or passes on the one set.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ class ServeSession:
     def __init__(self, weights: str | Path, workdir: str | Path, *, threads: int | None = None) -> None:
         self.weights = str(weights)
         self.workdir = Path(workdir)
-        self.threads = threads or os.cpu_count() or 1
+        if threads is None:
+            import torch
+
+            threads = torch.get_num_threads()  # the cores, or OMP_NUM_THREADS where it is set
+        self.threads = threads
         self.url = ""
         self.deployed: tuple[int, float, str] | None = None  # max_batch_images, batch_wait_timeout_s, batching
         self._args = None
@@ -107,7 +112,7 @@ class ServeSession:
                                                  "auth": {"disabled": True}, "limits": {"max_num_images": 1},
                                                  "url_signing_key": secrets.token_hex(32),
                                                  "webhook_signing_key": secrets.token_hex(32)})
-        generator.setdefault("ray_actor_options", {})["num_cpus"] = self.threads  # torch threads = the cores
+        generator.setdefault("ray_actor_options", {})["num_cpus"] = self.threads  # torch threads as the direct call
         if self._pin_versions:
             pinned = {name: {**entry, "version": "bench", "_internal": True} for name, entry in options.items()}
             try:
