@@ -64,14 +64,28 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def pixel_data(data: bytes, mime: str) -> tuple[int, int]:
-    """Start and end of the compressed pixel data in an encoded file."""
+    """Start and end of the compressed pixel data in an encoded file, found by walking the
+    file's chunks or segments: a byte search could match inside the manifest before them
+    (its certificates and signature are random bytes)."""
     if mime == "image/png":
-        at = data.rindex(b"IDAT")
-        return at + 4, at + 4 + struct.unpack(">I", data[at - 4:at])[0]
+        at, idat = 8, None  # after the signature: length, type, data, CRC
+        while at < len(data):
+            length, kind = struct.unpack(">I4s", data[at:at + 8])
+            if kind == b"IDAT":
+                idat = at + 8, at + 8 + length  # the last one
+            at += 12 + length
+        assert idat is not None, "no IDAT chunk"
+        return idat
     if mime == "image/jpeg":
-        at = data.index(b"\xff\xda")  # start of scan, then its header's length
+        at = 2  # after SOI: segments of marker and length, up to the start of scan
+        while data[at] == 0xFF and data[at + 1] != 0xDA:
+            at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+        assert data[at] == 0xFF, f"no JPEG segment at byte {at}"
         return at + 2 + struct.unpack(">H", data[at + 2:at + 4])[0], data.rindex(b"\xff\xd9")
-    at = data.index(b"VP8")  # "VP8 " or "VP8L" chunk
+    at = 12  # after RIFF's header: chunks of fourcc, size and data (padded to even)
+    while data[at:at + 4] not in (b"VP8 ", b"VP8L"):
+        assert at < len(data), "no VP8 or VP8L chunk"
+        at += 8 + (struct.unpack("<I", data[at + 4:at + 8])[0] + 1) // 2 * 2
     return at + 8, at + 8 + struct.unpack("<I", data[at + 4:at + 8])[0]
 
 
@@ -79,8 +93,9 @@ def flip_pixel_byte(data: bytes, mime: str) -> bytes:
     """One bit of the pixel data flipped, mid-stream (in JPEG, away from any 0xFF marker byte)."""
     start, end = pixel_data(data, mime)
     at = (start + end) // 2
-    while not (2 <= data[at] <= 0xFD and data[at - 1] != 0xFF):
+    while at < end and not (2 <= data[at] <= 0xFD and data[at - 1] != 0xFF):
         at += 1
+    assert at < end, "no byte to flip in the second half of the pixel data"
     return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
 
 
