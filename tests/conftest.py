@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before anything imports ray: loopback only
 os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # Ray's telemetry: no report leaves the machine
 # Start-up timeouts of Ray's own actors, sized for a loaded 2-core machine (Serve's HTTP
 # proxy must answer its ready check within 5 s by default, else it is killed). Every Ray of
 # the suite inherits them: the session's, and those of the commands the tests start.
@@ -197,10 +198,11 @@ def ray_runtime(tmp_path_factory, s3_server):
 
 
 # ----------------------------------------------------------------------------- module order
-# Modules without the session's Ray come first (the benchmark, the demo and the multi-node
-# cluster, marked own_ray, start Rays of their own); then those on the session's Ray without a
-# shared app; then those of the S3 app, of both apps, of the local app. Each shared app is
-# deleted after the last test that uses it. Within a rank, modules keep their file order.
+# Modules without the session's Ray come first (the benchmark, the demo, the multi-node
+# cluster and the offline render, marked own_ray, start Rays of their own); then those on
+# the session's Ray without a shared app; then those of the S3 app, of both apps, of the
+# local app. Each shared app is deleted after the last test that uses it. Within a rank,
+# modules keep their file order.
 #
 # `make test` runs the suite in two processes (pytest-xdist, ``--dist loadgroup``): the
 # modules of rank 0 in one, those on the session's Ray in the other, each in this order. Run

@@ -1,5 +1,5 @@
-"""Offline rendering on Ray Data: a 34-row manifest over SeaweedFS, bad rows mixed in,
-the job killed midway and run again."""
+"""Offline rendering on Ray Data: a 38-row manifest over SeaweedFS, bad rows mixed in,
+the job killed midway and run again on a running Ray cluster of its own."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ from pipeline.watermark import Watermark
 from tests.conftest import face_photo
 
 INSTANTID = str(Path(sys.executable).parent / "instantid")
+# a one-node Ray cluster of its own, not the session's: it runs in the suite's other process
+# (conftest.py), beside the session's Ray modules instead of after them
+pytestmark = pytest.mark.own_ray
 KEY_DIGEST = "a" * 64  # the renderer's API key (digest): registered faces must be its own
 OWNER = KEY_DIGEST[:16]
 SIZE = {"width": 96, "height": 96, "num_inference_steps": 3}  # small: the test is about rows, not pixels
@@ -176,6 +179,31 @@ def batch(s3_server, face):
     return {"manifest": "s3://batch/manifests/m.jsonl", "good": {r["id"]: r for r in good}, "expected": expected}
 
 
+@pytest.fixture(scope="module")
+def render_cluster(s3_server):
+    """A one-node Ray cluster on loopback (a head alone), started as `ray start --head` would;
+    yields its address. Its nodes get the test S3 server's endpoint and credentials."""
+    from ray.cluster_utils import Cluster
+
+    from deployments.ray_setup import pin_to_loopback
+
+    pin_to_loopback()
+    os.environ.update(s3_server.env())
+    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
+    from ray._common.utils import get_default_ray_temp_dir
+
+    # the cluster's address is written there, and on a fresh machine nothing made the folder yet
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 * 1024 * 1024, "temp_dir": temp,
+        "include_dashboard": False})
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def markers(client) -> dict[str, str]:
     listed = client.list_objects_v2(Bucket="batch", Prefix="out/rows/")
     found = {}
@@ -207,19 +235,17 @@ def render_command(weights_dir, batch) -> list[str]:
 
 
 def test_killed_midway_then_resumed_renders_every_good_row_once_and_reports_every_bad_row(
-        weights_dir, s3_server, batch, tmp_path, ray_runtime):
+        weights_dir, s3_server, batch, tmp_path, render_cluster):
     """The job is submitted to a running Ray cluster (RAY_ADDRESS, as `ray job submit` does):
     killing its driver ends its job (its workers later, not at once); the cluster stays. Over
     60 s: two runs of a Ray Data job (actor pools started twice), the one end-to-end run of
     `instantid render`."""
     import psutil
-    import ray
 
-    ray_runtime.ensure()
     client = s3_server.client()
     ray_tmp = tempfile.mkdtemp(prefix="rr-", dir="/tmp")
     env = {**os.environ, **s3_server.env(), "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp,
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+           "RAY_ADDRESS": render_cluster}
     try:
         # run 1: killed (SIGKILL, no chance to clean up) once a few rows are done
         first = subprocess.Popen(render_command(weights_dir, batch), stdout=subprocess.PIPE,
@@ -323,7 +349,8 @@ def test_render_refuses_to_start_without_c2pa_credentials_unless_told(tmp_path, 
     monkeypatch.delenv("INSTANTID_C2PA_KEY")
     assert main(["render", str(tmp_path / "m.jsonl"), "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     error = capsys.readouterr().err
-    assert "--no-c2pa: set the env vars INSTANTID_C2PA_KEY and INSTANTID_C2PA_CERT" in error and "pass --no-c2pa" in error
+    assert "--no-c2pa: set the env vars INSTANTID_C2PA_KEY and INSTANTID_C2PA_CERT" in error
+    assert "pass --no-c2pa" in error
     monkeypatch.setenv("INSTANTID_C2PA_KEY", "not a key")
     assert main(["render", str(tmp_path / "m.jsonl"), "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "signing key: not a readable PEM private key" in capsys.readouterr().err
