@@ -26,8 +26,8 @@ from pipeline.watermark import Watermark
 from tests.conftest import face_photo
 
 INSTANTID = str(Path(sys.executable).parent / "instantid")
-# a one-node Ray cluster of its own, not the session's: it runs in the suite's other process
-# (conftest.py), beside the session's Ray modules instead of after them
+# a one-node Ray cluster of its own, not the session's: the module runs in the suite's other
+# process (conftest.py), beside the modules on the session's Ray, not among them
 pytestmark = pytest.mark.own_ray
 KEY_DIGEST = "a" * 64  # the renderer's API key (digest): registered faces must be its own
 OWNER = KEY_DIGEST[:16]
@@ -183,6 +183,7 @@ def batch(s3_server, face):
 def render_cluster(s3_server):
     """A one-node Ray cluster on loopback (a head alone), started as `ray start --head` would;
     yields its address. Its nodes get the test S3 server's endpoint and credentials."""
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
     from deployments.ray_setup import pin_to_loopback
@@ -190,8 +191,6 @@ def render_cluster(s3_server):
     pin_to_loopback()
     os.environ.update(s3_server.env())
     temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
-    from ray._common.utils import get_default_ray_temp_dir
-
     # the cluster's address is written there, and on a fresh machine nothing made the folder yet
     Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
