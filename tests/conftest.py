@@ -3,6 +3,7 @@ synthetic face photos, and a real S3-compatible server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -177,6 +178,33 @@ class RayRuntime:
             if fixture not in needed:
                 serve.delete(name, _blocking=False)
                 del self.apps[fixture]
+
+
+@contextlib.contextmanager
+def loopback_cluster(s3_server, **head):
+    """A Ray cluster of a test's own on this machine, on loopback (``ray.cluster_utils``,
+    nodes started as `ray start` starts them; the caller adds nodes beyond the head, whose
+    ``ray.init`` options are ``head``). Every node's environment has the test S3 server's
+    endpoint and credentials. Shut down, its files removed, when the block ends."""
+    import shutil
+    import tempfile
+
+    from ray._common.utils import get_default_ray_temp_dir
+    from ray.cluster_utils import Cluster
+
+    from deployments.ray_setup import pin_to_loopback
+
+    pin_to_loopback()
+    os.environ.update(s3_server.env())
+    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
+    # the cluster's address is written there, and on a fresh machine nothing made the folder yet
+    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(initialize_head=True, head_node_args={"temp_dir": temp, **head})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 _RUNTIME: list[RayRuntime] = []  # the session's, once started (for the hooks below)

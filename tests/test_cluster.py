@@ -8,13 +8,9 @@ deployed on fixture weights (the models run on the CPU: the GPUs are only advert
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +18,7 @@ import pytest
 from deployments.app import build_app
 from deployments.auth import new_key
 from deployments.local import application_config, deployment_options, load_serve_config, local_args
-from tests.conftest import CONSENT, data_url, face_photo
+from tests.conftest import CONSENT, data_url, face_photo, loopback_cluster
 from tests.s3server import free_ports
 
 pytestmark = pytest.mark.own_ray  # a Ray of its own: it runs in the suite's other process (conftest.py)
@@ -50,46 +46,36 @@ def cluster(weights_dir, s3_server, ray_runtime):
     share it."""
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from deployments.ray_setup import runtime_env, stop_ray_now
 
     ray_runtime.stop()  # one Ray per process: the session's single-node one makes way
-    os.environ.update(s3_server.env())  # every node's environment has the S3 credentials
     s3_server.client().create_bucket(Bucket="cluster")
-    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
-    from ray._common.utils import get_default_ray_temp_dir
+    with loopback_cluster(s3_server, num_cpus=4, num_gpus=0, object_store_memory=100 * MB) as cluster:
+        nodes = {
+            "small": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1},
+                                      object_store_memory=100 * MB),
+            "large1": cluster.add_node(num_cpus=8, num_gpus=1, resources={"accelerator_type:H100": 1},
+                                       object_store_memory=100 * MB),
+            "large2": cluster.add_node(num_cpus=8, num_gpus=1, resources={"accelerator_type:H100": 1},
+                                       object_store_memory=100 * MB),
+        }
+        ray.init(address=cluster.address, runtime_env=runtime_env(), log_to_driver=False)
+        port = free_ports(1)[0]
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
 
-    # the cluster's address is written there, and on a fresh machine nothing made the folder yet
-    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 * MB, "temp_dir": temp})
-    nodes = {
-        "small": cluster.add_node(num_cpus=4, num_gpus=1, resources={"accelerator_type:L4": 1},
-                                  object_store_memory=100 * MB),
-        "large1": cluster.add_node(num_cpus=8, num_gpus=1, resources={"accelerator_type:H100": 1},
-                                   object_store_memory=100 * MB),
-        "large2": cluster.add_node(num_cpus=8, num_gpus=1, resources={"accelerator_type:H100": 1},
-                                   object_store_memory=100 * MB),
-    }
-    ray.init(address=cluster.address, runtime_env=runtime_env(), log_to_driver=False)
-    port = free_ports(1)[0]
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-
-    application = application_config(load_serve_config())
-    options = deployment_options(application, gpus=True, max_replicas=None)  # production resources
-    fast = {"metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 6}
-    options["Generator"]["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=2,
-                                                      target_ongoing_requests=1, **fast)
-    options["Generator"]["graceful_shutdown_timeout_s"] = 5
-    args = local_args(application, weights=str(weights_dir), storage="s3://cluster/outputs",
-                      s3_endpoint_url=s3_server.endpoint, auth={"api_key_sha256": [DIGEST], "api_keys_env": ""},
-                      request_timeout_s=900)  # minutes: a replacement replica may start slowly on a busy machine
-    serve.run(build_app(args, options), name=application["name"], route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "cluster": cluster, "nodes": nodes, "s3": s3_server}
-    stop_ray_now()  # no drain: the replicas end with the cluster
-    cluster.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
+        application = application_config(load_serve_config())
+        options = deployment_options(application, gpus=True, max_replicas=None)  # production resources
+        fast = {"metrics_interval_s": 0.5, "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 6}
+        options["Generator"]["autoscaling_config"].update(min_replicas=1, initial_replicas=1, max_replicas=2,
+                                                          target_ongoing_requests=1, **fast)
+        options["Generator"]["graceful_shutdown_timeout_s"] = 5
+        args = local_args(application, weights=str(weights_dir), storage="s3://cluster/outputs",
+                          s3_endpoint_url=s3_server.endpoint, auth={"api_key_sha256": [DIGEST], "api_keys_env": ""},
+                          request_timeout_s=900)  # minutes: a replacement replica may start slowly on a busy machine
+        serve.run(build_app(args, options), name=application["name"], route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}", "cluster": cluster, "nodes": nodes, "s3": s3_server}
+        stop_ray_now()  # no drain: the replicas end with the cluster
 
 
 def replicas(deployment: str) -> list[dict]:

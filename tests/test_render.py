@@ -23,7 +23,7 @@ from PIL import Image
 from cluster.render import default_seed, parse_manifest, plan_row
 from pipeline.provenance import read as read_manifest
 from pipeline.watermark import Watermark
-from tests.conftest import face_photo
+from tests.conftest import face_photo, loopback_cluster
 
 INSTANTID = str(Path(sys.executable).parent / "instantid")
 # a one-node Ray cluster of its own, not the session's: the module runs in the suite's other
@@ -181,26 +181,11 @@ def batch(s3_server, face):
 
 @pytest.fixture(scope="module")
 def render_cluster(s3_server):
-    """A one-node Ray cluster on loopback (a head alone), started as `ray start --head` would;
-    yields its address. Its nodes get the test S3 server's endpoint and credentials."""
-    from ray._common.utils import get_default_ray_temp_dir
-    from ray.cluster_utils import Cluster
-
-    from deployments.ray_setup import pin_to_loopback
-
-    pin_to_loopback()
-    os.environ.update(s3_server.env())
-    temp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's socket paths must stay short
-    # the cluster's address is written there, and on a fresh machine nothing made the folder yet
-    Path(get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 * 1024 * 1024, "temp_dir": temp,
-        "include_dashboard": False})
-    try:
+    """A one-node Ray cluster (a head alone), started as `ray start --head` would; yields its
+    address."""
+    with loopback_cluster(s3_server, num_cpus=4, num_gpus=0, object_store_memory=100 * 1024 * 1024,
+                          include_dashboard=False) as cluster:
         yield cluster.address
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def markers(client) -> dict[str, str]:
