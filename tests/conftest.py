@@ -182,10 +182,11 @@ class RayRuntime:
 
 @contextlib.contextmanager
 def loopback_cluster(s3_server, **head):
-    """A Ray cluster of a test's own on this machine, on loopback (``ray.cluster_utils``,
-    nodes started as `ray start` starts them; the caller adds nodes beyond the head, whose
-    ``ray.init`` options are ``head``). Every node's environment has the test S3 server's
-    endpoint and credentials. Shut down, its files removed, when the block ends."""
+    """A Ray cluster of a test's own on this machine, on loopback (``ray.cluster_utils``:
+    nodes started as `ray start` starts them). ``head``: the head node's options (num_cpus,
+    object_store_memory, ...); the caller adds any other node. Every node's environment has
+    the test S3 server's endpoint and credentials. Shut down, its files removed, when the
+    block ends."""
     import shutil
     import tempfile
 
